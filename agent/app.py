@@ -1,0 +1,153 @@
+"""Composition root: builds the objects, runs the root task group, shuts down cleanly."""
+
+from __future__ import annotations
+
+import time
+from contextlib import AsyncExitStack
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import anyio
+import depthai as dai
+import msgspec
+import structlog
+
+from agent import __version__
+from agent.broker import embedded_broker
+from agent.cameras.simulator import SimulatorBackend
+from agent.commands import CommandHandler
+from agent.config import Config, ConfigError
+from agent.coordinator import Coordinator
+from agent.messages import Info, InfoCamera
+from agent.models import ModelStore
+from agent.mqtt import MqttLink
+from agent.reporter import Reporter
+from agent.topics import Topics
+
+if TYPE_CHECKING:
+    from anyio.abc import TaskStatus
+
+    from agent.cameras.base import CameraBackend, Output
+
+__all__ = ["App", "serve"]
+
+log = structlog.get_logger(__name__)
+
+
+class _Listener:
+    """Routes what the camera backend reports to the reporter and the camera workers."""
+
+    def __init__(self, backend: CameraBackend, coordinator: Coordinator, reporter: Reporter):
+        self._backend = backend
+        self._coordinator = coordinator
+        self._reporter = reporter
+
+    def on_output(self, output: Output) -> None:
+        self._reporter.on_output(output)
+
+    def on_presence(self, camera: str, present: bool) -> None:
+        worker = self._coordinator.workers.get(camera)
+        if worker is None:
+            worker = self._coordinator.add_camera(self._backend.cameras[camera])
+        log.info("camera presence", camera=camera, present=present)
+        worker.presence_changed()
+
+
+@dataclass(frozen=True, slots=True)
+class App:
+    """Handles to the running agent's parts, for the CLI and the benchmarks."""
+
+    config: Config
+    topics: Topics
+    link: MqttLink
+    coordinator: Coordinator
+    backend: CameraBackend
+    reporter: Reporter
+
+
+def _backend(config: Config) -> CameraBackend:
+    if config.simulator is not None:
+        return SimulatorBackend(config.simulator.cameras)
+    raise ConfigError(
+        "no camera backend: add [[simulator.cameras]] (real depthai cameras are not wired in yet)"
+    )
+
+
+def _info(config: Config, backend: CameraBackend) -> Info:
+    return Info(
+        agent_id=config.agent.id,
+        version=__version__,
+        depthai_version=dai.__version__,
+        backend=backend.name,
+        cameras=tuple(
+            InfoCamera(mxid=c.mxid, name=c.name, streams=c.streams)
+            for c in backend.cameras.values()
+        ),
+        started_at=time.time(),
+    )
+
+
+def _example(config: Config, topics: Topics, backend: CameraBackend) -> str:
+    camera = next(iter(backend.cameras.values()), None)
+    mxid = camera.mxid if camera else "MXID"
+    stream = camera.streams[0] if camera else "CAM_A"
+    return (
+        f"mosquitto_sub -h {config.mqtt.host} -p {config.mqtt.port} -v -t '{topics.base}/#'  "
+        f"| or: oak-agent deploy --config CONFIG --camera {mxid} --stream {stream} --sample"
+    )
+
+
+async def serve(
+    config: Config, *, task_status: TaskStatus[App] = anyio.TASK_STATUS_IGNORED
+) -> None:
+    """Run the agent until cancelled."""
+    topics = Topics.for_agent(config.mqtt.prefix, config.agent.id)
+    backend = _backend(config)
+    simulator = backend if isinstance(backend, SimulatorBackend) else None
+    mqtt = config.mqtt
+    if config.broker.embedded and mqtt.protocol == "5":
+        # amqtt speaks 3.1.1 only, and stalls on a v5 CONNECT carrying a will
+        log.info("the embedded broker speaks MQTT 3.1.1; using it")
+        mqtt = msgspec.structs.replace(mqtt, protocol="3.1.1")
+    subscriptions: tuple[str, ...] = topics.command_filters
+    if simulator is not None:
+        subscriptions = (*subscriptions, topics.simulator_filter)
+    link = MqttLink(
+        mqtt,
+        client_id=config.client_id,
+        will_topic=topics.availability,
+        subscriptions=subscriptions,
+        event_queue_size=config.agent.event_queue_size,
+        detection_queue_size=config.agent.detection_queue_size,
+    )
+    reporter = Reporter(link, topics)
+    coordinator = Coordinator(reporter, topics)
+    for camera in backend.cameras.values():
+        coordinator.add_camera(camera)
+    handler = CommandHandler(
+        topics=topics,
+        coordinator=coordinator,
+        store=ModelStore(config.state_path / "models"),
+        reporter=reporter,
+        max_payload_bytes=config.agent.max_payload_bytes,
+        simulator=simulator,
+    )
+    app = App(config, topics, link, coordinator, backend, reporter)
+    async with AsyncExitStack() as stack:
+        if config.broker.embedded:
+            await stack.enter_async_context(embedded_broker(config.mqtt.host, config.mqtt.port))
+        reporter.info(_info(config, backend))
+        reporter.availability(True)
+        async with anyio.create_task_group() as tg:
+            await tg.start(coordinator.run, name="coordinator")
+            await tg.start(backend.run, _Listener(backend, coordinator, reporter), name="backend")
+            await tg.start(link.run, handler, name="mqtt")
+            log.info(
+                "agent started",
+                agent_id=config.agent.id,
+                broker=f"{config.mqtt.host}:{config.mqtt.port}",
+                base_topic=topics.base,
+                cameras=list(backend.cameras),
+                watch=_example(config, topics, backend),
+            )
+            task_status.started(app)

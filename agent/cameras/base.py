@@ -1,0 +1,113 @@
+"""The camera backend Protocol and the vocabulary both backends share."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:
+    import numpy as np
+    import numpy.typing as npt
+    from anyio.abc import TaskStatus
+
+    from agent.messages import NNConfig
+    from agent.models import StoredModel
+
+__all__ = [
+    "Camera",
+    "CameraBackend",
+    "CameraListener",
+    "Deployment",
+    "NNSet",
+    "Output",
+    "RawLayer",
+]
+
+
+@dataclass(frozen=True, slots=True)
+class Deployment:
+    """One NN on one stream: a stored model and how to run it."""
+
+    model: StoredModel
+    nn_config: NNConfig
+    labels: tuple[str, ...] | None = None
+    model_name: str | None = None
+    request_id: str = ""
+
+    def same_network(self, other: Deployment | None) -> bool:
+        """True when running `other` instead needs no restart (labels are host-side only)."""
+        return (
+            other is not None
+            and other.model.sha256 == self.model.sha256
+            and other.nn_config == self.nn_config
+        )
+
+
+NNSet = Mapping[str, Deployment]
+
+
+@dataclass(frozen=True, slots=True)
+class RawLayer:
+    name: str
+    dims: tuple[int, ...]
+    dtype: str
+    data: npt.NDArray[np.generic]
+
+
+@dataclass(frozen=True, slots=True)
+class Output:
+    """One NN result as a backend produced it, before it is encoded for the wire.
+
+    `detections` rows are `label, confidence, xmin, ymin, xmax, ymax` and, on DEPTH
+    streams, `x, y, z` in millimetres; Generic networks fill `layers` instead.
+    """
+
+    camera: str
+    stream: str
+    seq: int
+    device_ts: float
+    detections: npt.NDArray[np.float32] | None = None
+    layers: tuple[RawLayer, ...] | None = None
+
+
+class CameraListener(Protocol):
+    """What a backend reports to; called on the event loop thread only."""
+
+    def on_output(self, output: Output) -> None:
+        """A result arrived; must not block (it may drop and count)."""
+
+    def on_presence(self, camera: str, present: bool) -> None:
+        """A camera appeared or disappeared."""
+
+
+class Camera(Protocol):
+    @property
+    def mxid(self) -> str: ...
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def streams(self) -> tuple[str, ...]: ...
+
+    @property
+    def present(self) -> bool: ...
+
+    async def apply(self, nn_set: NNSet) -> None:
+        """Restart the camera running exactly `nn_set`.
+
+        Returns once every NN runs; raises DeployFailed or CameraOffline otherwise, after
+        which the camera runs nothing until the next successful `apply`.
+        """
+
+
+class CameraBackend(Protocol):
+    name: str
+
+    @property
+    def cameras(self) -> Mapping[str, Camera]:
+        """Every camera this backend knows, present or not; may grow while running."""
+
+    async def run(self, listener: CameraListener, *, task_status: TaskStatus[None]) -> None:
+        """Discover and drive cameras until cancelled; `started()` once cameras are known."""

@@ -1,0 +1,255 @@
+"""A deterministic fake OAK: restarts like one, produces plausible NN output, has fault knobs."""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import time
+from typing import TYPE_CHECKING, Final
+
+import anyio
+import numpy as np
+import structlog
+
+from agent.cameras.base import Camera, CameraListener, Deployment, NNSet, Output, RawLayer
+from agent.errors import CameraOffline, DeployFailed
+from agent.messages import MobileNetConfig, YoloConfig
+from agent.topics import is_depth_stream
+
+if TYPE_CHECKING:
+    from collections.abc import Mapping
+
+    import numpy.typing as npt
+    from anyio.abc import TaskStatus
+
+    from agent.config import SimulatedCamera as CameraSpec
+
+__all__ = ["SimulatedCamera", "SimulatorBackend"]
+
+log = structlog.get_logger(__name__)
+
+_OBJECTS: Final = 3  # synthetic objects per frame
+_MOBILENET_CLASSES: Final = 21  # PASCAL VOC, the usual MobileNet-SSD label set
+
+
+def _streams(spec: CameraSpec) -> tuple[str, ...]:
+    depth = [f"DEPTH_{left[-1]}_{right[-1]}" for left, right in spec.stereo]
+    return (*sorted(spec.sensors), *depth)
+
+
+class SimulatedCamera(Camera):
+    """One simulated OAK. All methods run on the event loop."""
+
+    def __init__(self, spec: CameraSpec) -> None:
+        self._spec = spec
+        self._streams = _streams(spec)
+        self._present = True
+        self._running: dict[str, Deployment] = {}
+        self._booting = False
+        self._fail_next_boot = False
+        self._changed = anyio.Event()
+        self._unplugged = anyio.Event()
+        self._listener: CameraListener | None = None
+        self.boots = 0
+
+    @property
+    def mxid(self) -> str:
+        return self._spec.mxid
+
+    @property
+    def name(self) -> str:
+        return self._spec.name or self._spec.mxid
+
+    @property
+    def streams(self) -> tuple[str, ...]:
+        return self._streams
+
+    @property
+    def present(self) -> bool:
+        return self._present
+
+    async def apply(self, nn_set: NNSet) -> None:
+        if not self._present:
+            raise CameraOffline(camera=self.mxid)
+        self._running = {}
+        self._booting = True
+        self._notify()
+        try:
+            with anyio.move_on_after(self._spec.boot_seconds):
+                await self._unplugged.wait()
+            self.boots += 1
+            if not self._present:
+                raise CameraOffline(camera=self.mxid)
+            if self._fail_next_boot:
+                self._fail_next_boot = False
+                raise DeployFailed(
+                    "simulated device error: X_LINK_ERROR while booting the pipeline"
+                )
+            self._running = dict(nn_set)
+        finally:
+            self._booting = False
+            self._notify()
+
+    # --- fault knobs ---------------------------------------------------------------------
+
+    def unplug(self) -> None:
+        if not self._present:
+            return
+        self._present = False
+        self._running = {}
+        self._unplugged.set()
+        self._notify()
+        if self._listener is not None:
+            self._listener.on_presence(self.mxid, False)
+
+    def replug(self) -> None:
+        if self._present:
+            return
+        self._present = True
+        self._unplugged = anyio.Event()
+        self._notify()
+        if self._listener is not None:
+            self._listener.on_presence(self.mxid, True)
+
+    def fail_next_boot(self) -> None:
+        self._fail_next_boot = True
+
+    # --- producing output ----------------------------------------------------------------
+
+    def _notify(self) -> None:
+        self._changed.set()
+
+    async def run(self, listener: CameraListener) -> None:
+        """Produce output for whatever runs, restarting producers on every change."""
+        self._listener = listener
+        while True:
+            self._changed = anyio.Event()
+            async with anyio.create_task_group() as tg:
+                for stream, deployment in self._running.items():
+                    tg.start_soon(
+                        self._produce,
+                        listener,
+                        stream,
+                        deployment,
+                        name=f"camera[{self.mxid}].{stream}",
+                    )
+                await self._changed.wait()
+                tg.cancel_scope.cancel()
+
+    async def _produce(self, listener: CameraListener, stream: str, dep: Deployment) -> None:
+        period = 1.0 / self._spec.fps
+        make = _frame_maker(self.mxid, stream, dep)
+        start = time.monotonic()
+        seq = 0
+        while True:
+            seq += 1
+            listener.on_output(make(seq, time.monotonic() - start))
+            delay = start + seq * period - time.monotonic()
+            if delay > 0:
+                await anyio.sleep(delay)
+            else:
+                await anyio.lowlevel.checkpoint()
+
+
+def _seed(*parts: str) -> float:
+    digest = hashlib.sha256("/".join(parts).encode()).digest()
+    return int.from_bytes(digest[:4], "big") / 2**32 * 2 * math.pi
+
+
+def _frame_maker(camera: str, stream: str, dep: Deployment) -> _MakeFrame:
+    config = dep.nn_config
+    if isinstance(config, YoloConfig | MobileNetConfig):
+        if isinstance(config, YoloConfig):
+            classes = config.nn_config.num_classes
+        else:
+            classes = len(dep.labels) if dep.labels else _MOBILENET_CLASSES
+        return _Detector(
+            camera,
+            stream,
+            classes=classes,
+            threshold=config.nn_config.confidence_threshold,
+            spatial=is_depth_stream(stream),
+        )
+    return _Generic(camera, stream, dep)
+
+
+class _MakeFrame:
+    def __call__(self, seq: int, device_ts: float) -> Output:
+        raise NotImplementedError
+
+
+class _Detector(_MakeFrame):
+    """Objects moving on Lissajous paths; labels below `classes`, confidence >= threshold."""
+
+    def __init__(
+        self, camera: str, stream: str, *, classes: int, threshold: float, spatial: bool
+    ) -> None:
+        self._camera = camera
+        self._stream = stream
+        self._phase = _seed(camera, stream)
+        self._labels = np.arange(_OBJECTS, dtype=np.float32) % classes
+        self._threshold = threshold
+        self._spatial = spatial
+
+    def __call__(self, seq: int, device_ts: float) -> Output:
+        t = seq * 0.05 + self._phase
+        k = np.arange(_OBJECTS, dtype=np.float32)
+        cx = 0.5 + 0.3 * np.sin(t + k * 2.1)
+        cy = 0.5 + 0.3 * np.cos(0.7 * t + k * 1.3)
+        half = 0.05 + 0.02 * k
+        confidence = self._threshold + (1.0 - self._threshold) * (0.5 + 0.5 * np.sin(t + k))
+        columns = [
+            self._labels,
+            confidence,
+            np.clip(cx - half, 0.0, 1.0),
+            np.clip(cy - half, 0.0, 1.0),
+            np.clip(cx + half, 0.0, 1.0),
+            np.clip(cy + half, 0.0, 1.0),
+        ]
+        if self._spatial:
+            z = 800.0 + 1500.0 * (0.5 + 0.5 * np.sin(0.3 * t + k))
+            columns += [(cx - 0.5) * z, (cy - 0.5) * z, z]
+        rows = np.stack(columns, axis=1).astype(np.float32)
+        return Output(self._camera, self._stream, seq, device_ts, detections=rows)
+
+
+class _Generic(_MakeFrame):
+    """Every output layer of the blob, shaped as the blob declares, with slowly changing data."""
+
+    def __init__(self, camera: str, stream: str, dep: Deployment) -> None:
+        self._camera = camera
+        self._stream = stream
+        self._layers: list[tuple[str, tuple[int, ...], str, npt.NDArray[np.float32]]] = []
+        for tensor in dep.model.info.outputs:
+            size = math.prod(tensor.dims)
+            base = np.sin(np.arange(size, dtype=np.float32) * 0.01).astype(np.float32)
+            self._layers.append((tensor.name, tensor.dims, tensor.dtype, base))
+
+    def __call__(self, seq: int, device_ts: float) -> Output:
+        shift = np.float32(0.001 * seq)
+        layers = tuple(
+            RawLayer(name, dims, dtype, base + shift) for name, dims, dtype, base in self._layers
+        )
+        return Output(self._camera, self._stream, seq, device_ts, layers=layers)
+
+
+class SimulatorBackend:
+    """Simulated cameras from `[[simulator.cameras]]`; every camera is present at start."""
+
+    name = "simulator"
+
+    def __init__(self, specs: tuple[CameraSpec, ...]) -> None:
+        self._cameras = {spec.mxid: SimulatedCamera(spec) for spec in specs}
+
+    @property
+    def cameras(self) -> Mapping[str, SimulatedCamera]:
+        return self._cameras
+
+    async def run(self, listener: CameraListener, *, task_status: TaskStatus[None]) -> None:
+        async with anyio.create_task_group() as tg:
+            for camera in self._cameras.values():
+                tg.start_soon(camera.run, listener, name=f"camera[{camera.mxid}].simulator")
+            for camera in self._cameras.values():
+                listener.on_presence(camera.mxid, True)
+            log.info("simulator started", cameras=list(self._cameras))
+            task_status.started()

@@ -1,0 +1,214 @@
+"""The command boundary: MQTT message in, a validated request or a `rejected` event out."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import TYPE_CHECKING
+
+import msgspec
+import structlog
+
+from agent.cameras.base import Deployment
+from agent.coordinator import Request, error_info
+from agent.errors import (
+    AgentError,
+    CameraOffline,
+    Expired,
+    Internal,
+    PayloadTooLarge,
+    RetainedCommand,
+    UnknownCamera,
+    UnknownStream,
+)
+from agent.messages import DeleteCommand, DeployCommand, Event, decode_delete, decode_deploy
+from agent.mqtt import ReplyTo
+from agent.topics import MXID_RE, STREAM_RE, CommandTopic, SimulatorTopic
+
+if TYPE_CHECKING:
+    import aiomqtt
+
+    from agent.cameras.simulator import SimulatorBackend
+    from agent.coordinator import CameraWorker, Coordinator
+    from agent.models import ModelStore
+    from agent.reporter import Reporter
+    from agent.topics import Topics
+
+__all__ = ["CommandHandler"]
+
+log = structlog.get_logger(__name__)
+
+
+class _RequestIdOnly(msgspec.Struct):
+    request_id: object = None
+
+
+def _salvage_request_id(payload: bytes) -> str | None:
+    """Best effort: the request_id of a payload that failed validation, to echo it back."""
+    try:
+        if payload.lstrip()[:1] == b"{":
+            found = msgspec.json.decode(payload, type=_RequestIdOnly).request_id
+        else:
+            found = msgspec.msgpack.decode(payload, type=_RequestIdOnly).request_id
+    except (msgspec.DecodeError, msgspec.ValidationError):
+        return None
+    if isinstance(found, str) and 0 < len(found) <= 128:
+        return found
+    return None
+
+
+def _reply_to(message: aiomqtt.Message) -> ReplyTo | None:
+    properties = message.properties
+    topic = getattr(properties, "ResponseTopic", None) if properties else None
+    if not topic:
+        return None
+    data = getattr(properties, "CorrelationData", None)
+    return ReplyTo(topic=topic, correlation_data=bytes(data) if data is not None else None)
+
+
+class CommandHandler:
+    """Validates commands in arrival order and hands them to the coordinator."""
+
+    def __init__(
+        self,
+        *,
+        topics: Topics,
+        coordinator: Coordinator,
+        store: ModelStore,
+        reporter: Reporter,
+        max_payload_bytes: int,
+        simulator: SimulatorBackend | None = None,
+    ) -> None:
+        self._topics = topics
+        self._coordinator = coordinator
+        self._store = store
+        self._reporter = reporter
+        self._max_payload = max_payload_bytes
+        self._simulator = simulator
+        self.handled = 0
+
+    async def __call__(self, message: aiomqtt.Message) -> None:
+        parsed = self._topics.parse(message.topic.value)
+        if isinstance(parsed, CommandTopic):
+            await self._command(parsed, message)
+        elif isinstance(parsed, SimulatorTopic):
+            self._fault(parsed, message)
+
+    async def _command(self, topic: CommandTopic, message: aiomqtt.Message) -> None:
+        payload = message.payload if isinstance(message.payload, bytes) else b""
+        reply = _reply_to(message)
+        self.handled += 1
+        structlog.contextvars.bind_contextvars(camera=topic.camera, stream=topic.stream)
+        try:
+            request = await self._validate(topic, message.retain, payload, reply)
+            if request is not None:
+                self._coordinator.submit(request)
+        except AgentError as exc:
+            self._reject(topic, payload, reply, exc)
+        except Exception as exc:
+            log.exception("command failed unexpectedly")
+            self._reject(topic, payload, reply, Internal(f"{type(exc).__name__}: {exc}"))
+        finally:
+            structlog.contextvars.unbind_contextvars("camera", "stream", "request_id")
+
+    async def _validate(
+        self, topic: CommandTopic, retain: bool, payload: bytes, reply: ReplyTo | None
+    ) -> Request | None:
+        """The accepted request, or None when a repeated request_id was answered instead."""
+        if retain:
+            raise RetainedCommand
+        if len(payload) > self._max_payload:
+            raise PayloadTooLarge(size=len(payload), limit=self._max_payload)
+        command: DeployCommand | DeleteCommand = (
+            decode_deploy(payload) if topic.action == "deploy" else decode_delete(payload)
+        )
+        request_id = command.request_id or f"auto-{uuid.uuid4().hex}"
+        structlog.contextvars.bind_contextvars(request_id=request_id)
+        if self._replay(request_id, reply):
+            return None
+        now = time.time()
+        if command.expires_at is not None and now > command.expires_at:
+            raise Expired(expires_at=command.expires_at, now=now)
+        worker = self._worker(topic)
+        deployment = None
+        if isinstance(command, DeployCommand):
+            deployment = await self._deployment(command, request_id)
+        if not worker.camera.present:
+            raise CameraOffline(camera=topic.camera)
+        return Request(
+            id=request_id,
+            action=topic.action,
+            camera=topic.camera,
+            stream=topic.stream,
+            deployment=deployment,
+            replies=[reply] if reply else [],
+        )
+
+    def _worker(self, topic: CommandTopic) -> CameraWorker:
+        if not MXID_RE.fullmatch(topic.camera) or topic.camera not in self._coordinator.workers:
+            raise UnknownCamera(camera=topic.camera)
+        worker = self._coordinator.workers[topic.camera]
+        streams = worker.camera.streams
+        if not STREAM_RE.fullmatch(topic.stream) or topic.stream not in streams:
+            raise UnknownStream(camera=topic.camera, stream=topic.stream, available=streams)
+        return worker
+
+    async def _deployment(self, command: DeployCommand, request_id: str) -> Deployment:
+        if command.model is not None:
+            model = await self._store.put(command.model, expected_sha256=command.model_sha256)
+        else:
+            assert command.model_sha256 is not None  # decode_deploy guarantees one of them
+            model = await self._store.get(command.model_sha256)
+        assert not isinstance(command.nn_config, str)  # decode_deploy parsed it
+        return Deployment(
+            model=model,
+            nn_config=command.nn_config,
+            labels=command.labels,
+            model_name=command.model_name,
+            request_id=request_id,
+        )
+
+    def _replay(self, request_id: str, reply: ReplyTo | None) -> bool:
+        """Answer a repeated request_id from the record instead of running it again."""
+        known = self._coordinator.requests.get(request_id)
+        if known is None or known.last is None:
+            return False
+        log.info("duplicate request_id, replaying its outcome", state=known.last.state)
+        if reply is not None and reply not in known.replies:
+            known.replies.append(reply)
+        self._reporter.event(known.last, [reply] if reply else [])
+        return True
+
+    def _reject(
+        self, topic: CommandTopic, payload: bytes, reply: ReplyTo | None, exc: AgentError
+    ) -> None:
+        log.warning("command rejected", code=exc.code, error=exc.message)
+        event = Event(
+            request_id=_salvage_request_id(payload) or f"auto-{uuid.uuid4().hex}",
+            action=topic.action,
+            camera=topic.camera,
+            stream=topic.stream,
+            state="rejected",
+            ts=time.time(),
+            error=error_info(exc),
+        )
+        self._reporter.event(event, [reply] if reply else [])
+
+    def _fault(self, topic: SimulatorTopic, message: aiomqtt.Message) -> None:
+        if self._simulator is None:
+            return
+        if message.retain:
+            log.warning("retained simulator command ignored", camera=topic.camera)
+            return
+        camera = self._simulator.cameras.get(topic.camera)
+        if camera is None:
+            log.warning("simulator command for unknown camera", camera=topic.camera)
+            return
+        log.info("simulator fault", camera=topic.camera, fault=topic.fault)
+        match topic.fault:
+            case "unplug":
+                camera.unplug()
+            case "replug":
+                camera.replug()
+            case "fail_next_boot":
+                camera.fail_next_boot()

@@ -1,0 +1,137 @@
+"""The AgentError tree: the one home of the error codes used on the wire."""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+__all__ = [
+    "AgentError",
+    "CameraOffline",
+    "ChecksumMismatch",
+    "DeployFailed",
+    "Expired",
+    "IncompatibleModel",
+    "Internal",
+    "Interrupted",
+    "InvalidModel",
+    "InvalidPayload",
+    "ModelNotFound",
+    "PayloadTooLarge",
+    "RetainedCommand",
+    "UnknownCamera",
+    "UnknownStream",
+]
+
+
+class AgentError(Exception):
+    """Base of every error the agent reports; `code` is the snake_case wire code."""
+
+    code: ClassVar[str] = "internal"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class InvalidPayload(AgentError):
+    """The command payload does not decode into the schema."""
+
+    code = "invalid_payload"
+
+    def __init__(self, message: str, *, path: str | None = None) -> None:
+        super().__init__(f"{message} - at `{path}`" if path else message)
+        self.path = path
+        self.reason = message
+
+
+class UnknownCamera(AgentError):
+    code = "unknown_camera"
+
+    def __init__(self, *, camera: str) -> None:
+        super().__init__(f"no camera with mxid {camera!r} is known to this agent")
+        self.camera = camera
+
+
+class UnknownStream(AgentError):
+    code = "unknown_stream"
+
+    def __init__(self, *, camera: str, stream: str, available: tuple[str, ...] = ()) -> None:
+        detail = f"; it has {', '.join(available)}" if available else ""
+        super().__init__(f"camera {camera} has no stream {stream!r}{detail}")
+        self.camera = camera
+        self.stream = stream
+
+
+class InvalidModel(AgentError):
+    """The model is not a MyriadX blob."""
+
+    code = "invalid_model"
+
+
+class IncompatibleModel(AgentError):
+    """The blob parses but cannot run on the requested stream with the requested config."""
+
+    code = "incompatible_model"
+
+
+class ChecksumMismatch(AgentError):
+    code = "checksum_mismatch"
+
+    def __init__(self, *, expected: str, actual: str) -> None:
+        super().__init__(f"model_sha256 is {expected} but the model's sha256 is {actual}")
+        self.expected = expected
+        self.actual = actual
+
+
+class ModelNotFound(AgentError):
+    code = "model_not_found"
+
+    def __init__(self, *, sha256: str) -> None:
+        super().__init__(f"no stored model has sha256 {sha256}; send the model with the command")
+        self.sha256 = sha256
+
+
+class PayloadTooLarge(AgentError):
+    code = "payload_too_large"
+
+    def __init__(self, *, size: int, limit: int) -> None:
+        super().__init__(f"payload is {size} bytes; the limit is {limit} bytes")
+        self.size = size
+        self.limit = limit
+
+
+class RetainedCommand(AgentError):
+    code = "retained_command"
+
+    def __init__(self) -> None:
+        super().__init__("retained command messages are never executed; publish without retain")
+
+
+class Expired(AgentError):
+    code = "expired"
+
+    def __init__(self, *, expires_at: float, now: float) -> None:
+        super().__init__(f"command expired at {expires_at:.3f}; it arrived at {now:.3f}")
+        self.expires_at = expires_at
+
+
+class CameraOffline(AgentError):
+    code = "camera_offline"
+
+    def __init__(self, *, camera: str) -> None:
+        super().__init__(f"camera {camera} is offline")
+        self.camera = camera
+
+
+class DeployFailed(AgentError):
+    """The camera did not come up with the requested NN set."""
+
+    code = "deploy_failed"
+
+
+class Interrupted(AgentError):
+    code = "interrupted"
+
+
+class Internal(AgentError):
+    code = "internal"

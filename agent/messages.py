@@ -1,0 +1,303 @@
+"""Wire schema: commands in, events, status and detections out.
+
+Inbound Structs accept unknown top-level keys so that newer senders interoperate with older
+agents; the NNConfig blocks forbid them, because a misspelt threshold must not be ignored.
+New fields get defaults; nothing is renamed or retyped.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Final, Literal, TypeVar
+
+import msgspec
+from msgspec import Meta
+
+from agent.errors import InvalidPayload
+
+__all__ = [
+    "CameraStatus",
+    "Command",
+    "DeleteCommand",
+    "DeployCommand",
+    "Detection",
+    "DetectionsMessage",
+    "ErrorInfo",
+    "Event",
+    "GenericConfig",
+    "Info",
+    "InfoCamera",
+    "Layer",
+    "MobileNetConfig",
+    "MobileNetOptions",
+    "ModelRef",
+    "NNConfig",
+    "NNStatus",
+    "NNSummary",
+    "Spatial",
+    "YoloConfig",
+    "YoloOptions",
+    "decode_delete",
+    "decode_deploy",
+    "encode_json",
+]
+
+_T = TypeVar("_T")
+
+Probability = Annotated[float, Meta(ge=0.0, le=1.0)]
+RequestId = Annotated[str, Meta(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9._:-]+$")]
+Sha256Hex = Annotated[str, Meta(pattern=r"^[0-9a-fA-F]{64}$")]
+Threads = Annotated[int, Meta(ge=0, le=2, description="0 lets the device choose")]
+
+Action = Literal["deploy", "delete"]
+RequestState = Literal["accepted", "applying", "succeeded", "failed", "superseded", "rejected"]
+TERMINAL_STATES: Final = frozenset({"succeeded", "failed", "superseded", "rejected"})
+
+
+# --- NNConfig: the REST API's config, one Struct per `type` ------------------------------
+
+
+class YoloOptions(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    num_classes: Annotated[int, Meta(gt=0, le=100_000)]
+    coordinate_size: Annotated[int, Meta(ge=4, le=64)] = 4
+    anchors: tuple[float, ...] = ()
+    anchor_masks: dict[str, tuple[int, ...]] = {}
+    iou_threshold: Probability = 0.5
+    confidence_threshold: Probability = 0.5
+
+
+class MobileNetOptions(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    confidence_threshold: Probability = 0.5
+
+
+class GenericOptions(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """Generic networks take no type-specific options; any key here is an error."""
+
+
+class _NNConfigBase(
+    msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True, tag_field="type"
+):
+    num_inference_threads: Threads = 2
+
+
+class GenericConfig(_NNConfigBase, frozen=True, tag="Generic"):
+    nn_config: GenericOptions | None = None
+
+
+class YoloConfig(_NNConfigBase, frozen=True, tag="YOLO"):
+    nn_config: YoloOptions
+
+
+class MobileNetConfig(_NNConfigBase, frozen=True, tag="MobileNet"):
+    nn_config: MobileNetOptions = MobileNetOptions()
+
+
+NNConfig = GenericConfig | YoloConfig | MobileNetConfig
+
+
+# --- commands ------------------------------------------------------------------------------
+
+
+class DeployCommand(msgspec.Struct, frozen=True, kw_only=True):
+    # the REST API took nn_config as a stringified form field; a JSON string is accepted too
+    nn_config: NNConfig | str
+    request_id: RequestId | None = None
+    model: bytes | None = None
+    model_sha256: Sha256Hex | None = None
+    model_name: Annotated[str, Meta(max_length=256)] | None = None
+    labels: tuple[Annotated[str, Meta(max_length=256)], ...] | None = None
+    expires_at: float | None = None
+
+
+class DeleteCommand(msgspec.Struct, frozen=True):
+    request_id: RequestId | None = None
+    expires_at: float | None = None
+
+
+Command = DeployCommand | DeleteCommand
+
+_json_deploy: Final = msgspec.json.Decoder(DeployCommand)
+_msgpack_deploy: Final = msgspec.msgpack.Decoder(DeployCommand)
+_json_delete: Final = msgspec.json.Decoder(DeleteCommand)
+_msgpack_delete: Final = msgspec.msgpack.Decoder(DeleteCommand)
+_json_nn_config: Final = msgspec.json.Decoder(NNConfig)
+
+
+def _is_json(payload: bytes) -> bool:
+    return payload.lstrip()[:1] == b"{"
+
+
+def _is_msgpack_map(payload: bytes) -> bool:
+    return bool(payload) and (0x80 <= payload[0] <= 0x8F or payload[0] in (0xDE, 0xDF))
+
+
+def _invalid(exc: msgspec.MsgspecError, *, under: str = "") -> InvalidPayload:
+    """Turn a msgspec error into InvalidPayload carrying the failing field's path."""
+    text = str(exc)
+    reason, sep, where = text.rpartition(" - at `")
+    if sep and where.endswith("`"):
+        path = where[:-1]
+        if under:
+            path = under + path[1:]
+        return InvalidPayload(reason, path=path)
+    if under:
+        return InvalidPayload(text, path=under)
+    return InvalidPayload(text, path="$")
+
+
+def _decode(payload: bytes, json: msgspec.json.Decoder[_T], mp: msgspec.msgpack.Decoder[_T]) -> _T:
+    try:
+        if _is_json(payload):
+            return json.decode(payload)
+        if _is_msgpack_map(payload):
+            return mp.decode(payload)
+    except msgspec.ValidationError as exc:
+        raise _invalid(exc) from exc
+    except msgspec.DecodeError as exc:
+        raise InvalidPayload(f"malformed payload ({exc})", path="$") from exc
+    raise InvalidPayload("payload is neither a JSON object nor a MessagePack map", path="$")
+
+
+def decode_deploy(payload: bytes) -> DeployCommand:
+    """Decode a deploy command (JSON object or MessagePack map); raise InvalidPayload."""
+    command = _decode(payload, _json_deploy, _msgpack_deploy)
+    if isinstance(command.nn_config, str):
+        try:
+            nn_config: NNConfig = _json_nn_config.decode(command.nn_config)
+        except msgspec.ValidationError as exc:
+            raise _invalid(exc, under="$.nn_config") from exc
+        except msgspec.DecodeError as exc:
+            raise InvalidPayload(f"not a JSON object ({exc})", path="$.nn_config") from exc
+        command = msgspec.structs.replace(command, nn_config=nn_config)
+    if command.model is None and command.model_sha256 is None:
+        raise InvalidPayload("either model or model_sha256 is required", path="$.model")
+    if command.model is not None and not command.model:
+        raise InvalidPayload("model is empty", path="$.model")
+    if command.model_sha256 is not None:
+        command = msgspec.structs.replace(command, model_sha256=command.model_sha256.lower())
+    return command
+
+
+def decode_delete(payload: bytes) -> DeleteCommand:
+    """Decode a delete command: empty, a JSON object or a MessagePack map."""
+    if not payload.strip():
+        return DeleteCommand()
+    return _decode(payload, _json_delete, _msgpack_delete)
+
+
+# --- events and status ---------------------------------------------------------------------
+
+
+class ErrorInfo(msgspec.Struct, frozen=True):
+    code: str
+    message: str
+
+
+class Event(msgspec.Struct, frozen=True, omit_defaults=True):
+    request_id: str
+    action: Action
+    camera: str
+    stream: str
+    state: RequestState
+    ts: float
+    error: ErrorInfo | None = None
+    # on `superseded`: the request that replaced this one
+    superseded_by: str | None = None
+
+    @property
+    def terminal(self) -> bool:
+        return self.state in TERMINAL_STATES
+
+
+class ModelRef(msgspec.Struct, frozen=True, omit_defaults=True):
+    sha256: str
+    size: int
+    name: str | None = None
+
+
+class NNStatus(msgspec.Struct, frozen=True):
+    state: Literal["none", "deploying", "running", "failed"]
+    model: ModelRef | None = None
+    nn_config: NNConfig | None = None
+    labels: tuple[str, ...] | None = None
+    request_id: str | None = None
+    updated_at: float = 0.0
+    error: ErrorInfo | None = None
+
+
+class NNSummary(msgspec.Struct, frozen=True, omit_defaults=True):
+    state: Literal["none", "deploying", "running", "failed"]
+    type: str | None = None
+    model_sha256: str | None = None
+    model_name: str | None = None
+
+
+class CameraStatus(msgspec.Struct, frozen=True):
+    state: Literal["online", "restarting", "offline"]
+    name: str
+    streams: tuple[str, ...]
+    nn: dict[str, NNSummary]
+    restarts: int
+    last_error: ErrorInfo | None = None
+    updated_at: float = 0.0
+
+
+class InfoCamera(msgspec.Struct, frozen=True):
+    mxid: str
+    name: str
+    streams: tuple[str, ...]
+
+
+class Info(msgspec.Struct, frozen=True):
+    agent_id: str
+    version: str
+    depthai_version: str
+    backend: str
+    cameras: tuple[InfoCamera, ...]
+    started_at: float
+
+
+# --- detections ----------------------------------------------------------------------------
+
+
+class Spatial(msgspec.Struct, frozen=True):
+    x: float
+    y: float
+    z: float
+
+
+class Detection(msgspec.Struct, frozen=True, omit_defaults=True):
+    label: int
+    confidence: float
+    coords: tuple[float, float, float, float]
+    label_name: str | None = None
+    spatial_coords: Spatial | None = None
+
+
+class Layer(msgspec.Struct, frozen=True):
+    name: str
+    dims: tuple[int, ...]
+    dtype: str
+    # a flat numpy array when produced (encoded through `encode_json`), a list when decoded
+    data: Any
+
+
+class DetectionsMessage(msgspec.Struct, frozen=True, omit_defaults=True):
+    camera: str
+    stream: str
+    seq: int
+    ts: float
+    device_ts: float
+    model_sha256: str
+    type: str
+    detections: tuple[Detection, ...] | None = None
+    layers: tuple[Layer, ...] | None = None
+
+
+def _enc_hook(obj: object) -> object:
+    tolist = getattr(obj, "tolist", None)  # numpy arrays and scalars
+    if tolist is not None:
+        return tolist()
+    raise NotImplementedError(f"cannot encode {type(obj).__name__}")
+
+
+encode_json: Final = msgspec.json.Encoder(enc_hook=_enc_hook).encode

@@ -1,0 +1,159 @@
+"""MyriadX blob parsing and the content-addressed model store.
+
+Blobs are parsed by depthai's own reader (`dai.OpenVINO.Blob`), from a file path: parsing
+from memory is about ten times slower. This is the one module outside `agent.cameras` that
+imports depthai, and it uses only the blob reader.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Final
+
+import anyio
+import depthai as dai
+
+from agent.errors import ChecksumMismatch, InvalidModel, ModelNotFound
+
+__all__ = ["BlobInfo", "ModelStore", "StoredModel", "TensorInfo", "parse_blob"]
+
+_DTYPES: Final = {
+    "FP16": "float16",
+    "FP32": "float32",
+    "U8F": "uint8",
+    "I8": "int8",
+    "INT": "int32",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class TensorInfo:
+    name: str
+    # natural order (N, C, H, W); depthai lists dims reversed
+    dims: tuple[int, ...]
+    dtype: str
+
+
+@dataclass(frozen=True, slots=True)
+class BlobInfo:
+    version: str
+    inputs: tuple[TensorInfo, ...]
+    outputs: tuple[TensorInfo, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class StoredModel:
+    sha256: str
+    size: int
+    path: Path
+    info: BlobInfo
+
+
+def _tensor(name: str, tensor: object) -> TensorInfo:
+    dims = tuple(int(d) for d in reversed(tensor.dims))  # type: ignore[attr-defined]
+    dtype = tensor.dataType.name  # type: ignore[attr-defined]
+    return TensorInfo(name=name, dims=dims, dtype=_DTYPES.get(dtype, dtype.lower()))
+
+
+def parse_blob(path: Path) -> BlobInfo:
+    """Parse a MyriadX blob file; raise InvalidModel when depthai cannot read it."""
+    try:
+        blob = dai.OpenVINO.Blob(path)
+    except (RuntimeError, ValueError) as exc:  # ValueError: a truncated blob
+        raise InvalidModel(f"not a MyriadX blob: {exc}") from exc
+    inputs = tuple(_tensor(n, t) for n, t in blob.networkInputs.items())
+    outputs = tuple(_tensor(n, t) for n, t in blob.networkOutputs.items())
+    if not inputs or not outputs:
+        raise InvalidModel("blob has no inputs or no outputs")
+    return BlobInfo(
+        version=dai.OpenVINO.getVersionName(blob.version), inputs=inputs, outputs=outputs
+    )
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class ModelStore:
+    """Blobs kept as `models/<sha256>.blob`; written atomically, verified when first read."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self._known: dict[str, StoredModel] = {}
+        self._limiter = anyio.CapacityLimiter(1)
+
+    def path(self, sha256: str) -> Path:
+        return self.root / f"{sha256}.blob"
+
+    async def put(self, data: bytes, *, expected_sha256: str | None = None) -> StoredModel:
+        """Verify, parse and store a blob; raise ChecksumMismatch or InvalidModel."""
+        return await anyio.to_thread.run_sync(
+            self._put, data, expected_sha256, limiter=self._limiter
+        )
+
+    async def get(self, sha256: str) -> StoredModel:
+        """Return a stored blob; raise ModelNotFound when absent or corrupted."""
+        known = self._known.get(sha256)
+        if known is not None:
+            return known
+        return await anyio.to_thread.run_sync(self._load, sha256, limiter=self._limiter)
+
+    def prune(self, keep: set[str]) -> list[str]:
+        """Remove stored blobs whose sha256 is not in `keep`; return what was removed."""
+        removed = []
+        for path in self.root.glob("*.blob"):
+            if path.stem not in keep:
+                with contextlib.suppress(FileNotFoundError):
+                    path.unlink()
+                self._known.pop(path.stem, None)
+                removed.append(path.stem)
+        return removed
+
+    def _put(self, data: bytes, expected: str | None) -> StoredModel:
+        sha256 = hashlib.sha256(data).hexdigest()
+        if expected is not None and expected != sha256:
+            raise ChecksumMismatch(expected=expected, actual=sha256)
+        known = self._known.get(sha256)
+        if known is not None and known.path.exists():
+            return known
+        self.root.mkdir(parents=True, exist_ok=True)
+        fd, tmp_name = tempfile.mkstemp(dir=self.root, prefix=".incoming-", suffix=".tmp")
+        tmp = Path(tmp_name)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            info = parse_blob(tmp)
+            final = self.path(sha256)
+            tmp.replace(final)
+            _fsync_dir(self.root)
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                tmp.unlink()
+        model = StoredModel(sha256=sha256, size=len(data), path=final, info=info)
+        self._known[sha256] = model
+        return model
+
+    def _load(self, sha256: str) -> StoredModel:
+        path = self.path(sha256)
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:
+            raise ModelNotFound(sha256=sha256) from None
+        if hashlib.sha256(data).hexdigest() != sha256:
+            # a torn or corrupted write: never serve it
+            path.unlink(missing_ok=True)
+            raise ModelNotFound(sha256=sha256)
+        model = StoredModel(sha256=sha256, size=len(data), path=path, info=parse_blob(path))
+        self._known[sha256] = model
+        return model

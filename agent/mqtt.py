@@ -1,0 +1,295 @@
+"""The only owner of aiomqtt.Client: connect, will, subscriptions, reconnect, outbound queues.
+
+Outbound traffic has three lanes with different promises:
+- retained state (availability, info, status): the latest payload per topic is kept and
+  republished after every reconnect, so a broker restart never leaves stale state;
+- events (QoS 1): queued while disconnected, up to `event_queue_size`; past that the oldest
+  event is dropped and counted; sent in order once connected;
+- detections (QoS 0): published only while connected; dropped and counted when the
+  connection is down or the publisher falls behind, never queued for later.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import random
+from collections import deque
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Final
+
+import aiomqtt
+import anyio
+import structlog
+from paho.mqtt.client import MQTT_CLEAN_START_FIRST_ONLY
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+from paho.mqtt.subscribeoptions import SubscribeOptions
+
+if TYPE_CHECKING:
+    from anyio.abc import TaskStatus
+
+    from agent.config import MqttSection
+
+__all__ = ["LinkStats", "MqttLink", "ReplyTo"]
+
+log = structlog.get_logger(__name__)
+
+_REFUSED_PROTOCOL: Final = frozenset({1, 132})  # 3.1.1 and MQTT 5 "unsupported protocol version"
+_FINAL_FLUSH_SECONDS: Final = 3.0
+
+Handler = Callable[[aiomqtt.Message], Awaitable[None]]
+
+
+@dataclass(frozen=True, slots=True)
+class ReplyTo:
+    """An MQTT 5 Response Topic with the Correlation Data to copy back."""
+
+    topic: str
+    correlation_data: bytes | None = None
+
+
+@dataclass(slots=True)
+class LinkStats:
+    connects: int = 0
+    events_sent: int = 0
+    events_dropped: int = 0
+    detections_sent: int = 0
+    detections_dropped_disconnected: int = 0
+    detections_dropped_backpressure: int = 0
+
+
+@dataclass(slots=True)
+class _Queued:
+    topic: str
+    payload: bytes
+    reply: ReplyTo | None = None
+
+
+@dataclass(slots=True)
+class _Outbox:
+    retained: dict[str, bytes] = field(default_factory=dict)
+    dirty: dict[str, None] = field(default_factory=dict)  # ordered set of retained topics
+    events: deque[_Queued] = field(default_factory=deque)
+
+
+class MqttLink:
+    """Keeps one MQTT connection alive and owns everything published through it."""
+
+    def __init__(
+        self,
+        settings: MqttSection,
+        *,
+        client_id: str,
+        will_topic: str,
+        subscriptions: tuple[str, ...],
+        event_queue_size: int = 10_000,
+        detection_queue_size: int = 1024,
+    ) -> None:
+        self._settings = settings
+        self._client_id = client_id
+        self._will_topic = will_topic
+        self._subscriptions = subscriptions
+        self._event_limit = event_queue_size
+        self._box = _Outbox()
+        self._wakeup = anyio.Event()
+        self._detections_in, self._detections_out = anyio.create_memory_object_stream[
+            tuple[str, bytes]
+        ](detection_queue_size)
+        self._protocol = (
+            aiomqtt.ProtocolVersion.V5 if settings.protocol == "5" else aiomqtt.ProtocolVersion.V311
+        )
+        self.connected = False
+        self.stats = LinkStats()
+
+    @property
+    def protocol(self) -> str:
+        return "5" if self._protocol == aiomqtt.ProtocolVersion.V5 else "3.1.1"
+
+    # --- producers: never block, called from any task on the loop --------------------------
+
+    def retain(self, topic: str, payload: bytes) -> None:
+        """Set the retained state of `topic`; the latest value wins and survives reconnects."""
+        if self._box.retained.get(topic) == payload:
+            return
+        self._box.retained[topic] = payload
+        self._box.dirty[topic] = None
+        self._wakeup.set()
+
+    def send(self, topic: str, payload: bytes) -> None:
+        """Queue a QoS 1 event."""
+        self._enqueue(_Queued(topic, payload))
+
+    def send_reply(self, reply: ReplyTo, payload: bytes) -> None:
+        """Queue a QoS 1 copy of an event to an MQTT 5 Response Topic."""
+        self._enqueue(_Queued(reply.topic, payload, reply))
+
+    def _enqueue(self, item: _Queued) -> None:
+        events = self._box.events
+        if len(events) >= self._event_limit:
+            events.popleft()
+            self.stats.events_dropped += 1
+            log.error("event queue full, oldest event dropped", limit=self._event_limit)
+        events.append(item)
+        self._wakeup.set()
+
+    def offer(self, topic: str, payload: bytes) -> None:
+        """Publish a detection at QoS 0 if it can go now; otherwise drop and count it."""
+        if not self.connected:
+            self.stats.detections_dropped_disconnected += 1
+            return
+        try:
+            self._detections_in.send_nowait((topic, payload))
+        except anyio.WouldBlock:
+            self.stats.detections_dropped_backpressure += 1
+
+    # --- the connection ------------------------------------------------------------------
+
+    async def run(self, handler: Handler, *, task_status: TaskStatus[None]) -> None:
+        """Connect, serve, reconnect with backoff and jitter, until cancelled."""
+        task_status.started()
+        attempt = 0
+        while True:
+            error: BaseException | None = None
+            try:
+                await self._session(handler)
+            except* aiomqtt.MqttCodeError as group:
+                error = group.exceptions[0]
+            except* aiomqtt.MqttError as group:
+                error = group.exceptions[0]
+            finally:
+                self.connected = False
+            if self._should_fall_back(error):
+                log.warning(
+                    "broker refused MQTT 5, falling back to MQTT 3.1.1",
+                    host=self._settings.host,
+                    port=self._settings.port,
+                )
+                self._protocol = aiomqtt.ProtocolVersion.V311
+                continue
+            attempt = 0 if self.stats.connects and error is None else attempt + 1
+            delay = min(
+                self._settings.reconnect_max, self._settings.reconnect_min * 2 ** min(attempt, 16)
+            ) * random.uniform(0.5, 1.0)  # noqa: S311  # jitter, not cryptography
+            log.warning(
+                "mqtt disconnected, reconnecting", error=str(error), retry_in=round(delay, 2)
+            )
+            await anyio.sleep(delay)
+
+    def _should_fall_back(self, error: BaseException | None) -> bool:
+        if self._protocol != aiomqtt.ProtocolVersion.V5:
+            return False
+        if not isinstance(error, aiomqtt.MqttCodeError):
+            return False
+        rc = error.rc
+        value = rc if isinstance(rc, int) else getattr(rc, "value", None)
+        return value in _REFUSED_PROTOCOL
+
+    def _client(self) -> aiomqtt.Client:
+        v5 = self._protocol == aiomqtt.ProtocolVersion.V5
+        properties = None
+        if v5:
+            properties = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+            properties.SessionExpiryInterval = self._settings.session_expiry
+        return aiomqtt.Client(
+            self._settings.host,
+            self._settings.port,
+            identifier=self._client_id,
+            username=self._settings.username,
+            password=self._settings.password,
+            protocol=self._protocol,
+            will=aiomqtt.Will(self._will_topic, b"offline", qos=1, retain=True),
+            # a persistent session: commands sent while we are away wait for us
+            clean_session=None if v5 else False,
+            clean_start=False if v5 else MQTT_CLEAN_START_FIRST_ONLY,
+            properties=properties,
+            keepalive=self._settings.keepalive,
+            timeout=self._settings.publish_timeout,
+        )
+
+    async def _session(self, handler: Handler) -> None:
+        async with self._client() as client:
+            try:
+                await self._subscribe(client)
+                self.connected = True
+                self.stats.connects += 1
+                for topic in self._box.retained:
+                    self._box.dirty[topic] = None
+                log.info(
+                    "mqtt connected",
+                    host=self._settings.host,
+                    port=self._settings.port,
+                    protocol=self.protocol,
+                    client_id=self._client_id,
+                )
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(self._send_loop, client, name="mqtt.send")
+                    tg.start_soon(self._detection_loop, client, name="mqtt.detections")
+                    async for message in client.messages:
+                        await handler(message)
+                    tg.cancel_scope.cancel()
+            except anyio.get_cancelled_exc_class():
+                with anyio.move_on_after(_FINAL_FLUSH_SECONDS, shield=True):
+                    await self._farewell(client)
+                raise
+
+    async def _subscribe(self, client: aiomqtt.Client) -> None:
+        for topic in self._subscriptions:
+            if self._protocol == aiomqtt.ProtocolVersion.V5:
+                # keep the retain flag as published so retained commands are recognised;
+                # do not resend retained messages to a session that already subscribed
+                options = SubscribeOptions(qos=1, retainAsPublished=True, retainHandling=1)
+                await client.subscribe(topic, options=options)
+            else:
+                await client.subscribe(topic, qos=1)
+
+    async def _publish_next(self, client: aiomqtt.Client) -> bool:
+        """Publish one queued item, retained state first; False when nothing is queued."""
+        box = self._box
+        timeout = self._settings.publish_timeout
+        if box.dirty:
+            topic = next(iter(box.dirty))
+            del box.dirty[topic]
+            try:
+                await client.publish(
+                    topic, box.retained[topic], qos=1, retain=True, timeout=timeout
+                )
+            except BaseException:
+                box.dirty[topic] = None
+                raise
+            return True
+        if box.events:
+            item = box.events[0]
+            properties = None
+            if item.reply is not None and item.reply.correlation_data is not None:
+                properties = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
+                properties.CorrelationData = item.reply.correlation_data
+            await client.publish(
+                item.topic, item.payload, qos=1, properties=properties, timeout=timeout
+            )
+            if box.events and box.events[0] is item:
+                box.events.popleft()
+            self.stats.events_sent += 1
+            return True
+        return False
+
+    async def _send_loop(self, client: aiomqtt.Client) -> None:
+        while True:
+            self._wakeup = anyio.Event()
+            while await self._publish_next(client):
+                pass
+            await self._wakeup.wait()
+
+    async def _detection_loop(self, client: aiomqtt.Client) -> None:
+        async for topic, payload in self._detections_out:
+            await client.publish(topic, payload, qos=0)
+            self.stats.detections_sent += 1
+
+    async def _farewell(self, client: aiomqtt.Client) -> None:
+        """On clean shutdown: flush queued state and events, then say `offline` ourselves."""
+        if not self.connected:
+            return
+        self.retain(self._will_topic, b"offline")
+        with contextlib.suppress(aiomqtt.MqttError):
+            while await self._publish_next(client):
+                pass

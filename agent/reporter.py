@@ -1,0 +1,133 @@
+"""Everything the agent tells the world: encodes state, events and detections for the link."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Final
+
+import numpy as np
+
+from agent.messages import (
+    CameraStatus,
+    Detection,
+    DetectionsMessage,
+    Event,
+    Info,
+    Layer,
+    NNStatus,
+    Spatial,
+    encode_json,
+)
+
+if TYPE_CHECKING:
+    from collections.abc import Iterable
+
+    from agent.cameras.base import Output
+    from agent.mqtt import MqttLink, ReplyTo
+    from agent.topics import Topics
+
+__all__ = ["Reporter", "Route"]
+
+_SPATIAL_COLUMNS: Final = 9
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    """Where and how the output of one running NN is published."""
+
+    topic: str
+    model_sha256: str
+    type: str
+    labels: tuple[str, ...] | None
+
+
+class Reporter:
+    def __init__(self, link: MqttLink, topics: Topics) -> None:
+        self._link = link
+        self._topics = topics
+        self._routes: dict[tuple[str, str], Route] = {}
+        self.outputs_unrouted = 0
+
+    # --- retained state ------------------------------------------------------------------
+
+    def availability(self, online: bool) -> None:
+        self._link.retain(self._topics.availability, b"online" if online else b"offline")
+
+    def info(self, info: Info) -> None:
+        self._link.retain(self._topics.info, encode_json(info))
+
+    def camera_availability(self, camera: str, online: bool) -> None:
+        payload = b"online" if online else b"offline"
+        self._link.retain(self._topics.camera_availability(camera), payload)
+
+    def camera_status(self, camera: str, status: CameraStatus) -> None:
+        self._link.retain(self._topics.camera_status(camera), encode_json(status))
+
+    def nn_status(self, camera: str, stream: str, status: NNStatus) -> None:
+        self._link.retain(self._topics.nn_status(camera, stream), encode_json(status))
+
+    # --- events --------------------------------------------------------------------------
+
+    def event(self, event: Event, replies: Iterable[ReplyTo] = ()) -> None:
+        payload = encode_json(event)
+        self._link.send(self._topics.events, payload)
+        for reply in replies:
+            self._link.send_reply(reply, payload)
+
+    # --- detections ----------------------------------------------------------------------
+
+    def route(self, camera: str, stream: str, route: Route | None) -> None:
+        if route is None:
+            self._routes.pop((camera, stream), None)
+        else:
+            self._routes[(camera, stream)] = route
+
+    def on_output(self, output: Output) -> None:
+        route = self._routes.get((output.camera, output.stream))
+        if route is None:  # a stream that is restarting or was just removed
+            self.outputs_unrouted += 1
+            return
+        self._link.offer(route.topic, encode_json(_message(output, route)))
+
+
+def _message(output: Output, route: Route) -> DetectionsMessage:
+    detections = layers = None
+    if output.detections is not None:
+        # float32 -> float64 rounded: short, stable JSON numbers
+        rows = output.detections.astype(np.float64).round(5).tolist()
+        detections = _detections(rows, route.labels)
+    if output.layers is not None:
+        layers = tuple(
+            Layer(name=raw.name, dims=raw.dims, dtype=raw.dtype, data=raw.data.reshape(-1))
+            for raw in output.layers
+        )
+    return DetectionsMessage(
+        camera=output.camera,
+        stream=output.stream,
+        seq=output.seq,
+        ts=time.time(),
+        device_ts=output.device_ts,
+        model_sha256=route.model_sha256,
+        type=route.type,
+        detections=detections,
+        layers=layers,
+    )
+
+
+def _detections(rows: list[list[float]], labels: tuple[str, ...] | None) -> tuple[Detection, ...]:
+    result = []
+    for row in rows:
+        label = int(row[0])
+        name = labels[label] if labels is not None and 0 <= label < len(labels) else None
+        spatial = Spatial(x=row[6], y=row[7], z=row[8]) if len(row) >= _SPATIAL_COLUMNS else None
+        result.append(
+            Detection(
+                label=label,
+                confidence=row[1],
+                coords=(row[2], row[3], row[4], row[5]),
+                label_name=name,
+                spatial_coords=spatial,
+            )
+        )
+    return tuple(result)

@@ -1,0 +1,109 @@
+"""Pure building and parsing of the agent's MQTT topic names."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Literal
+
+__all__ = [
+    "MXID_RE",
+    "STREAM_RE",
+    "CommandTopic",
+    "SimulatorTopic",
+    "Topics",
+    "is_depth_stream",
+]
+
+MXID_RE = re.compile(r"[A-Z0-9]{1,64}")
+STREAM_RE = re.compile(r"CAM_[A-H]|DEPTH_[A-H]_[A-H]")
+
+Action = Literal["deploy", "delete"]
+Fault = Literal["unplug", "replug", "fail_next_boot"]
+
+
+def is_depth_stream(stream: str) -> bool:
+    return stream.startswith("DEPTH_")
+
+
+@dataclass(frozen=True, slots=True)
+class CommandTopic:
+    camera: str
+    stream: str
+    action: Action
+
+
+@dataclass(frozen=True, slots=True)
+class SimulatorTopic:
+    camera: str
+    fault: Fault
+
+
+@dataclass(frozen=True, slots=True)
+class Topics:
+    """Every topic of one agent, rooted at `{prefix}/{agent_id}`."""
+
+    base: str
+
+    @classmethod
+    def for_agent(cls, prefix: str, agent_id: str) -> Topics:
+        return cls(f"{prefix}/{agent_id}")
+
+    @property
+    def availability(self) -> str:
+        return f"{self.base}/availability"
+
+    @property
+    def info(self) -> str:
+        return f"{self.base}/info"
+
+    @property
+    def events(self) -> str:
+        return f"{self.base}/events"
+
+    @property
+    def command_filters(self) -> tuple[str, str]:
+        return (
+            f"{self.base}/cameras/+/streams/+/nn/deploy",
+            f"{self.base}/cameras/+/streams/+/nn/delete",
+        )
+
+    @property
+    def simulator_filter(self) -> str:
+        return f"{self.base}/simulator/cameras/+/+"
+
+    def camera_availability(self, camera: str) -> str:
+        return f"{self.base}/cameras/{camera}/availability"
+
+    def camera_status(self, camera: str) -> str:
+        return f"{self.base}/cameras/{camera}/status"
+
+    def nn_status(self, camera: str, stream: str) -> str:
+        return f"{self.base}/cameras/{camera}/streams/{stream}/nn/status"
+
+    def detections(self, camera: str, stream: str) -> str:
+        return f"{self.base}/cameras/{camera}/streams/{stream}/nn/detections"
+
+    def command(self, camera: str, stream: str, action: Action) -> str:
+        return f"{self.base}/cameras/{camera}/streams/{stream}/nn/{action}"
+
+    def simulator(self, camera: str, fault: Fault) -> str:
+        return f"{self.base}/simulator/cameras/{camera}/{fault}"
+
+    def parse(self, topic: str) -> CommandTopic | SimulatorTopic | None:
+        """Parse a topic under this base; None when it is not one the agent acts on.
+
+        The camera and stream segments are returned as given, even when they are not
+        valid ids: the caller answers those with a precise error instead of ignoring them.
+        """
+        prefix = self.base + "/"
+        if not topic.startswith(prefix):
+            return None
+        parts = topic[len(prefix) :].split("/")
+        match parts:
+            case ["cameras", camera, "streams", stream, "nn", ("deploy" | "delete") as action]:
+                return CommandTopic(camera, stream, action)
+            case ["simulator", "cameras", camera, ("unplug" | "replug" | "fail_next_boot") as f]:
+                return SimulatorTopic(camera, f)
+            case _:
+                return None
