@@ -148,6 +148,10 @@ class MqttLink:
     async def run(self, handler: Handler, *, task_status: TaskStatus[None]) -> None:
         """Connect, serve, reconnect with backoff and jitter, until cancelled."""
         task_status.started()
+        with self._detections_in, self._detections_out:
+            await self._reconnect_forever(handler)
+
+    async def _reconnect_forever(self, handler: Handler) -> None:
         attempt = 0
         while True:
             error: BaseException | None = None
