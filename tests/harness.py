@@ -5,9 +5,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import uuid
-from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import aiomqtt
@@ -28,6 +26,9 @@ from agent.messages import Event
 from agent.topics import Topics
 
 if TYPE_CHECKING:
+    from collections.abc import AsyncIterator, Callable
+    from pathlib import Path
+
     from tests.brokers import Broker
 
 __all__ = [

@@ -153,9 +153,8 @@ async def test_agent_info_and_availability(broker: Broker, tmp_path: Path) -> No
         assert [c["mxid"] for c in info["cameras"]] == [CAM1, CAM2]
         assert info["cameras"][0]["streams"] == ["CAM_A", "CAM_B", "CAM_C", "DEPTH_B_C"]
         assert info["depthai_version"].startswith("2.")
-        for mxid in (CAM1, CAM2):
-            await obs.wait_for(lambda m=mxid: obs.latest(obs.topics.camera_availability(m)))
-            assert obs.latest(obs.topics.camera_availability(mxid)) == b"online"
+        availability = [obs.topics.camera_availability(m) for m in (CAM1, CAM2)]
+        await obs.wait_for(lambda: all(obs.latest(t) == b"online" for t in availability))
         retained = [m for m in obs.messages if m.topic == obs.topics.availability]
         assert retained[-1].payload == b"online"
     # a clean shutdown says `offline` itself (the will covers crashes)
