@@ -138,7 +138,7 @@ def load_config(path: Path) -> Config:
         config = msgspec.toml.decode(raw, type=Config)
     except msgspec.ValidationError as exc:
         raise ConfigError(f"{path}: {exc}") from exc
-    except msgspec.DecodeError as exc:
+    except (msgspec.DecodeError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from exc
     _check(config)
     state_dir = Path(config.agent.state_dir)

@@ -7,6 +7,7 @@ New fields get defaults; nothing is renamed or retyped.
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Any, Final, Literal, TypeVar
 
 import msgspec
@@ -130,18 +131,20 @@ def _is_msgpack_map(payload: bytes) -> bool:
     return bool(payload) and (0x80 <= payload[0] <= 0x8F or payload[0] in (0xDE, 0xDF))
 
 
+_WHERE = re.compile(r" - at (`key` in )?`(\$[^`]*)`$")
+
+
 def _invalid(exc: msgspec.MsgspecError, *, under: str = "") -> InvalidPayload:
     """Turn a msgspec error into InvalidPayload carrying the failing field's path."""
     text = str(exc)
-    reason, sep, where = text.rpartition(" - at `")
-    if sep and where.endswith("`"):
-        path = where[:-1]
-        if under:
-            path = under + path[1:]
-        return InvalidPayload(reason, path=path)
+    match = _WHERE.search(text)
+    if match is None:
+        return InvalidPayload(text, path=under or "$")
+    reason = text[: match.start()] + (" (in a map key)" if match.group(1) else "")
+    path = match.group(2)
     if under:
-        return InvalidPayload(text, path=under)
-    return InvalidPayload(text, path="$")
+        path = under + path[1:]
+    return InvalidPayload(reason, path=path)
 
 
 def _decode(payload: bytes, json: msgspec.json.Decoder[_T], mp: msgspec.msgpack.Decoder[_T]) -> _T:
