@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import string
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import msgspec
 import pytest
@@ -22,6 +22,9 @@ from agent.messages import (
     decode_deploy,
 )
 from agent.topics import CommandTopic, SimulatorTopic, Topics
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
 
 json_values = st.recursive(
     st.none() | st.booleans() | st.floats(allow_nan=False) | st.integers() | st.text(),
@@ -64,7 +67,7 @@ deploy_bodies = st.fixed_dictionaries(
 )
 
 
-def _decodes_or_invalid(decode: Any, payload: bytes) -> object | None:
+def _decodes_or_invalid(decode: Callable[[bytes], object], payload: bytes) -> object | None:
     try:
         return decode(payload)
     except InvalidPayload as exc:
