@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 import time
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
@@ -25,6 +26,8 @@ from agent.reporter import Reporter
 from agent.topics import Topics
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     from anyio.abc import TaskStatus
 
     from agent.cameras.base import CameraBackend, Output
@@ -63,6 +66,7 @@ class App:
     coordinator: Coordinator
     backend: CameraBackend
     reporter: Reporter
+    hints: dict[str, str]
 
 
 def _backend(config: Config) -> CameraBackend:
@@ -87,18 +91,36 @@ def _info(config: Config, backend: CameraBackend) -> Info:
     )
 
 
-def _example(config: Config, topics: Topics, backend: CameraBackend) -> str:
+def _hints(
+    config: Config, topics: Topics, backend: CameraBackend, source: Path | None
+) -> dict[str, str]:
+    """Copy-paste commands for a first try, logged at start-up."""
     camera = next(iter(backend.cameras.values()), None)
     mxid = camera.mxid if camera else "MXID"
-    stream = camera.streams[0] if camera else "CAM_A"
-    return (
-        f"mosquitto_sub -h {config.mqtt.host} -p {config.mqtt.port} -v -t '{topics.base}/#'  "
-        f"| or: oak-agent deploy --config CONFIG --camera {mxid} --stream {stream} --sample"
-    )
+    where = f"-h {config.mqtt.host} -p {config.mqtt.port}"
+    deploy_topic = topics.command(mxid, "CAM_A", "deploy")
+    config_arg = str(source) if source else "CONFIG.toml"
+    program = sys.argv[0] if sys.argv[0].endswith("oak-agent") else "oak-agent"
+    nn_config = '{"type": "YOLO", "nn_config": {"num_classes": 80}}'
+    return {
+        "watch": f"mosquitto_sub {where} -v -t '{topics.base}/#'",
+        "deploy": (
+            f"{program} deploy --config {config_arg} --camera {mxid} --stream CAM_A "
+            f"--model tests/data/blobs/yolo_tiny.blob --nn-config '{nn_config}'"
+        ),
+        "deploy_with_mosquitto_pub": (
+            f"mosquitto_pub {where} -q 1 -t '{deploy_topic}' -m "
+            f'"{{\\"nn_config\\": {{\\"type\\": \\"MobileNet\\"}}, \\"model\\": '
+            f'\\"$(base64 -w0 tests/data/blobs/ssd_tiny.blob)\\"}}"'
+        ),
+    }
 
 
 async def serve(
-    config: Config, *, task_status: TaskStatus[App] = anyio.TASK_STATUS_IGNORED
+    config: Config,
+    *,
+    source: Path | None = None,
+    task_status: TaskStatus[App] = anyio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run the agent until cancelled."""
     topics = Topics.for_agent(config.mqtt.prefix, config.agent.id)
@@ -132,7 +154,15 @@ async def serve(
         max_payload_bytes=config.agent.max_payload_bytes,
         simulator=simulator,
     )
-    app = App(config, topics, link, coordinator, backend, reporter)
+    app = App(
+        config,
+        topics,
+        link,
+        coordinator,
+        backend,
+        reporter,
+        _hints(config, topics, backend, source),
+    )
     async with AsyncExitStack() as stack:
         if config.broker.embedded:
             await stack.enter_async_context(embedded_broker(config.mqtt.host, config.mqtt.port))
@@ -148,6 +178,7 @@ async def serve(
                 broker=f"{config.mqtt.host}:{config.mqtt.port}",
                 base_topic=topics.base,
                 cameras=list(backend.cameras),
-                watch=_example(config, topics, backend),
+                protocol=link.protocol,
             )
+            log.info("try it", **app.hints)
             task_status.started(app)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import signal
 import sys
+from functools import partial
 from pathlib import Path
 
 import anyio
@@ -31,7 +32,10 @@ async def _run_until_signalled(config_path: Path) -> None:
 
     config = load_config(config_path)
     async with anyio.create_task_group() as tg:
-        await tg.start(serve, config)
+        app = await tg.start(partial(serve, config, source=config_path))
+        if sys.stderr.isatty():
+            lines = [f"  {what}:\n    {command}" for what, command in app.hints.items()]
+            sys.stderr.write("\nTry it (in another terminal):\n" + "\n".join(lines) + "\n\n")
         with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
             async for signum in signals:
                 log.info("shutting down", signal=signal.Signals(signum).name)
