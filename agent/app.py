@@ -23,6 +23,7 @@ from agent.messages import Info, InfoCamera
 from agent.models import ModelStore
 from agent.mqtt import MqttLink
 from agent.reporter import Reporter
+from agent.state import StateFile
 from agent.topics import Topics
 
 if TYPE_CHECKING:
@@ -143,13 +144,18 @@ async def serve(
         detection_queue_size=config.agent.detection_queue_size,
     )
     reporter = Reporter(link, topics)
-    coordinator = Coordinator(reporter, topics)
+    store = ModelStore(
+        config.state_path / "models",
+        on_write_error=lambda problem: reporter.agent_error("model_write_failed", problem),
+    )
+    coordinator = Coordinator(reporter, topics, state=StateFile(config.state_path), store=store)
+    coordinator.load()
     for camera in backend.cameras.values():
         coordinator.add_camera(camera)
     handler = CommandHandler(
         topics=topics,
         coordinator=coordinator,
-        store=ModelStore(config.state_path / "models"),
+        store=store,
         reporter=reporter,
         max_payload_bytes=config.agent.max_payload_bytes,
         simulator=simulator,

@@ -10,7 +10,6 @@ import msgspec
 import structlog
 
 from agent.cameras.base import Deployment
-from agent.coordinator import Request, error_info
 from agent.errors import (
     AgentError,
     CameraOffline,
@@ -23,16 +22,19 @@ from agent.errors import (
 )
 from agent.messages import DeleteCommand, DeployCommand, Event, decode_delete, decode_deploy
 from agent.mqtt import ReplyTo
+from agent.requests import Request
 from agent.topics import MXID_RE, STREAM_RE, CommandTopic, SimulatorTopic
+from agent.worker import error_info
 
 if TYPE_CHECKING:
     import aiomqtt
 
     from agent.cameras.simulator import SimulatorBackend
-    from agent.coordinator import CameraWorker, Coordinator
+    from agent.coordinator import Coordinator
     from agent.models import ModelStore
     from agent.reporter import Reporter
     from agent.topics import Topics
+    from agent.worker import CameraWorker
 
 __all__ = ["CommandHandler"]
 
@@ -102,7 +104,7 @@ class CommandHandler:
         try:
             request = await self._validate(topic, message.retain, payload, reply)
             if request is not None:
-                self._coordinator.submit(request)
+                await self._coordinator.submit(request)
         except AgentError as exc:
             self._reject(topic, payload, reply, exc)
         except Exception as exc:

@@ -16,6 +16,7 @@ from msgspec import Meta
 from agent.errors import InvalidPayload
 
 __all__ = [
+    "AgentErrorEvent",
     "CameraStatus",
     "Command",
     "DeleteCommand",
@@ -209,6 +210,14 @@ class Event(msgspec.Struct, frozen=True, omit_defaults=True):
     @property
     def terminal(self) -> bool:
         return self.state in TERMINAL_STATES
+
+
+class AgentErrorEvent(msgspec.Struct, frozen=True):
+    """A problem of the agent itself, not of one request (published on `{base}/errors`)."""
+
+    code: str
+    message: str
+    ts: float
 
 
 class ModelRef(msgspec.Struct, frozen=True, omit_defaults=True):

@@ -11,16 +11,25 @@ import contextlib
 import hashlib
 import os
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Final
+from typing import TYPE_CHECKING, Final
 
 import anyio
 import depthai as dai
+import structlog
 
 from agent.errors import ChecksumMismatch, InvalidModel, ModelNotFound
 
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
 __all__ = ["BlobInfo", "ModelStore", "StoredModel", "TensorInfo", "parse_blob"]
+
+log = structlog.get_logger(__name__)
+
+_PRUNE_GRACE_SECONDS: Final = 300.0
 
 _DTYPES: Final = {
     "FP16": "float16",
@@ -75,6 +84,26 @@ def parse_blob(path: Path) -> BlobInfo:
     )
 
 
+def _write_parsed(folder: Path, sha256: str, data: bytes) -> tuple[Path, BlobInfo]:
+    """Write `data` as `<sha256>.blob` atomically, parsing it before it is renamed in place."""
+    folder.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(dir=folder, prefix=".incoming-", suffix=".tmp")
+    tmp = Path(tmp_name)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        info = parse_blob(tmp)
+        final = folder / f"{sha256}.blob"
+        tmp.replace(final)
+        _fsync_dir(folder)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+    return final, info
+
+
 def _fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -86,8 +115,11 @@ def _fsync_dir(path: Path) -> None:
 class ModelStore:
     """Blobs kept as `models/<sha256>.blob`; written atomically, verified when first read."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, *, on_write_error: Callable[[str], None]) -> None:
         self.root = root
+        # where models go while `root` cannot be written: they serve until the next restart
+        self._fallback = Path(tempfile.gettempdir()) / f"oak-agent-models-{os.getuid()}"
+        self._on_write_error = on_write_error
         self._known: dict[str, StoredModel] = {}
         self._limiter = anyio.CapacityLimiter(1)
 
@@ -108,14 +140,17 @@ class ModelStore:
         return await anyio.to_thread.run_sync(self._load, sha256, limiter=self._limiter)
 
     def prune(self, keep: set[str]) -> list[str]:
-        """Remove stored blobs whose sha256 is not in `keep`; return what was removed."""
+        """Remove blobs neither in `keep` nor written in the last minutes; return them."""
         removed = []
+        recent = time.time() - _PRUNE_GRACE_SECONDS  # a model between upload and accept
         for path in self.root.glob("*.blob"):
-            if path.stem not in keep:
-                with contextlib.suppress(FileNotFoundError):
+            with contextlib.suppress(OSError):
+                if path.stem not in keep and path.stat().st_mtime < recent:
                     path.unlink()
-                self._known.pop(path.stem, None)
-                removed.append(path.stem)
+                    self._known.pop(path.stem, None)
+                    removed.append(path.stem)
+        if removed:
+            log.info("unreferenced models removed", models=removed)
         return removed
 
     def _put(self, data: bytes, expected: str | None) -> StoredModel:
@@ -125,21 +160,11 @@ class ModelStore:
         known = self._known.get(sha256)
         if known is not None and known.path.exists():
             return known
-        self.root.mkdir(parents=True, exist_ok=True)
-        fd, tmp_name = tempfile.mkstemp(dir=self.root, prefix=".incoming-", suffix=".tmp")
-        tmp = Path(tmp_name)
         try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            info = parse_blob(tmp)
-            final = self.path(sha256)
-            tmp.replace(final)
-            _fsync_dir(self.root)
-        finally:
-            with contextlib.suppress(FileNotFoundError):
-                tmp.unlink()
+            final, info = _write_parsed(self.root, sha256, data)
+        except OSError as exc:
+            self._on_write_error(f"cannot store model in {self.root}: {exc.strerror or exc}")
+            final, info = _write_parsed(self._fallback, sha256, data)
         model = StoredModel(sha256=sha256, size=len(data), path=final, info=info)
         self._known[sha256] = model
         return model
@@ -148,11 +173,12 @@ class ModelStore:
         path = self.path(sha256)
         try:
             data = path.read_bytes()
-        except FileNotFoundError:
+        except OSError:
             raise ModelNotFound(sha256=sha256) from None
         if hashlib.sha256(data).hexdigest() != sha256:
             # a torn or corrupted write: never serve it
-            path.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):
+                path.unlink()
             raise ModelNotFound(sha256=sha256)
         model = StoredModel(sha256=sha256, size=len(data), path=path, info=parse_blob(path))
         self._known[sha256] = model

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Final
 import numpy as np
 
 from agent.messages import (
+    AgentErrorEvent,
     CameraStatus,
     Detection,
     DetectionsMessage,
@@ -74,6 +75,10 @@ class Reporter:
         self._link.send(self._topics.events, payload)
         for reply in replies:
             self._link.send_reply(reply, payload)
+
+    def agent_error(self, code: str, message: str) -> None:
+        event = AgentErrorEvent(code=code, message=message, ts=time.time())
+        self._link.send(self._topics.errors, encode_json(event))
 
     # --- detections ----------------------------------------------------------------------
 

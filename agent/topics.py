@@ -62,6 +62,10 @@ class Topics:
         return f"{self.base}/events"
 
     @property
+    def errors(self) -> str:
+        return f"{self.base}/errors"
+
+    @property
     def command_filters(self) -> tuple[str, str]:
         return (
             f"{self.base}/cameras/+/streams/+/nn/deploy",

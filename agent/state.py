@@ -1,0 +1,144 @@
+"""Desired state on disk: what each camera should run, what last ran, and recent outcomes.
+
+One JSON document, replaced atomically (temp file, fsync, rename, fsync of the folder), so a
+power cut leaves either the old or the new document. A document that cannot be read is
+moved aside and reported; the agent then starts empty rather than crash-looping on it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+import time
+from typing import TYPE_CHECKING, Final
+
+import anyio
+import msgspec
+import structlog
+
+from agent.messages import Event, NNConfig
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+    from pathlib import Path
+
+__all__ = [
+    "CameraState",
+    "StateDocument",
+    "StateFile",
+    "StoredDeployment",
+    "StoredReply",
+    "StoredRequest",
+]
+
+log = structlog.get_logger(__name__)
+
+FORMAT_VERSION: Final = 1
+
+
+class StoredDeployment(msgspec.Struct, frozen=True):
+    sha256: str
+    size: int
+    nn_config: NNConfig
+    labels: tuple[str, ...] | None = None
+    model_name: str | None = None
+    request_id: str = ""
+
+
+class StoredReply(msgspec.Struct, frozen=True):
+    topic: str
+    correlation_data: bytes | None = None
+
+
+class StoredRequest(msgspec.Struct, frozen=True):
+    """A request that was accepted and had not finished when the document was written."""
+
+    request_id: str
+    action: str
+    camera: str
+    stream: str
+    replies: tuple[StoredReply, ...] = ()
+
+
+class CameraState(msgspec.Struct, frozen=True):
+    # what the camera should run once every accepted request is applied
+    desired: dict[str, StoredDeployment] = {}
+    # what the camera last ran successfully: the fallback when applying `desired` fails
+    last_good: dict[str, StoredDeployment] = {}
+
+
+class StateDocument(msgspec.Struct, frozen=True):
+    version: int = FORMAT_VERSION
+    saved_at: float = 0.0
+    cameras: dict[str, CameraState] = {}
+    in_flight: tuple[StoredRequest, ...] = ()
+    # terminal events of recent requests, oldest first: duplicate detection across restarts
+    outcomes: tuple[Event, ...] = ()
+
+
+_encoder: Final = msgspec.json.Encoder()
+_decoder: Final = msgspec.json.Decoder(StateDocument)
+
+
+class StateFile:
+    """`state.json` in the state folder; writes are serialised and atomic."""
+
+    def __init__(self, folder: Path) -> None:
+        self.path = folder / "state.json"
+        self._lock = anyio.Lock()
+
+    def load(self) -> tuple[StateDocument, str | None]:
+        """The stored document, or an empty one and why the stored one was unusable."""
+        try:
+            raw = self.path.read_bytes()
+        except FileNotFoundError:
+            return StateDocument(), None
+        except OSError as exc:
+            return StateDocument(), f"cannot read {self.path}: {exc.strerror}"
+        try:
+            document = _decoder.decode(raw)
+        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+            kept = self._keep_aside()
+            return StateDocument(), f"{self.path} is unreadable ({exc}); kept as {kept}"
+        if document.version != FORMAT_VERSION:
+            kept = self._keep_aside()
+            return StateDocument(), f"{self.path} has format {document.version}; kept as {kept}"
+        return document, None
+
+    def _keep_aside(self) -> str:
+        aside = self.path.with_name(f"{self.path.name}.unreadable-{int(time.time())}")
+        try:
+            self.path.replace(aside)
+        except OSError as exc:
+            return f"(not moved: {exc.strerror})"
+        return aside.name
+
+    async def save(self, snapshot: Callable[[], StateDocument]) -> None:
+        """Write what `snapshot` returns atomically; raise OSError when the disk refuses.
+
+        The snapshot is taken once the previous write is done, so writes never go back
+        in time.
+        """
+        async with self._lock:
+            document = msgspec.structs.replace(snapshot(), saved_at=time.time())
+            await anyio.to_thread.run_sync(self._write, _encoder.encode(document))
+
+    def _write(self, payload: bytes) -> None:
+        folder = self.path.parent
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".state-", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(payload)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, self.path)
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+        dir_fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
