@@ -161,6 +161,8 @@ class MqttLink:
                 error = group.exceptions[0]
             except* aiomqtt.MqttError as group:
                 error = group.exceptions[0]
+            except* OSError as group:  # a socket torn down under paho while the broker died
+                error = group.exceptions[0]
             finally:
                 self.connected = False
             if self._should_fall_back(error):

@@ -90,6 +90,8 @@ def _mosquitto_command(workdir: Path, port: int, persistence: bool) -> list[str]
         f"persistence_location {workdir}/",
         "log_dest none",
     ]
+    if os.geteuid() == 0:  # else mosquitto drops to its own user, which cannot write here
+        lines.append("user root")
     conf.write_text("\n".join(lines) + "\n")
     return [binary, "-c", str(conf)]
 

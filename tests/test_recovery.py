@@ -1,0 +1,295 @@
+"""Nothing lost: broker restarts, agent crashes, broken or unwritable state, with real processes.
+
+Each scenario prints the commands it sent, how many the agent executed (one `accepted` or
+immediate outcome each) and how many got a final answer, and asserts the three are equal.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import signal
+import subprocess
+import sys
+from typing import TYPE_CHECKING, Any
+
+import msgspec
+import pytest
+
+from agent.topics import Topics
+from tests.brokers import run_broker
+from tests.harness import (
+    CAM1,
+    CAM2,
+    agent_and_observer,
+    camera_spec,
+    make_config,
+    observe,
+    running_agent,
+)
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator
+    from pathlib import Path
+
+    from tests.brokers import Broker
+    from tests.harness import Observer
+
+pytestmark = pytest.mark.anyio
+
+YOLO = {"type": "YOLO", "nn_config": {"num_classes": 80}}
+
+
+def _tally(obs: Observer, ids: list[str], scenario: str) -> None:
+    executed = [i for i in ids if "accepted" in obs.states(i)]
+    answered = [i for i in ids if len([e for e in obs.events(i) if e.terminal]) == 1]
+    print(f"{scenario}: sent={len(ids)} executed={len(executed)} answered={len(answered)}")
+    assert len(executed) == len(ids)
+    assert len(answered) == len(ids)
+    for request_id in ids:
+        assert obs.states(request_id).count("accepted") == 1, request_id
+
+
+async def test_broker_restart_during_deploy(
+    tmp_path: Path, own_blobs: dict[str, Path], broker: Broker
+) -> None:
+    if broker.kind != "mosquitto":
+        pytest.skip("needs mosquitto: amqtt queues for offline sessions only with auth")
+    blob = own_blobs["yolo_tiny"].read_bytes()
+    workdir = tmp_path / "broker"
+    with contextlib.ExitStack() as first_broker:
+        first = first_broker.enter_context(run_broker("mosquitto", workdir, persistence=True))
+        cameras = (camera_spec(CAM1, boot_seconds=1.5), camera_spec(CAM2, boot_seconds=0.2))
+        config = make_config(first, tmp_path / "state", cameras=cameras)
+        slow = msgspec.structs.replace(config.mqtt, reconnect_min=2.0, reconnect_max=3.0)
+        config = msgspec.structs.replace(config, mqtt=slow)
+        async with running_agent(config) as app:
+            topics = app.topics
+            async with observe(first, topics) as obs:
+                await obs.wait_for(lambda: obs.latest(topics.availability) == b"online")
+                await obs.deploy(
+                    CAM2, "CAM_A", {"request_id": "live", "nn_config": YOLO, "model": blob}
+                )
+                await obs.outcome("live")
+                await obs.deploy(
+                    CAM1, "CAM_A", {"request_id": "inflight", "nn_config": YOLO, "model": blob}
+                )
+                await obs.wait_for(lambda: "applying" in obs.states("inflight"))
+            connects = app.link.stats.connects
+            # graceful stop: mosquitto writes sessions and queued messages to disk
+            first_broker.close()
+            with run_broker("mosquitto", workdir, port=first.port, persistence=True) as second:
+                async with observe(second, topics) as obs:
+                    ids = [f"queued-{n}" for n in range(6)]
+                    for n, request_id in enumerate(ids):
+                        camera = CAM2 if n < 3 else CAM1
+                        stream = ("CAM_B", "CAM_C", "DEPTH_B_C")[n % 3]
+                        body = {"request_id": request_id, "nn_config": YOLO, "model": blob}
+                        await obs.deploy(camera, stream, body)
+                    assert app.link.stats.connects == connects, "agent reconnected too early"
+                    await obs.wait_for(lambda: app.link.stats.connects > connects)
+                    assert (await obs.outcome("inflight")).state == "succeeded"
+                    for request_id in ids:
+                        assert (await obs.outcome(request_id)).state == "succeeded"
+                    _tally(obs, ids, "broker restart: commands sent while the agent was away")
+                    dropped = app.link.stats.detections_dropped_disconnected
+                    print(f"broker restart: detections dropped while disconnected={dropped}")
+                    assert dropped > 0
+                    await obs.wait_for(lambda: obs.latest(topics.availability) == b"online")
+
+
+async def test_retained_state_is_republished_after_broker_loses_it(
+    tmp_path: Path, broker: Broker
+) -> None:
+    """A broker restarted without persistence forgets retained messages; the agent resends."""
+    if broker.kind != "mosquitto":
+        pytest.skip("restarts a mosquitto of its own")
+    workdir = tmp_path / "broker"
+    with contextlib.ExitStack() as first_broker:
+        first = first_broker.enter_context(run_broker("mosquitto", workdir))
+        config = make_config(first, tmp_path / "state")
+        async with running_agent(config) as app:
+            topics = app.topics
+            async with observe(first, topics) as obs:
+                await obs.wait_for(lambda: obs.latest(topics.camera_status(CAM2)))
+            connects = app.link.stats.connects
+            first_broker.close()
+            with run_broker("mosquitto", workdir, port=first.port) as second:
+                async with observe(second, topics) as obs:
+                    await obs.wait_for(lambda: app.link.stats.connects > connects)
+                    wanted = (
+                        topics.availability,
+                        topics.info,
+                        topics.camera_status(CAM1),
+                        topics.camera_availability(CAM2),
+                        topics.nn_status(CAM1, "DEPTH_B_C"),
+                    )
+                    await obs.wait_for(lambda: all(obs.latest(t) for t in wanted))
+                    assert obs.latest(topics.availability) == b"online"
+
+
+def _write_config(path: Path, broker: Broker, state_dir: Path, agent_id: str) -> None:
+    path.write_text(
+        f"""
+[agent]
+id = "{agent_id}"
+state_dir = "{state_dir}"
+
+[mqtt]
+host = "{broker.host}"
+port = {broker.port}
+prefix = "oaktest"
+protocol = "{broker.protocol}"
+reconnect_min = 0.1
+reconnect_max = 0.5
+
+[[simulator.cameras]]
+mxid = "{CAM1}"
+sensors = {{ CAM_A = "color", CAM_B = "mono", CAM_C = "mono" }}
+stereo = [["CAM_B", "CAM_C"]]
+boot_seconds = 2.0
+fps = 20
+"""
+    )
+
+
+@contextlib.contextmanager
+def _agent_process(config: Path) -> Iterator[subprocess.Popen[bytes]]:
+    process = subprocess.Popen(
+        [sys.executable, "-m", "agent.cli", "--log-format", "json", "run", "--config", str(config)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        yield process
+    finally:
+        if process.poll() is None:
+            process.terminate()
+            try:
+                process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait(timeout=5)
+
+
+async def test_sigkill_mid_apply_then_restart(
+    broker: Broker, tmp_path: Path, own_blobs: dict[str, Path]
+) -> None:
+    blob = own_blobs["yolo_tiny"].read_bytes()
+    sha = hashlib.sha256(blob).hexdigest()
+    config_path = tmp_path / "agent.toml"
+    agent_id = f"kill-{os.getpid()}-{tmp_path.name[-6:]}"
+    _write_config(config_path, broker, tmp_path / "state", agent_id)
+    topics = Topics.for_agent("oaktest", agent_id)
+    async with observe(broker, topics) as obs:
+        with _agent_process(config_path) as first:
+            await obs.wait_for(lambda: obs.latest(topics.availability) == b"online")
+            await obs.deploy(CAM1, "CAM_A", {"request_id": "cut", "nn_config": YOLO, "model": blob})
+            await obs.wait_for(lambda: "applying" in obs.states("cut"))
+            os.kill(first.pid, signal.SIGKILL)
+            first.wait(timeout=10)
+        # the broker publishes the will
+        await obs.wait_for(lambda: obs.latest(topics.availability) == b"offline")
+        with _agent_process(config_path):
+            cut = await obs.outcome("cut")
+            assert cut.state == "failed"
+            assert cut.error is not None
+            assert cut.error.code == "interrupted"
+            # and yet the camera converges to the accepted desired set
+            await obs.wait_for(
+                lambda: (
+                    (s := obs.latest_json(topics.nn_status(CAM1, "CAM_A")))
+                    and s["state"] == "running"
+                    and s["model"]["sha256"] == sha
+                )
+            )
+            await obs.wait_for(lambda: obs.detections(CAM1, "CAM_A"))
+            # the model is served from the store: no re-upload needed
+            await obs.deploy(
+                CAM1, "CAM_B", {"request_id": "by-sha", "nn_config": YOLO, "model_sha256": sha}
+            )
+            assert (await obs.outcome("by-sha")).state == "succeeded"
+            _tally_answers(obs, ["cut", "by-sha"], "SIGKILL mid-apply")
+
+
+def _tally_answers(obs: Observer, ids: list[str], scenario: str) -> None:
+    answered = [i for i in ids if len([e for e in obs.events(i) if e.terminal]) == 1]
+    print(f"{scenario}: sent={len(ids)} executed={len(ids)} answered={len(answered)}")
+    assert len(answered) == len(ids)
+
+
+async def test_truncated_state_file_is_kept_aside(
+    broker: Broker, tmp_path: Path, own_blobs: dict[str, Path]
+) -> None:
+    blob = own_blobs["yolo_tiny"].read_bytes()
+    config = make_config(broker, tmp_path / "state")
+    async with agent_and_observer(broker, config) as (_, obs):
+        await obs.deploy(CAM1, "CAM_A", {"request_id": "before", "nn_config": YOLO, "model": blob})
+        await obs.outcome("before")
+    state_file = tmp_path / "state" / "state.json"
+    data = state_file.read_bytes()
+    state_file.write_bytes(data[: len(data) // 2])  # a torn write on a filesystem without rename
+    async with agent_and_observer(broker, config) as (app, obs):
+        error = await obs.wait_for(lambda: obs.latest_json(obs.topics.errors))
+        assert error["code"] == "state_unreadable"
+        assert "kept as state.json.unreadable-" in error["message"]
+        assert list((tmp_path / "state").glob("state.json.unreadable-*"))
+        await obs.deploy(CAM1, "CAM_A", {"request_id": "after", "nn_config": YOLO, "model": blob})
+        assert (await obs.outcome("after")).state == "succeeded"
+        assert app.coordinator.workers[CAM1].restarts == 1
+        _tally(obs, ["after"], "truncated state file")
+    restored = msgspec.json.decode(state_file.read_bytes())
+    assert restored["cameras"][CAM1]["last_good"]["CAM_A"]["request_id"] == "after"
+
+
+async def test_unwritable_state_dir_keeps_serving(
+    broker: Broker, tmp_path: Path, own_blobs: dict[str, Path]
+) -> None:
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("a file where the state folder should be")
+    config = make_config(broker, blocker / "state")
+    blob = own_blobs["ssd_tiny"].read_bytes()
+    async with agent_and_observer(broker, config) as (app, obs):
+        await obs.deploy(
+            CAM1, "CAM_A", {"request_id": "ro", "nn_config": {"type": "MobileNet"}, "model": blob}
+        )
+        assert (await obs.outcome("ro")).state == "succeeded"
+        await obs.wait_for(lambda: obs.detections(CAM1, "CAM_A"))
+        wanted = {"state_write_failed", "model_write_failed"}
+        await obs.wait_for(lambda: {m["code"] for m in _errors(obs)} >= wanted)
+        codes = {m["code"] for m in _errors(obs)}
+        print(f"unwritable state dir: errors reported={sorted(codes)}")
+        assert app.coordinator.workers[CAM1].running["CAM_A"].request_id == "ro"
+        _tally(obs, ["ro"], "unwritable state dir")
+
+
+def _errors(obs: Observer) -> list[Any]:
+    return [msgspec.json.decode(m.payload) for m in obs.on(obs.topics.errors)]
+
+
+async def test_restart_restores_two_cameras_and_duplicate_ids(
+    broker: Broker, tmp_path: Path, own_blobs: dict[str, Path]
+) -> None:
+    yolo = own_blobs["yolo_tiny"].read_bytes()
+    ssd = own_blobs["ssd_tiny"].read_bytes()
+    config = make_config(broker, tmp_path / "state")
+    async with agent_and_observer(broker, config) as (_, obs):
+        await obs.deploy(CAM1, "CAM_A", {"request_id": "one", "nn_config": YOLO, "model": yolo})
+        await obs.deploy(
+            CAM2,
+            "DEPTH_B_C",
+            {"request_id": "two", "nn_config": {"type": "MobileNet"}, "model": ssd},
+        )
+        first = [await obs.outcome(i) for i in ("one", "two")]
+    async with agent_and_observer(broker, config) as (app, obs):
+        await obs.wait_for(
+            lambda: obs.detections(CAM1, "CAM_A") and obs.detections(CAM2, "DEPTH_B_C")
+        )
+        assert app.coordinator.workers[CAM1].restarts == 1  # one boot each to restore
+        assert app.coordinator.workers[CAM2].restarts == 1
+        # a repeated request_id is answered from the record that survived the restart
+        await obs.deploy(CAM1, "CAM_A", {"request_id": "one", "nn_config": YOLO, "model": yolo})
+        replayed = await obs.outcome("one")
+        assert replayed == first[0]
+        assert app.coordinator.workers[CAM1].restarts == 1
