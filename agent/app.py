@@ -15,9 +15,10 @@ import structlog
 
 from agent import __version__
 from agent.broker import embedded_broker
+from agent.cameras.depthai import DepthaiBackend
 from agent.cameras.simulator import SimulatorBackend
 from agent.commands import CommandHandler
-from agent.config import Config, ConfigError
+from agent.config import Config, DepthaiSection
 from agent.coordinator import Coordinator
 from agent.messages import Info, InfoCamera
 from agent.models import ModelStore
@@ -41,18 +42,26 @@ log = structlog.get_logger(__name__)
 class _Listener:
     """Routes what the camera backend reports to the reporter and the camera workers."""
 
-    def __init__(self, backend: CameraBackend, coordinator: Coordinator, reporter: Reporter):
+    def __init__(
+        self, config: Config, backend: CameraBackend, coordinator: Coordinator, reporter: Reporter
+    ) -> None:
+        self._config = config
         self._backend = backend
         self._coordinator = coordinator
         self._reporter = reporter
+        self._started_at = time.time()
 
     def on_output(self, output: Output) -> None:
         self._reporter.on_output(output)
 
+    def publish_info(self) -> None:
+        self._reporter.info(_info(self._config, self._backend, self._started_at))
+
     def on_presence(self, camera: str, present: bool) -> None:
         worker = self._coordinator.workers.get(camera)
-        if worker is None:
+        if worker is None:  # a camera that appeared while running
             worker = self._coordinator.add_camera(self._backend.cameras[camera])
+            self.publish_info()
         log.info("camera presence", camera=camera, present=present)
         worker.presence_changed()
 
@@ -73,12 +82,10 @@ class App:
 def _backend(config: Config) -> CameraBackend:
     if config.simulator is not None:
         return SimulatorBackend(config.simulator.cameras)
-    raise ConfigError(
-        "no camera backend: add [[simulator.cameras]] (real depthai cameras are not wired in yet)"
-    )
+    return DepthaiBackend(config.depthai or DepthaiSection())
 
 
-def _info(config: Config, backend: CameraBackend) -> Info:
+def _info(config: Config, backend: CameraBackend, started_at: float) -> Info:
     return Info(
         agent_id=config.agent.id,
         version=__version__,
@@ -88,7 +95,7 @@ def _info(config: Config, backend: CameraBackend) -> Info:
             InfoCamera(mxid=c.mxid, name=c.name, streams=c.streams)
             for c in backend.cameras.values()
         ),
-        started_at=time.time(),
+        started_at=started_at,
     )
 
 
@@ -102,12 +109,12 @@ def _hints(
     deploy_topic = topics.command(mxid, "CAM_A", "deploy")
     config_arg = str(source) if source else "CONFIG.toml"
     program = sys.argv[0] if sys.argv[0].endswith("oak-agent") else "oak-agent"
-    nn_config = '{"type": "YOLO", "nn_config": {"num_classes": 80}}'
+    nn_config = '{"type": "MobileNet", "nn_config": {"confidence_threshold": 0.5}}'
     return {
         "watch": f"mosquitto_sub {where} -v -t '{topics.base}/#'",
         "deploy": (
             f"{program} deploy --config {config_arg} --camera {mxid} --stream CAM_A "
-            f"--model tests/data/blobs/yolo_tiny.blob --nn-config '{nn_config}'"
+            f"--model tests/data/blobs/ssd_tiny.blob --nn-config '{nn_config}'"
         ),
         "deploy_with_mosquitto_pub": (
             f"mosquitto_pub {where} -q 1 -t '{deploy_topic}' -m "
@@ -172,11 +179,14 @@ async def serve(
     async with AsyncExitStack() as stack:
         if config.broker.embedded:
             await stack.enter_async_context(embedded_broker(config.mqtt.host, config.mqtt.port))
-        reporter.info(_info(config, backend))
+        listener = _Listener(config, backend, coordinator, reporter)
         reporter.availability(True)
         async with anyio.create_task_group() as tg:
             await tg.start(coordinator.run, name="coordinator")
-            await tg.start(backend.run, _Listener(backend, coordinator, reporter), name="backend")
+            await tg.start(backend.run, listener, name="backend")
+            listener.publish_info()  # real cameras are known only once the backend ran
+            if not backend.cameras:
+                log.warning("no cameras found yet; they are adopted when they appear")
             await tg.start(link.run, handler, name="mqtt")
             log.info(
                 "agent started",

@@ -9,7 +9,9 @@ from typing import TYPE_CHECKING
 import msgspec
 import structlog
 
+from agent.cameras import preflight
 from agent.cameras.base import Deployment
+from agent.cameras.features import features_of
 from agent.errors import (
     AgentError,
     CameraOffline,
@@ -135,6 +137,14 @@ class CommandHandler:
         deployment = None
         if isinstance(command, DeployCommand):
             deployment = await self._deployment(command, request_id)
+            # refuse what cannot run before the camera is taken down for it
+            preflight.check(
+                features_of(worker.camera),
+                topic.stream,
+                deployment,
+                camera=topic.camera,
+                others=worker.running,
+            )
         if not worker.camera.present:
             raise CameraOffline(camera=topic.camera)
         return Request(

@@ -11,6 +11,7 @@ from typing import Annotated, Literal
 import msgspec
 from msgspec import Meta
 
+from agent.cameras.depthai_config import DepthaiSection
 from agent.topics import MXID_RE
 
 __all__ = [
@@ -18,6 +19,7 @@ __all__ = [
     "BrokerSection",
     "Config",
     "ConfigError",
+    "DepthaiSection",
     "MqttSection",
     "SimulatedCamera",
     "SimulatorSection",
@@ -97,6 +99,8 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     mqtt: MqttSection = MqttSection()
     broker: BrokerSection = BrokerSection()
     simulator: SimulatorSection | None = None
+    # real cameras; the backend when there is no [simulator] section
+    depthai: DepthaiSection | None = None
 
     @property
     def client_id(self) -> str:
@@ -108,6 +112,8 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 
 
 def _check(config: Config) -> None:
+    if config.simulator is not None and config.depthai is not None:
+        raise ConfigError("[simulator] and [depthai] exclude each other: choose one backend")
     if config.simulator is None:
         return
     seen: set[str] = set()

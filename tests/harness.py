@@ -34,13 +34,32 @@ if TYPE_CHECKING:
 __all__ = [
     "CAM1",
     "CAM2",
+    "YOLO",
     "Observer",
     "Seen",
     "camera_spec",
     "make_config",
     "observe",
     "running_agent",
+    "yolo",
 ]
+
+# the self-made tests/data/blobs/yolo_tiny.blob is shaped like YOLOv3-tiny (80 classes)
+YOLO: dict[str, Any] = {
+    "type": "YOLO",
+    "nn_config": {
+        "num_classes": 80,
+        "anchors": [10, 14, 23, 27, 37, 58, 81, 82, 135, 169, 344, 319],
+        "anchor_masks": {"side26": [0, 1, 2], "side13": [3, 4, 5]},
+        "iou_threshold": 0.5,
+    },
+}
+
+
+def yolo(**options: Any) -> dict[str, Any]:
+    """The YOLOv3-tiny config with some options changed."""
+    return {"type": "YOLO", "nn_config": {**YOLO["nn_config"], **options}}
+
 
 CAM1 = "14442C10D13EABCE00"
 CAM2 = "18443010C1E1D31200"

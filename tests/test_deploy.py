@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
-from tests.harness import CAM1, CAM2, agent_and_observer, make_config
+from tests.harness import CAM1, CAM2, YOLO, agent_and_observer, make_config
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -16,7 +16,6 @@ if TYPE_CHECKING:
 
 pytestmark = pytest.mark.anyio
 
-YOLO = {"type": "YOLO", "num_inference_threads": 2, "nn_config": {"num_classes": 80}}
 MOBILENET = {"type": "MobileNet", "nn_config": {"confidence_threshold": 0.6}}
 GENERIC = {"type": "Generic"}
 
@@ -148,7 +147,7 @@ async def test_deploy_by_sha256_of_stored_model(
 async def test_agent_info_and_availability(broker: Broker, tmp_path: Path) -> None:
     config = make_config(broker, tmp_path)
     async with agent_and_observer(broker, config) as (_, obs):
-        info = obs.latest_json(obs.topics.info)
+        info = await obs.wait_for(lambda: obs.latest_json(obs.topics.info))
         assert info["agent_id"] == config.agent.id
         assert [c["mxid"] for c in info["cameras"]] == [CAM1, CAM2]
         assert info["cameras"][0]["streams"] == ["CAM_A", "CAM_B", "CAM_C", "DEPTH_B_C"]

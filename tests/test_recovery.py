@@ -22,6 +22,7 @@ from tests.brokers import run_broker
 from tests.harness import (
     CAM1,
     CAM2,
+    YOLO,
     agent_and_observer,
     camera_spec,
     make_config,
@@ -37,8 +38,6 @@ if TYPE_CHECKING:
     from tests.harness import Observer
 
 pytestmark = pytest.mark.anyio
-
-YOLO = {"type": "YOLO", "nn_config": {"num_classes": 80}}
 
 
 def _tally(obs: Observer, ids: list[str], scenario: str) -> None:

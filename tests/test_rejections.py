@@ -11,11 +11,13 @@ import pytest
 from agent.topics import Topics
 from tests.harness import (
     CAM1,
+    YOLO,
     agent_and_observer,
     camera_spec,
     make_config,
     observe,
     response_properties,
+    yolo,
 )
 
 if TYPE_CHECKING:
@@ -26,8 +28,6 @@ if TYPE_CHECKING:
     from tests.harness import Observer
 
 pytestmark = pytest.mark.anyio
-
-YOLO = {"type": "YOLO", "nn_config": {"num_classes": 80}}
 
 
 async def _rejected(obs: Observer, request_id: str) -> Event:
@@ -42,7 +42,7 @@ async def _rejected(obs: Observer, request_id: str) -> Event:
     ("nn_config", "path", "reason"),
     [
         (
-            {"type": "YOLO", "nn_config": {"num_classes": 80, "iou_threshold": 1.5}},
+            yolo(iou_threshold=1.5),
             "$.nn_config.nn_config.iou_threshold",
             "<= 1.0",
         ),

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
-from tests.harness import CAM1, CAM2, agent_and_observer, camera_spec, make_config
+from tests.harness import CAM1, CAM2, agent_and_observer, camera_spec, make_config, yolo
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -18,7 +18,7 @@ pytestmark = pytest.mark.anyio
 
 
 def _yolo(threshold: float) -> dict[str, Any]:
-    return {"type": "YOLO", "nn_config": {"num_classes": 80, "confidence_threshold": threshold}}
+    return yolo(confidence_threshold=threshold)
 
 
 async def test_storm_of_deploys_coalesces(

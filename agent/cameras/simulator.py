@@ -12,6 +12,7 @@ import numpy as np
 import structlog
 
 from agent.cameras.base import Camera, CameraListener, Deployment, NNSet, Output, RawLayer
+from agent.cameras.features import CameraFeatures, Sensor
 from agent.errors import CameraOffline, DeployFailed
 from agent.messages import MobileNetConfig, YoloConfig
 from agent.topics import is_depth_stream
@@ -32,9 +33,8 @@ _OBJECTS: Final = 3  # synthetic objects per frame
 _MOBILENET_CLASSES: Final = 21  # PASCAL VOC, the usual MobileNet-SSD label set
 
 
-def _streams(spec: CameraSpec) -> tuple[str, ...]:
-    depth = [f"DEPTH_{left[-1]}_{right[-1]}" for left, right in spec.stereo]
-    return (*sorted(spec.sensors), *depth)
+def _features(spec: CameraSpec) -> CameraFeatures:
+    return CameraFeatures({s: Sensor(kind) for s, kind in spec.sensors.items()}, spec.stereo)
 
 
 class SimulatedCamera(Camera):
@@ -42,7 +42,7 @@ class SimulatedCamera(Camera):
 
     def __init__(self, spec: CameraSpec) -> None:
         self._spec = spec
-        self._streams = _streams(spec)
+        self.features = _features(spec)
         self._present = True
         self._running: dict[str, Deployment] = {}
         self._booting = False
@@ -62,7 +62,7 @@ class SimulatedCamera(Camera):
 
     @property
     def streams(self) -> tuple[str, ...]:
-        return self._streams
+        return self.features.streams
 
     @property
     def present(self) -> bool:
