@@ -14,7 +14,6 @@ import msgspec
 import structlog
 
 from agent import __version__
-from agent.broker import embedded_broker
 from agent.cameras.depthai import DepthaiBackend
 from agent.cameras.simulator import SimulatorBackend
 from agent.commands import CommandHandler
@@ -178,6 +177,8 @@ async def serve(
     )
     async with AsyncExitStack() as stack:
         if config.broker.embedded:
+            from agent.broker import embedded_broker  # noqa: PLC0415  # amqtt only when used
+
             await stack.enter_async_context(embedded_broker(config.mqtt.host, config.mqtt.port))
         listener = _Listener(config, backend, coordinator, reporter)
         reporter.availability(True)

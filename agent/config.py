@@ -88,6 +88,8 @@ class SimulatedCamera(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     stereo: tuple[tuple[SensorSocket, SensorSocket], ...] = ()
     boot_seconds: Seconds = 2.0
     fps: Annotated[float, Meta(gt=0.0, le=1000.0)] = 10.0
+    # synthetic objects per frame from YOLO and MobileNet networks
+    objects: Annotated[int, Meta(ge=0, le=100)] = 3
 
 
 class SimulatorSection(msgspec.Struct, frozen=True, forbid_unknown_fields=True):

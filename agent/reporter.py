@@ -93,6 +93,9 @@ class Reporter:
         if route is None:  # a stream that is restarting or was just removed
             self.outputs_unrouted += 1
             return
+        if not self._link.has_room_for_detections:  # drop before paying for the encoding
+            self._link.count_dropped_detection()
+            return
         self._link.offer(route.topic, encode_json(_message(output, route)))
 
 

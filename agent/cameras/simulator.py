@@ -29,7 +29,6 @@ __all__ = ["SimulatedCamera", "SimulatorBackend"]
 
 log = structlog.get_logger(__name__)
 
-_OBJECTS: Final = 3  # synthetic objects per frame
 _MOBILENET_CLASSES: Final = 21  # PASCAL VOC, the usual MobileNet-SSD label set
 
 
@@ -138,7 +137,7 @@ class SimulatedCamera(Camera):
 
     async def _produce(self, listener: CameraListener, stream: str, dep: Deployment) -> None:
         period = 1.0 / self._spec.fps
-        make = _frame_maker(self.mxid, stream, dep)
+        make = _frame_maker(self.mxid, stream, dep, self._spec.objects)
         start = time.monotonic()
         seq = 0
         while True:
@@ -156,7 +155,7 @@ def _seed(*parts: str) -> float:
     return int.from_bytes(digest[:4], "big") / 2**32 * 2 * math.pi
 
 
-def _frame_maker(camera: str, stream: str, dep: Deployment) -> _MakeFrame:
+def _frame_maker(camera: str, stream: str, dep: Deployment, objects: int) -> _MakeFrame:
     config = dep.nn_config
     if isinstance(config, YoloConfig | MobileNetConfig):
         if isinstance(config, YoloConfig):
@@ -166,6 +165,7 @@ def _frame_maker(camera: str, stream: str, dep: Deployment) -> _MakeFrame:
         return _Detector(
             camera,
             stream,
+            objects=objects,
             classes=classes,
             threshold=config.nn_config.confidence_threshold,
             spatial=is_depth_stream(stream),
@@ -182,18 +182,26 @@ class _Detector(_MakeFrame):
     """Objects moving on Lissajous paths; labels below `classes`, confidence >= threshold."""
 
     def __init__(
-        self, camera: str, stream: str, *, classes: int, threshold: float, spatial: bool
+        self,
+        camera: str,
+        stream: str,
+        *,
+        objects: int,
+        classes: int,
+        threshold: float,
+        spatial: bool,
     ) -> None:
         self._camera = camera
         self._stream = stream
         self._phase = _seed(camera, stream)
-        self._labels = np.arange(_OBJECTS, dtype=np.float32) % classes
+        self._objects = objects
+        self._labels = np.arange(objects, dtype=np.float32) % classes
         self._threshold = threshold
         self._spatial = spatial
 
     def __call__(self, seq: int, device_ts: float) -> Output:
         t = seq * 0.05 + self._phase
-        k = np.arange(_OBJECTS, dtype=np.float32)
+        k = np.arange(self._objects, dtype=np.float32)
         cx = 0.5 + 0.3 * np.sin(t + k * 2.1)
         cy = 0.5 + 0.3 * np.cos(0.7 * t + k * 1.3)
         half = 0.05 + 0.02 * k
