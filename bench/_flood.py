@@ -98,7 +98,7 @@ def _naive_message(make: _Detector, seq: int, started: float) -> bytes:
 
 def _paho(args: argparse.Namespace, payload: bytes, *, naive: bool) -> None:
     client = _paho_client(args)
-    make = _Detector("NAIVE", "CAM_A", classes=80, threshold=0.5, spatial=False)
+    make = _Detector("NAIVE", "CAM_A", objects=3, classes=80, threshold=0.5, spatial=False)
     count = 0
     start, cpu0 = time.perf_counter(), time.process_time()
     deadline = start + args.seconds

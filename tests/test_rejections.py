@@ -131,9 +131,24 @@ async def test_every_rejection_code(
             ("model_not_found", CAM1, "CAM_A", {"model_sha256": "1" * 64}),
             ("payload_too_large", CAM1, "CAM_A", {"model": b"\0" * 100_000}),
             ("expired", CAM1, "CAM_A", {"model": blob, "expires_at": 1_000_000_000.0}),
-            ("incompatible_model", CAM1, "CAM_A", {"model": blob, "nn_config": yolo(num_classes=3)}),
-            ("incompatible_model", CAM1, "CAM_A", {"model": blob, "nn_config": {"type": "MobileNet"}}),
-            ("incompatible_model", CAM1, "CAM_A", {"model": blob, "nn_config": {"type": "YOLO", "nn_config": {"num_classes": 80}}}),
+            (
+                "incompatible_model",
+                CAM1,
+                "CAM_A",
+                {"model": blob, "nn_config": yolo(num_classes=3)},
+            ),
+            (
+                "incompatible_model",
+                CAM1,
+                "CAM_A",
+                {"model": blob, "nn_config": {"type": "MobileNet"}},
+            ),
+            (
+                "incompatible_model",
+                CAM1,
+                "CAM_A",
+                {"model": blob, "nn_config": {"type": "YOLO", "nn_config": {"num_classes": 80}}},
+            ),
         ]
         for n, (code, camera, stream, extra) in enumerate(cases):
             request_id = f"case-{n}"
