@@ -5,22 +5,16 @@ Exits 1 only when a benchmark could not run; a missed target is reported, not an
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 import time
-from typing import TYPE_CHECKING
 
-from bench import latency, load, startup, storm, throughput
-from bench._common import BenchError, Row, machine, print_table
+from bench import discovery_lag, latency, load, startup, storm, throughput
+from bench._common import BenchError, Row, Table, machine
 
-if TYPE_CHECKING:
-    from collections.abc import Callable
-
-_BENCHES: dict[str, Callable[[], list[Row]]] = {
-    "throughput": lambda: throughput.measure(throughput.Options()),
-    "load": lambda: load.measure(load.Options()),
-    "latency": lambda: latency.measure(latency.Options()),
-    "storm": lambda: storm.measure(storm.Options()),
-    "startup": lambda: startup.measure(startup.Options()),
+_BENCHES = {
+    module.__name__.rsplit(".", 1)[-1]: module
+    for module in (throughput, load, latency, storm, startup, discovery_lag)
 }
 
 
@@ -35,26 +29,25 @@ def main(argv: list[str] | None = None) -> int:
     summary: list[Row] = []
     failed: list[str] = []
     for name in names:
+        module = _BENCHES[name]
         started = time.perf_counter()
         try:
-            rows = _BENCHES[name]()
+            table: Table = module.measure(module.Options())
         except BenchError as exc:
             print(f"\n{name} could not run: {exc}", file=sys.stderr)
             failed.append(name)
             summary.append(Row(f"{name}: could not run", "", met=False))
             continue
+        table.print()
         summary += [
-            Row(f"{name}: {r.metric.strip()}", r.measured, r.baseline, r.ratio, r.target, r.met)
-            for r in rows
+            dataclasses.replace(r, metric=f"{name}: {r.metric.strip()}")
+            for r in table.rows
             if r.met is not None
         ]
         print(f"  ({name} took {time.perf_counter() - started:.0f} s)")
     met = sum(1 for r in summary if r.met)
-    print_table(
-        f"summary: {met} of {len(summary)} targets met",
-        summary,
-        [f"{k}: {v}" for k, v in host.items()],
-    )
+    notes = [f"{k}: {v}" for k, v in host.items()]
+    Table(f"summary: {met} of {len(summary)} targets met", summary, notes).print()
     return 1 if failed else 0
 
 

@@ -6,10 +6,14 @@ raises `BenchError` when it cannot run; a slow result is a row marked MISSED, ne
 
 from __future__ import annotations
 
+import argparse
 import contextlib
+import dataclasses
+import io
 import json
 import os
 import platform
+import pstats
 import re
 import signal
 import socket
@@ -21,7 +25,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Final, TypeVar
+from typing import TYPE_CHECKING, Any, Final, Self, TypeVar
 
 import aiomqtt
 import anyio
@@ -29,7 +33,7 @@ import msgspec
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
 
-from agent.config import SimulatedCamera, load_config
+from agent.config import load_config
 from agent.messages import CameraStatus, Event
 from agent.topics import Topics
 from tests.brokers import BrokerUnavailable, mosquitto_path, run_broker
@@ -37,26 +41,38 @@ from tests.brokers import BrokerUnavailable, mosquitto_path, run_broker
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 
+    from _typeshed import DataclassInstance
+
     from tests.brokers import Broker
 
 __all__ = [
     "BLOBS",
     "PREFIX",
+    "REPO",
     "YOLO",
-    "AgentProcess",
     "BenchError",
+    "Counter",
+    "Flood",
+    "Process",
     "Row",
+    "Site",
+    "Table",
     "Watcher",
-    "agent_process",
-    "bench_broker",
+    "Window",
+    "agent_argv",
+    "bench_site",
+    "bytecode_env",
+    "cli",
     "machine",
+    "median",
     "mxids",
     "percentile",
-    "print_table",
+    "python_output",
     "run_async",
+    "spawned",
+    "top_functions",
     "watch",
-    "workdir",
-    "write_config",
+    "window",
     "yolo",
 ]
 
@@ -77,6 +93,7 @@ _STOP_SECONDS: Final = 15.0
 _KEEP: Final = 64 * 1024
 _TICKS: Final = os.sysconf("SC_CLK_TCK")
 _T = TypeVar("_T")
+_O = TypeVar("_O", bound="DataclassInstance")
 _event_decoder: Final = msgspec.json.Decoder(Event)
 _status_decoder: Final = msgspec.json.Decoder(CameraStatus)
 
@@ -127,21 +144,42 @@ class Row:
         return {True: "met", False: "MISSED", None: ""}[self.met]
 
 
-def print_table(title: str, rows: Sequence[Row], notes: Sequence[str] = ()) -> None:
-    header = ("metric", "measured", "baseline", "ratio", "target", "")
-    cells = [
-        header,
-        *((r.metric, r.measured, r.baseline, r.ratio, r.target, r.verdict) for r in rows),
-    ]
-    widths = [max(len(c[i]) for c in cells) for i in range(len(header))]
-    print(f"\n== {title}")
-    for i, line in enumerate(cells):
-        print("  ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)).rstrip())
-        if i == 0:
-            print("  ".join("-" * w for w in widths).rstrip())
-    for note in notes:
-        print(f"  * {note}")
-    sys.stdout.flush()
+@dataclass(frozen=True, slots=True)
+class Table:
+    """What a benchmark found: its rows, notes on how, and anything to show below (a profile)."""
+
+    title: str
+    rows: Sequence[Row]
+    notes: Sequence[str] = ()
+    after: str = ""
+
+    def print(self) -> None:
+        header = ("metric", "measured", "baseline", "ratio", "target", "")
+        cells = [
+            header,
+            *((r.metric, r.measured, r.baseline, r.ratio, r.target, r.verdict) for r in self.rows),
+        ]
+        widths = [max(len(c[i]) for c in cells) for i in range(len(header))]
+        print(f"\n== {self.title}")
+        for i, line in enumerate(cells):
+            print("  ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)).rstrip())
+            if i == 0:
+                print("  ".join("-" * w for w in widths).rstrip())
+        for note in self.notes:
+            print(f"  * {note}")
+        if self.after:
+            print(self.after)
+        sys.stdout.flush()
+
+
+def top_functions(profile: Path | None, limit: int = 25) -> str:
+    """The agent's cProfile (--profile), top functions by own time; "" without one."""
+    if profile is None:
+        return ""
+    out = io.StringIO()
+    out.write(f"\n== cProfile of the agent ({profile}), top {limit} by own time\n")
+    pstats.Stats(str(profile), stream=out).sort_stats("tottime").print_stats(limit)
+    return out.getvalue()
 
 
 def machine() -> dict[str, str]:
@@ -166,71 +204,171 @@ def machine() -> dict[str, str]:
     }
 
 
-# --- broker, config, the agent process ---------------------------------------------------
+# --- command line -------------------------------------------------------------------------
 
 
-@contextlib.contextmanager
-def workdir(name: str) -> Iterator[Path]:
-    with tempfile.TemporaryDirectory(prefix=f"oak-bench-{name}-") as tmp:
-        yield Path(tmp)
-
-
-@contextlib.contextmanager
-def bench_broker(root: Path) -> Iterator[Broker]:
-    """mosquitto on a free loopback port (nodelay, 100 k queued messages), stopped by PID."""
+def cli(name: str, measure: Callable[[_O], Table], options: type[_O], doc: str | None) -> int:
+    """`python -m bench.NAME [--field value ...]`: exit 1 only when the benchmark could not run."""
     try:
-        with run_broker("mosquitto", root / "broker") as broker:
-            yield broker
-    except BrokerUnavailable as exc:
-        raise BenchError(f"cannot start mosquitto: {exc}") from exc
+        measure(
+            parse_options(options, sys.argv[1:], prog=f"python -m bench.{name}", doc=doc)
+        ).print()
+    except BenchError as exc:
+        print(f"{name} benchmark could not run: {exc}", file=sys.stderr)
+        return 1
+    return 0
 
 
-def supports_objects() -> bool:
-    """True once the simulator has the `objects` (detections per frame) knob."""
-    return "objects" in SimulatedCamera.__struct_fields__
+def parse_options(cls: type[_O], argv: list[str] | None, *, prog: str, doc: str | None) -> _O:
+    """Every field of the options dataclass is a flag: ints, floats, `1,2,4` tuples, paths."""
+    parser = argparse.ArgumentParser(
+        prog=prog, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    defaults = cls()
+    for option in dataclasses.fields(cls):
+        default = getattr(defaults, option.name)
+        flag = "--" + option.name.replace("_", "-")
+        text = option.metadata.get("help", "")
+        if isinstance(default, tuple):
+            shown = ",".join(map(str, default))
+            parser.add_argument(flag, type=_numbers, default=default, help=f"{text} ({shown})")
+        elif default is None:  # the optional fields are output files
+            parser.add_argument(flag, type=Path, help=text)
+        else:
+            parser.add_argument(
+                flag, type=type(default), default=default, help=f"{text} ({default})"
+            )
+    return cls(**vars(parser.parse_args(argv)))
 
 
-def write_config(
-    root: Path,
-    broker: Broker,
-    *,
-    cameras: Sequence[str],
-    fps: float = 30.0,
-    boot_seconds: float = 0.2,
-    objects: int | None = None,
-) -> tuple[Path, Topics]:
-    """A TOML config for the agent under `root`; returns its path and the agent's topics."""
-    agent_id = f"bench-{uuid.uuid4().hex[:8]}"
-    lines = [
-        "[agent]",
-        f'id = "{agent_id}"',
-        f'state_dir = "{root / "state"}"',
-        "",
-        "[mqtt]",
-        f'host = "{broker.host}"',
-        f"port = {broker.port}",
-        f'prefix = "{PREFIX}"',
-        f'protocol = "{broker.protocol}"',
-        "reconnect_min = 0.1",
-        "reconnect_max = 1.0",
-        "publish_timeout = 5.0",
-    ]
-    for mxid in cameras:
-        lines += [
-            "",
-            "[[simulator.cameras]]",
-            f'mxid = "{mxid}"',
-            'sensors = { CAM_A = "color", CAM_B = "mono", CAM_C = "mono" }',
-            'stereo = [["CAM_B", "CAM_C"]]',
-            f"boot_seconds = {boot_seconds}",
-            f"fps = {fps}",
-        ]
-        if objects is not None and supports_objects():
-            lines.append(f"objects = {objects}")
-    path = root / "agent.toml"
-    path.write_text("\n".join(lines) + "\n")
-    load_config(path)  # fail here, with the reason, rather than in the subprocess
-    return path, Topics.for_agent(PREFIX, agent_id)
+def _numbers(text: str) -> tuple[int, ...]:
+    return tuple(int(item) for item in text.split(","))
+
+
+# --- the bench's broker, the agent's config, processes -----------------------------------
+
+
+def bytecode_env(*, warm: bool = True) -> dict[str, str]:
+    """The environment for a spawned Python process.
+
+    warm: bytecode is cached in a private folder (as after a normal install, which compiles
+    it); without it, whatever the calling environment does (PYTHONDONTWRITEBYTECODE may make
+    every start compile every module).
+    """
+    env = dict(os.environ)
+    if warm:
+        env.pop("PYTHONDONTWRITEBYTECODE", None)
+        env["PYTHONPYCACHEPREFIX"] = str(Path(tempfile.gettempdir()) / "oak-bench-pycache")
+    return env
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of a process (all threads) from /proc/<pid>/stat."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError as exc:
+        raise BenchError(f"process {pid} is gone") from exc
+    fields = stat.rsplit(")", 1)[1].split()  # fields[0] is field 3 (state)
+    return (int(fields[11]) + int(fields[12])) / _TICKS
+
+
+def status_kib(status: str, key: str) -> int:
+    """A `kB` line of a /proc/<pid>/status text, e.g. VmRSS or VmHWM (peak RSS)."""
+    found = re.search(rf"^{key}:\s+(\d+) kB", status, re.M)
+    if found is None:
+        raise BenchError(f"no {key} in /proc/<pid>/status")
+    return int(found.group(1))
+
+
+@dataclass
+class Process:
+    """A process the benchmark spawned; its CPU and memory read from /proc."""
+
+    popen: subprocess.Popen[bytes]
+    log: Path
+    started: float  # perf_counter just before the process was spawned
+    what: str
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    def check(self) -> None:
+        if self.popen.poll() is not None:
+            raise BenchError(
+                f"{self.what} exited with code {self.popen.returncode}:\n{self.log_tail()}"
+            )
+
+    def cpu(self) -> float:
+        self.check()
+        return cpu_seconds(self.pid)
+
+    def kib(self, key: str) -> int:
+        self.check()
+        try:
+            return status_kib(Path(f"/proc/{self.pid}/status").read_text(), key)
+        except OSError as exc:
+            raise BenchError(f"{self.what} is gone") from exc
+
+    def log_tail(self, lines: int = 15) -> str:
+        with contextlib.suppress(OSError):
+            return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
+        return ""
+
+
+@contextlib.contextmanager
+def spawned(
+    argv: list[str], log: Path, *, env: dict[str, str] | None = None, what: str = "the agent"
+) -> Iterator[Process]:
+    """Spawn a process, output to `log`; on exit SIGTERM it (clean stop), SIGKILL after a bound."""
+    with log.open("wb") as out:
+        started = time.perf_counter()
+        popen = subprocess.Popen(
+            argv,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            cwd=REPO,
+            env=env if env is not None else bytecode_env(),
+        )
+    try:
+        yield Process(popen, log, started, what)
+    finally:
+        if popen.poll() is None:
+            popen.send_signal(signal.SIGTERM)
+            try:
+                popen.wait(timeout=_STOP_SECONDS)
+            except subprocess.TimeoutExpired:
+                popen.kill()
+                popen.wait(timeout=5)
+
+
+def python_output(argv: list[str], what: str, *, timeout: float = 120.0) -> str:
+    """Run `python ARGV` to completion (bounded, warm bytecode) and return what it printed."""
+    try:
+        done = subprocess.run(
+            [sys.executable, *argv],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+            cwd=REPO,
+            env=bytecode_env(),
+        )
+    except subprocess.TimeoutExpired as exc:
+        raise BenchError(f"{what} did not finish within {timeout:.0f} s") from exc
+    if done.returncode != 0:
+        raise BenchError(f"{what} failed:\n{done.stderr[-2000:]}")
+    return done.stdout
+
+
+def agent_argv(config: Path, *, profile: Path | None = None) -> list[str]:
+    """The command line of the real agent; under cProfile when `profile` is given."""
+    if profile is not None:
+        head = [sys.executable, "-m", "cProfile", "-o", str(profile), "-m", "agent.cli"]
+    else:
+        script = Path(sys.executable).with_name("oak-agent")
+        head = [str(script)] if script.exists() else [sys.executable, "-m", "agent.cli"]
+    return [*head, "--log-level", "warning", "--log-format", "json", "run", "--config", str(config)]
 
 
 def run_async(func: Callable[[], Awaitable[_T]]) -> _T:
@@ -256,109 +394,114 @@ def _first(group: BaseExceptionGroup[Any]) -> BaseException:
     return leaf
 
 
-def cpu_seconds(pid: int) -> float:
-    """utime + stime of a process (all threads) from /proc/<pid>/stat."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError as exc:
-        raise BenchError(f"process {pid} is gone") from exc
-    fields = stat.rsplit(")", 1)[1].split()  # fields[0] is field 3 (state)
-    return (int(fields[11]) + int(fields[12])) / _TICKS
-
-
-def status_kib(pid: int, key: str) -> int:
-    """A `kB` line of /proc/<pid>/status, e.g. VmRSS or VmHWM (peak RSS)."""
-    try:
-        text = Path(f"/proc/{pid}/status").read_text()
-    except OSError as exc:
-        raise BenchError(f"process {pid} is gone") from exc
-    found = re.search(rf"^{key}:\s+(\d+) kB", text, re.M)
-    if found is None:
-        raise BenchError(f"no {key} in /proc/{pid}/status")
-    return int(found.group(1))
-
-
-@dataclass
-class AgentProcess:
-    """`oak-agent run` in its own process; CPU and memory read from /proc."""
-
-    process: subprocess.Popen[bytes]
-    log: Path
-    started: float  # perf_counter just before the process was spawned
-
-    @property
-    def pid(self) -> int:
-        return self.process.pid
-
-    def check(self) -> None:
-        if self.process.poll() is not None:
-            raise BenchError(
-                f"the agent exited with code {self.process.returncode}:\n{self.log_tail()}"
-            )
-
-    def cpu(self) -> float:
-        self.check()
-        return cpu_seconds(self.pid)
-
-    def kib(self, key: str) -> int:
-        self.check()
-        return status_kib(self.pid, key)
-
-    def log_tail(self, lines: int = 15) -> str:
-        with contextlib.suppress(OSError):
-            return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
-        return ""
-
-
-def agent_argv(config: Path, *, profile: Path | None = None) -> list[str]:
-    """The command line of the real agent; under cProfile when `profile` is given."""
-    if profile is not None:
-        head = [sys.executable, "-m", "cProfile", "-o", str(profile), "-m", "agent.cli"]
-    else:
-        script = Path(sys.executable).with_name("oak-agent")
-        head = [str(script)] if script.exists() else [sys.executable, "-m", "agent.cli"]
-    return [*head, "--log-level", "warning", "--log-format", "json", "run", "--config", str(config)]
-
-
-def bytecode_env(*, warm: bool = True) -> dict[str, str]:
-    """The environment for a spawned Python process.
-
-    warm: bytecode is cached in a private folder (as after a normal install, which compiles
-    it); without it, whatever the calling environment does (PYTHONDONTWRITEBYTECODE may make
-    every start compile every module).
-    """
-    env = dict(os.environ)
-    if warm:
-        env.pop("PYTHONDONTWRITEBYTECODE", None)
-        env["PYTHONPYCACHEPREFIX"] = str(Path(tempfile.gettempdir()) / "oak-bench-pycache")
-    return env
-
-
 @contextlib.contextmanager
-def agent_process(
-    argv: list[str], log: Path, *, env: dict[str, str] | None = None
-) -> Iterator[AgentProcess]:
-    """Spawn the agent; on exit SIGTERM it (clean shutdown), SIGKILL after a bound."""
-    with log.open("wb") as out:
-        started = time.perf_counter()
-        process = subprocess.Popen(
-            argv,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            cwd=REPO,
-            env=env if env is not None else bytecode_env(),
-        )
-    agent = AgentProcess(process, log, started)
-    try:
-        yield agent
-    finally:
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(timeout=_STOP_SECONDS)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait(timeout=5)
+def bench_site(name: str) -> Iterator[Site]:
+    """A temporary folder and mosquitto on a free loopback port (nodelay, 100 k queued
+    messages), both gone on exit; the broker is stopped by PID."""
+    with tempfile.TemporaryDirectory(prefix=f"oak-bench-{name}-") as tmp:
+        root = Path(tmp)
+        try:
+            with run_broker("mosquitto", root / "broker") as broker:
+                yield Site(root, broker)
+        except BrokerUnavailable as exc:
+            raise BenchError(f"cannot start mosquitto: {exc}") from exc
+
+
+@dataclass(frozen=True, slots=True)
+class Site:
+    """Where a benchmark runs: its temporary folder and its own broker."""
+
+    root: Path
+    broker: Broker
+
+    def config(
+        self,
+        *,
+        cameras: Sequence[str],
+        fps: float = 30.0,
+        boot_seconds: float = 0.2,
+        objects: int | None = None,
+    ) -> tuple[Path, Topics]:
+        """A TOML config for a new agent in a new folder; its path and the agent's topics."""
+        agent_id = f"bench-{uuid.uuid4().hex[:8]}"
+        folder = self.root / agent_id
+        folder.mkdir()
+        lines = [
+            "[agent]",
+            f'id = "{agent_id}"',
+            f'state_dir = "{folder / "state"}"',
+            "",
+            "[mqtt]",
+            f'host = "{self.broker.host}"',
+            f"port = {self.broker.port}",
+            f'prefix = "{PREFIX}"',
+            f'protocol = "{self.broker.protocol}"',
+            "reconnect_min = 0.1",
+            "reconnect_max = 1.0",
+            "publish_timeout = 5.0",
+        ]
+        for mxid in cameras:
+            lines += [
+                "",
+                "[[simulator.cameras]]",
+                f'mxid = "{mxid}"',
+                'sensors = { CAM_A = "color", CAM_B = "mono", CAM_C = "mono" }',
+                'stereo = [["CAM_B", "CAM_C"]]',
+                f"boot_seconds = {boot_seconds}",
+                f"fps = {fps}",
+            ]
+            if objects is not None:
+                lines.append(f"objects = {objects}")
+        path = folder / "agent.toml"
+        path.write_text("\n".join(lines) + "\n")
+        load_config(path)  # fail here, with the reason, rather than in the subprocess
+        return path, Topics.for_agent(PREFIX, agent_id)
+
+    def run_agent(
+        self,
+        config: Path,
+        topics: Topics,
+        job: Callable[[Watcher, Process], Awaitable[_T]],
+        *,
+        cameras: Sequence[str] = (),
+        profile: Path | None = None,
+        extra: Sequence[str] = (),
+    ) -> _T:
+        """`oak-agent run`: wait until it and `cameras` are online, run `job`, stop the agent."""
+        with spawned(agent_argv(config, profile=profile), config.parent / "agent.log") as agent:
+
+            async def run() -> _T:
+                async with watch(self.broker, topics, extra=extra) as watcher:
+                    await watcher.online()
+                    if cameras:
+                        await watcher.cameras_online(cameras)
+                    return await job(watcher, agent)
+
+            return run_async(run)
+
+    def count_detections(self, topics: Topics, *, track_seq: bool = False) -> Counter:
+        """A subscriber counting every detection message of the agent; close() it."""
+        return Counter(self.broker, topics.detections("+", "+"), track_seq=track_seq)
+
+    def floods(
+        self,
+        payload: bytes,
+        modes: Sequence[str],
+        *,
+        seconds: float,
+        rate: float = 0.0,
+        objects: int = 3,
+    ) -> dict[str, Flood]:
+        """Run each baseline publisher (bench._flood) in turn, counted by one subscriber."""
+        path = self.root / "flood.payload"
+        path.write_bytes(payload)
+        with Counter(self.broker, f"{PREFIX}/flood/#") as sub:
+            return {
+                mode: _flood(
+                    self.broker, sub, mode, path, seconds=seconds, rate=rate, objects=objects
+                )
+                for mode in modes
+            }
 
 
 # --- watching the agent over MQTT --------------------------------------------------------
@@ -467,6 +610,13 @@ class Watcher:
     async def outcome(self, request_id: str) -> tuple[float, Event]:
         return await self.wait_for(lambda: self.terminal(request_id), f"{request_id} to finish")
 
+    async def succeeded(self, request_id: str) -> float:
+        """The arrival of the request's terminal event; BenchError unless it is `succeeded`."""
+        at, event = await self.outcome(request_id)
+        if event.state != "succeeded":
+            raise BenchError(f"{request_id} ended {event.state}: {event.error}")
+        return at
+
 
 @contextlib.asynccontextmanager
 async def watch(
@@ -562,14 +712,53 @@ class Counter:
         self._client.loop_stop()
         self._client.disconnect()
 
+    def __enter__(self) -> Self:
+        return self
 
-@contextlib.contextmanager
-def counter(broker: Broker, topic: str, *, track_seq: bool = False) -> Iterator[Counter]:
-    sub = Counter(broker, topic, track_seq=track_seq)
-    try:
-        yield sub
-    finally:
-        sub.close()
+    def __exit__(self, *_: object) -> None:
+        self.close()
+
+
+@dataclass(frozen=True, slots=True)
+class Window:
+    """What a counting subscriber saw and what the agent's process spent, over one window."""
+
+    delivered: int
+    offered: int  # frames the simulator numbered (seq), when the subscriber tracks them
+    seconds: float
+    cpu: float
+
+    @property
+    def rate(self) -> float:
+        return self.delivered / self.seconds
+
+    @property
+    def offered_rate(self) -> float:
+        return self.offered / self.seconds
+
+    @property
+    def drop_share(self) -> float:
+        return max(0, self.offered - self.delivered) / self.offered if self.offered else 0.0
+
+    @property
+    def cpu_percent(self) -> float:
+        return 100 * self.cpu / self.seconds
+
+    @property
+    def cpu_us(self) -> float:
+        return self.cpu / self.delivered * 1e6 if self.delivered else float("nan")
+
+    @property
+    def per_cpu_second(self) -> float:
+        return self.delivered / self.cpu if self.cpu > 0 else 0.0
+
+
+async def window(agent: Process, sub: Counter, seconds: float) -> Window:
+    """Count messages and the agent's CPU over `seconds`."""
+    count0, offered0, cpu0, t0 = sub.count, sub.offered(), agent.cpu(), time.perf_counter()
+    await anyio.sleep(seconds)
+    count1, offered1, cpu1, t1 = sub.count, sub.offered(), agent.cpu(), time.perf_counter()
+    return Window(count1 - count0, offered1 - offered0, t1 - t0, cpu1 - cpu0)
 
 
 @dataclass(frozen=True, slots=True)
@@ -589,6 +778,10 @@ class Flood:
         return self.delivered / self.delivered_seconds if self.delivered_seconds > 0 else 0.0
 
     @property
+    def cpu_percent(self) -> float:
+        return 100 * self.cpu / self.seconds
+
+    @property
     def per_cpu_second(self) -> float:
         return self.delivered / self.cpu if self.cpu > 0 else 0.0
 
@@ -597,51 +790,30 @@ class Flood:
         return self.cpu / self.published * 1e6 if self.published else float("nan")
 
 
-def run_flood(
+def _flood(
     broker: Broker,
     sub: Counter,
     mode: str,
     payload: Path,
     *,
-    topic: str,
     seconds: float,
-    rate: float = 0.0,
+    rate: float,
+    objects: int,
 ) -> Flood:
     """Run one baseline publisher process to completion (bounded) and count its messages."""
     sub.reset()
-    argv = [
-        sys.executable,
-        "-m",
-        "bench._flood",
-        mode,
-        "--host",
-        broker.host,
-        "--port",
-        str(broker.port),
-        "--topic",
-        topic,
-        "--payload-file",
-        str(payload),
-        "--seconds",
-        str(seconds),
-        "--rate",
-        str(rate),
-    ]
-    try:
-        done = subprocess.run(
-            argv,
-            capture_output=True,
-            text=True,
-            timeout=seconds + 60,
-            check=False,
-            cwd=REPO,
-            env=bytecode_env(),
-        )
-    except subprocess.TimeoutExpired as exc:
-        raise BenchError(f"the {mode} baseline did not finish") from exc
-    if done.returncode != 0:
-        raise BenchError(f"the {mode} baseline failed:\n{done.stderr[-2000:]}")
-    result = json.loads(done.stdout.strip().splitlines()[-1])
+    options = {
+        "--host": broker.host,
+        "--port": broker.port,
+        "--topic": f"{PREFIX}/flood/{mode}",
+        "--payload-file": payload,
+        "--seconds": seconds,
+        "--rate": rate,
+        "--objects": objects,
+    }
+    argv = ["-m", "bench._flood", mode, *(str(x) for item in options.items() for x in item)]
+    output = python_output(argv, f"the {mode} baseline", timeout=seconds + 60)
+    result = json.loads(output.strip().splitlines()[-1])
     sub.drain()
     return Flood(
         mode=mode,

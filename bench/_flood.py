@@ -98,7 +98,9 @@ def _naive_message(make: _Detector, seq: int, started: float) -> bytes:
 
 def _paho(args: argparse.Namespace, payload: bytes, *, naive: bool) -> None:
     client = _paho_client(args)
-    make = _Detector("NAIVE", "CAM_A", objects=3, classes=80, threshold=0.5, spatial=False)
+    make = _Detector(
+        "NAIVE", "CAM_A", objects=args.objects, classes=80, threshold=0.5, spatial=False
+    )
     count = 0
     start, cpu0 = time.perf_counter(), time.process_time()
     deadline = start + args.seconds
@@ -128,6 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=5.0)
     parser.add_argument("--max-count", type=int, default=500_000)
     parser.add_argument("--rate", type=float, default=0.0, help="aiomqtt only: messages/s")
+    parser.add_argument("--objects", type=int, default=3, help="naive only: per frame")
     args = parser.parse_args(argv)
     payload = args.payload_file.read_bytes()
     if args.mode == "aiomqtt":

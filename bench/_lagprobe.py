@@ -11,7 +11,6 @@ Imports happen before the loop exists, so they are start-up time, not loop lag.
 from __future__ import annotations
 
 import argparse
-import inspect
 import json
 import signal
 import sys
@@ -40,11 +39,7 @@ async def _run(config_path: Path, samples: list[tuple[float, float]], *, agent: 
     async with anyio.create_task_group() as tg:
         tg.start_soon(_probe, samples, name="bench.lagprobe")
         if agent:
-            config = load_config(config_path)
-            if "source" in inspect.signature(serve).parameters:  # newer serve() takes it
-                await tg.start(partial(serve, config, source=config_path))
-            else:
-                await tg.start(serve, config)
+            await tg.start(partial(serve, load_config(config_path), source=config_path))
         with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
             async for _ in signals:
                 tg.cancel_scope.cancel()

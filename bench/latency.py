@@ -1,6 +1,6 @@
 """Command latency with inline models of 1, 5 and 20 MB, JSON (base64) and MessagePack.
 
-    .venv/bin/python -m bench.latency [--reps 15] [--sizes 1,5,20]
+    .venv/bin/python -m bench.latency [--reps 15] [--sizes 0,1,5,20] [--profile agent.prof]
 
 Each deploy carries a fresh blob: tests/data/blobs/yolo_tiny.blob followed by random bytes up
 to the size. depthai parses such a blob like the original (it reads the whole file), and every
@@ -12,14 +12,12 @@ by a subscriber (the transport's own one-way time).
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
-from pathlib import Path
 from typing import TYPE_CHECKING, Final
 
 import msgspec
@@ -28,25 +26,22 @@ from bench._common import (
     BLOBS,
     PREFIX,
     YOLO,
-    BenchError,
     Row,
-    agent_argv,
-    agent_process,
-    bench_broker,
+    Table,
+    bench_site,
+    cli,
     median,
     mxids,
     percentile,
-    print_table,
-    run_async,
-    watch,
-    workdir,
-    write_config,
+    top_functions,
 )
 
 if TYPE_CHECKING:
-    from bench._common import AgentProcess, Watcher
+    from pathlib import Path
 
-__all__ = ["Options", "main", "measure"]
+    from bench._common import Process, Watcher
+
+__all__ = ["Options", "measure"]
 
 _MB: Final = 1024 * 1024
 _TARGETS_MS: Final = {5: 30.0, 20: 100.0}  # accepted p99, by model size in MB
@@ -55,10 +50,14 @@ _BOOT: Final = 0.3
 
 @dataclass(frozen=True, slots=True)
 class Options:
-    sizes: tuple[int, ...] = (0, 1, 5, 20)  # MB; 0 is the 13 KB blob as it is
+    sizes: tuple[int, ...] = field(
+        default=(0, 1, 5, 20), metadata={"help": "MB; 0 is the 13 KB blob as it is"}
+    )
     reps: int = 15
     baseline_reps: int = 5
-    profile: Path | None = None
+    profile: Path | None = field(
+        default=None, metadata={"help": "run the agent under cProfile, save the stats here"}
+    )
 
 
 @dataclass
@@ -92,9 +91,8 @@ async def _transport(watcher: Watcher, payload: bytes, reps: int) -> list[float]
 
 
 async def _deploys(
-    options: Options, watcher: Watcher, agent: AgentProcess, camera: str
+    options: Options, watcher: Watcher, agent: Process, camera: str
 ) -> dict[tuple[int, str], Samples]:
-    await watcher.online()
     results: dict[tuple[int, str], Samples] = {}
     for size in options.sizes:
         for encoding in ("json", "msgpack"):
@@ -112,9 +110,7 @@ async def _deploys(
                 accepted = await watcher.wait_for(
                     partial(watcher.event, request_id, "accepted"), f"{request_id} accepted"
                 )
-                done, event = await watcher.outcome(request_id)
-                if event.state != "succeeded":
-                    raise BenchError(f"{request_id} ended {event.state}: {event.error}")
+                done = await watcher.succeeded(request_id)
                 assert samples.accepted is not None
                 assert samples.succeeded is not None
                 samples.accepted.append((accepted[0] - sent) * 1000)
@@ -125,19 +121,17 @@ async def _deploys(
     return results
 
 
-def measure(options: Options) -> list[Row]:
+def measure(options: Options) -> Table:
     camera = mxids(1)[0]
-    with workdir("latency") as root, bench_broker(root) as broker:
-        config, topics = write_config(root, broker, cameras=[camera], boot_seconds=_BOOT)
-        with agent_process(
-            agent_argv(config, profile=options.profile), root / "agent.log"
-        ) as agent:
+    with bench_site("latency") as site:
+        config, topics = site.config(cameras=[camera], boot_seconds=_BOOT)
 
-            async def run() -> dict[tuple[int, str], Samples]:
-                async with watch(broker, topics, extra=(f"{PREFIX}/echo/#",)) as watcher:
-                    return await _deploys(options, watcher, agent, camera)
+        async def job(watcher: Watcher, agent: Process) -> dict[tuple[int, str], Samples]:
+            return await _deploys(options, watcher, agent, camera)
 
-            results = run_async(run)
+        results = site.run_agent(
+            config, topics, job, profile=options.profile, extra=(f"{PREFIX}/echo/#",)
+        )
     rows = []
     for (size, encoding), samples in results.items():
         assert samples.accepted
@@ -173,34 +167,11 @@ def measure(options: Options) -> list[Row]:
         f"transport = median of {options.baseline_reps} one-way QoS 1 deliveries of the same "
         "payload to a subscriber in this process",
     ]
-    print_table("latency: deploy command -> events, inline models", rows, notes)
-    return rows
-
-
-def _parse(argv: list[str] | None) -> Options:
-    defaults = Options()
-    parser = argparse.ArgumentParser(prog="python -m bench.latency", description=__doc__)
-    parser.add_argument("--reps", type=int, default=defaults.reps)
-    parser.add_argument(
-        "--sizes", default=",".join(map(str, defaults.sizes)), help="MB, comma separated"
-    )
-    parser.add_argument("--profile", type=Path, help="run the agent under cProfile, save here")
-    args = parser.parse_args(argv)
-    return Options(
-        sizes=tuple(int(s) for s in args.sizes.split(",")),
-        reps=args.reps,
-        profile=args.profile,
-    )
-
-
-def main(argv: list[str] | None = None) -> int:
-    try:
-        measure(_parse(argv))
-    except BenchError as exc:
-        print(f"latency benchmark could not run: {exc}", file=sys.stderr)
-        return 1
-    return 0
+    if options.profile is not None:
+        notes.append("the agent ran under cProfile: its numbers here are inflated")
+    title = "latency: deploy command -> events, inline models"
+    return Table(title, rows, notes, top_functions(options.profile))
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli("latency", measure, Options, __doc__))

@@ -12,11 +12,8 @@ lag is how late the probe woke, from before `serve()` until every camera said `o
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
-import signal
-import subprocess
 import sys
 import time
 import uuid
@@ -30,30 +27,26 @@ from bench._common import (
     PREFIX,
     BenchError,
     Row,
+    Table,
     agent_argv,
-    agent_process,
-    bench_broker,
+    bench_site,
     bytecode_env,
+    cli,
     median,
     mxids,
     percentile,
-    print_table,
     run_async,
+    spawned,
     watch,
-    workdir,
-    write_config,
 )
 
 if TYPE_CHECKING:
-    from pathlib import Path
+    from bench._common import Site
 
-    from tests.brokers import Broker
-
-__all__ = ["Options", "main", "measure"]
+__all__ = ["Options", "measure"]
 
 _TARGET_START: Final = 2.0
 _TARGET_LAG_MS: Final = 50.0
-_REPO: Final = __file__.rsplit("/bench/", 1)[0]
 _BARE: Final = """
 import sys, aiomqtt, anyio
 async def main():
@@ -76,75 +69,58 @@ class Options:
     reps: int = 5
 
 
-async def _start_once(root: Path, broker: Broker, cameras: list[str], *, warm: bool) -> Start:
-    run_dir = root / uuid.uuid4().hex[:8]
-    run_dir.mkdir()
-    config, topics = write_config(run_dir, broker, cameras=cameras)
-    async with watch(broker, topics) as watcher:
-        env = bytecode_env(warm=warm)
-        with agent_process(agent_argv(config), run_dir / "agent.log", env=env) as agent:
+async def _start_once(site: Site, cameras: list[str], *, warm: bool) -> Start:
+    config, topics = site.config(cameras=cameras)
+    async with watch(site.broker, topics) as watcher:
+        log, env = config.parent / "agent.log", bytecode_env(warm=warm)
+        with spawned(agent_argv(config), log, env=env) as agent:
             online = await watcher.online()
             ready = await watcher.cameras_online(cameras)
             return Start(online - agent.started, ready - agent.started)
 
 
-async def _bare_once(broker: Broker) -> float:
-    topics = Topics.for_agent(PREFIX, f"bare-{uuid.uuid4().hex[:8]}")
-    async with watch(broker, topics) as watcher:
-        argv = [sys.executable, "-c", _BARE, str(broker.port), topics.availability, "bare"]
-        started = time.perf_counter()
-        # Popen returns at once; the start is timed from just before it
-        process = subprocess.Popen(argv, env=bytecode_env(), cwd=_REPO)  # noqa: ASYNC220
-        try:
-            online = await watcher.online()
-        finally:
-            process.wait(timeout=30)
-        return online - started
+async def _bare_once(site: Site) -> float:
+    name = f"bare-{uuid.uuid4().hex[:8]}"
+    topics = Topics.for_agent(PREFIX, name)
+    argv = [sys.executable, "-c", _BARE, str(site.broker.port), topics.availability, name]
+    async with watch(site.broker, topics) as watcher:
+        with spawned(argv, site.root / f"{name}.log", what="the bare client") as bare:
+            return await watcher.online() - bare.started
 
 
-async def _lag(root: Path, broker: Broker, cameras: list[str], *, agent: bool) -> list[float]:
+async def _lag(site: Site, cameras: list[str], *, agent: bool) -> list[float]:
     """Probe lags (ms) from before serve() until every camera is online (or 3 s alone)."""
-    run_dir = root / uuid.uuid4().hex[:8]
-    run_dir.mkdir()
-    config, topics = write_config(run_dir, broker, cameras=cameras)
-    out = run_dir / "lag.json"
+    config, topics = site.config(cameras=cameras)
+    out = config.parent / "lag.json"
     argv = [sys.executable, "-m", "bench._lagprobe", "--config", str(config), "--out", str(out)]
     if not agent:
         argv.append("--no-agent")
-    async with watch(broker, topics) as watcher:
-        with (run_dir / "probe.log").open("wb") as log:
-            process = subprocess.Popen(  # noqa: ASYNC220  # returns at once
-                argv, stdout=log, stderr=subprocess.STDOUT, env=bytecode_env(), cwd=_REPO
-            )
-        try:
+    async with watch(site.broker, topics) as watcher:
+        with spawned(argv, config.parent / "probe.log", what="the lag probe") as probe:
             if agent:
                 await watcher.cameras_online(cameras)
             else:
                 await anyio.sleep(3.0)
             ready = time.time()
             await anyio.sleep(0.2)
-        finally:
-            process.send_signal(signal.SIGTERM)
-            process.wait(timeout=30)
+            probe.check()
     if not out.exists():
-        raise BenchError(f"the lag probe wrote nothing (exit {process.returncode})")
+        raise BenchError(f"the lag probe wrote nothing (exit {probe.popen.returncode})")
     samples = json.loads(out.read_text())
     return [lag * 1000 for at, lag in samples if at <= ready]
 
 
-def measure(options: Options) -> list[Row]:
+def measure(options: Options) -> Table:
     cameras = mxids(options.cameras)
-    with workdir("startup") as root, bench_broker(root) as broker:
+    with bench_site("startup") as site:
 
         async def run() -> tuple[Start, list[Start], list[float], list[float], list[float]]:
-            cold = await _start_once(root, broker, cameras, warm=False)
-            await _start_once(root, broker, cameras, warm=True)  # fills the bytecode cache
-            warm = [
-                await _start_once(root, broker, cameras, warm=True) for _ in range(options.reps)
-            ]
-            bare = [await _bare_once(broker) for _ in range(options.reps)]
-            lag = await _lag(root, broker, cameras, agent=True)
-            floor = await _lag(root, broker, cameras, agent=False)
+            cold = await _start_once(site, cameras, warm=False)
+            await _start_once(site, cameras, warm=True)  # fills the bytecode cache
+            warm = [await _start_once(site, cameras, warm=True) for _ in range(options.reps)]
+            bare = [await _bare_once(site) for _ in range(options.reps)]
+            lag = await _lag(site, cameras, agent=True)
+            floor = await _lag(site, cameras, agent=False)
             return cold, warm, bare, lag, floor
 
         cold, warm, bare, lag, floor = run_async(run)
@@ -193,27 +169,8 @@ def measure(options: Options) -> list[Row]:
         f"cold start: PYTHONDONTWRITEBYTECODE={os.environ.get('PYTHONDONTWRITEBYTECODE', '')!r} "
         "and no cache, so every module is compiled",
     ]
-    print_table("startup: process start -> online, loop lag", rows, notes)
-    return rows
-
-
-def _parse(argv: list[str] | None) -> Options:
-    defaults = Options()
-    parser = argparse.ArgumentParser(prog="python -m bench.startup", description=__doc__)
-    parser.add_argument("--cameras", type=int, default=defaults.cameras)
-    parser.add_argument("--reps", type=int, default=defaults.reps)
-    args = parser.parse_args(argv)
-    return Options(cameras=args.cameras, reps=args.reps)
-
-
-def main(argv: list[str] | None = None) -> int:
-    try:
-        measure(_parse(argv))
-    except BenchError as exc:
-        print(f"startup benchmark could not run: {exc}", file=sys.stderr)
-        return 1
-    return 0
+    return Table("startup: process start -> online, loop lag", rows, notes)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli("startup", measure, Options, __doc__))

@@ -9,7 +9,6 @@ Baselines: one deploy alone on the same camera (storm), one camera alone (parall
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from dataclasses import dataclass
@@ -19,25 +18,19 @@ import anyio
 
 from bench._common import (
     BLOBS,
-    BenchError,
     Row,
-    agent_argv,
-    agent_process,
-    bench_broker,
+    Table,
+    bench_site,
+    cli,
     median,
     mxids,
-    print_table,
-    run_async,
-    watch,
-    workdir,
-    write_config,
     yolo,
 )
 
 if TYPE_CHECKING:
-    from bench._common import Watcher
+    from bench._common import Process, Watcher
 
-__all__ = ["Options", "main", "measure"]
+__all__ = ["Options", "measure"]
 
 _TARGET_RESTARTS: Final = 2
 _TARGET_PARALLEL: Final = 1.3
@@ -83,10 +76,7 @@ class _Deployer:
     async def once(self, mxid: str) -> float:
         """One deploy, command -> succeeded, in seconds."""
         request_id, sent = await self.send(mxid)
-        done, event = await self.watcher.outcome(request_id)
-        if event.state != "succeeded":
-            raise BenchError(f"{request_id} ended {event.state}: {event.error}")
-        return done - sent
+        return await self.watcher.succeeded(request_id) - sent
 
 
 async def _restarts(watcher: Watcher, mxid: str) -> int:
@@ -144,30 +134,23 @@ async def _parallel(
     for _ in range(options.reps):
         ones.append(await deployer.once(cameras[0]))
         sent = [await deployer.send(m) for m in cameras]
-        ends = [await deployer.watcher.outcome(r) for r, _ in sent]
-        for (request_id, _), (_, event) in zip(sent, ends, strict=True):
-            if event.state != "succeeded":
-                raise BenchError(f"{request_id} ended {event.state}: {event.error}")
-        alls.append(max(at for at, _ in ends) - sent[0][1])
+        ends = [await deployer.watcher.succeeded(r) for r, _ in sent]
+        alls.append(max(ends) - sent[0][1])
     return median(ones), median(alls)
 
 
-def measure(options: Options) -> list[Row]:
+def measure(options: Options) -> Table:
     cameras = mxids(options.cameras)
-    with workdir("storm") as root, bench_broker(root) as broker:
-        config, topics = write_config(root, broker, cameras=cameras, boot_seconds=options.boot)
-        with agent_process(agent_argv(config), root / "agent.log"):
+    with bench_site("storm") as site:
+        config, topics = site.config(cameras=cameras, boot_seconds=options.boot)
 
-            async def run() -> tuple[Storm, float, float]:
-                async with watch(broker, topics) as watcher:
-                    await watcher.online()
-                    await watcher.cameras_online(cameras)
-                    deployer = _Deployer(watcher)
-                    storm = await _storm(options, deployer, cameras[0])
-                    one, together = await _parallel(options, deployer, cameras)
-                    return storm, one, together
+        async def job(watcher: Watcher, _: Process) -> tuple[Storm, float, float]:
+            deployer = _Deployer(watcher)
+            storm = await _storm(options, deployer, cameras[0])
+            one, together = await _parallel(options, deployer, cameras)
+            return storm, one, together
 
-            storm, one, together = run_async(run)
+        storm, one, together = site.run_agent(config, topics, job, cameras=cameras)
     states = ", ".join(f"{k} {v}" for k, v in sorted(storm.states.items()))
     ratio = together / one
     rows = [
@@ -208,28 +191,8 @@ def measure(options: Options) -> list[Row]:
         f"the parallel lines are medians of {options.reps} rounds",
         "quiet = the first storm command was published -> the last request's terminal event",
     ]
-    print_table("storm: many deploys to one camera, many cameras at once", rows, notes)
-    return rows
-
-
-def _parse(argv: list[str] | None) -> Options:
-    defaults = Options()
-    parser = argparse.ArgumentParser(prog="python -m bench.storm", description=__doc__)
-    parser.add_argument("--deploys", type=int, default=defaults.deploys)
-    parser.add_argument("--cameras", type=int, default=defaults.cameras)
-    parser.add_argument("--boot", type=float, default=defaults.boot, help="simulated boot, s")
-    args = parser.parse_args(argv)
-    return Options(deploys=args.deploys, cameras=args.cameras, boot=args.boot)
-
-
-def main(argv: list[str] | None = None) -> int:
-    try:
-        measure(_parse(argv))
-    except BenchError as exc:
-        print(f"storm benchmark could not run: {exc}", file=sys.stderr)
-        return 1
-    return 0
+    return Table("storm: many deploys to one camera, many cameras at once", rows, notes)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli("storm", measure, Options, __doc__))
