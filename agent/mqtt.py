@@ -12,6 +12,7 @@ Outbound traffic has three lanes with different promises:
 from __future__ import annotations
 
 import contextlib
+import math
 import random
 import socket
 from collections import deque
@@ -29,6 +30,7 @@ from paho.mqtt.subscribeoptions import SubscribeOptions
 
 if TYPE_CHECKING:
     from anyio.abc import TaskStatus
+    from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
     from agent.config import MqttSection
 
@@ -162,17 +164,27 @@ class MqttLink:
     # --- the connection ------------------------------------------------------------------
 
     async def run(self, handler: Handler, *, task_status: TaskStatus[None]) -> None:
-        """Connect, serve, reconnect with backoff and jitter, until cancelled."""
-        task_status.started()
-        with self._detections_in, self._detections_out:
-            await self._reconnect_forever(handler)
+        """Connect, serve, reconnect with backoff and jitter, until cancelled.
 
-    async def _reconnect_forever(self, handler: Handler) -> None:
+        Commands are handled by one task that outlives every connection: a disconnect never
+        cuts a command off halfway (the broker has its PUBACK by then), and handling one
+        command is shielded, so shutting down finishes the command in hand.
+        """
+        # unbounded: a received message is acknowledged already; it must not be dropped
+        inbox_in, inbox_out = anyio.create_memory_object_stream[aiomqtt.Message](math.inf)
+        task_status.started()
+        with self._detections_in, self._detections_out, inbox_in, inbox_out:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(_consume, inbox_out, handler, name="mqtt.commands")
+                await self._reconnect_forever(inbox_in)
+
+    async def _reconnect_forever(self, inbox: MemoryObjectSendStream[aiomqtt.Message]) -> None:
         attempt = 0
         while True:
             error: BaseException | None = None
+            connects = self.stats.connects
             try:
-                await self._session(handler)
+                await self._session(inbox)
             except* aiomqtt.MqttCodeError as group:
                 error = group.exceptions[0]
             except* aiomqtt.MqttError as group:
@@ -181,6 +193,7 @@ class MqttLink:
                 error = group.exceptions[0]
             finally:
                 self.connected = False
+                self._drop_queued_detections()
             if self._should_fall_back(error):
                 log.warning(
                     "broker refused MQTT 5, falling back to MQTT 3.1.1",
@@ -189,7 +202,8 @@ class MqttLink:
                 )
                 self._protocol = aiomqtt.ProtocolVersion.V311
                 continue
-            attempt = 0 if self.stats.connects and error is None else attempt + 1
+            # back off from scratch after a session that got connected
+            attempt = 0 if self.stats.connects > connects else attempt + 1
             delay = min(
                 self._settings.reconnect_max, self._settings.reconnect_min * 2 ** min(attempt, 16)
             ) * random.uniform(0.5, 1.0)  # noqa: S311  # jitter, not cryptography
@@ -197,6 +211,13 @@ class MqttLink:
                 "mqtt disconnected, reconnecting", error=str(error), retry_in=round(delay, 2)
             )
             await anyio.sleep(delay)
+
+    def _drop_queued_detections(self) -> None:
+        """Detections never wait for a reconnect: stale frames are worth less than none."""
+        with contextlib.suppress(anyio.WouldBlock, anyio.ClosedResourceError):
+            while True:
+                self._detections_out.receive_nowait()
+                self.stats.detections_dropped_disconnected += 1
 
     def _should_fall_back(self, error: BaseException | None) -> bool:
         if self._protocol != aiomqtt.ProtocolVersion.V5:
@@ -231,7 +252,7 @@ class MqttLink:
             socket_options=((socket.IPPROTO_TCP, socket.TCP_NODELAY, 1),),
         )
 
-    async def _session(self, handler: Handler) -> None:
+    async def _session(self, inbox: MemoryObjectSendStream[aiomqtt.Message]) -> None:
         async with self._client() as client:
             try:
                 await self._subscribe(client)
@@ -250,7 +271,7 @@ class MqttLink:
                     tg.start_soon(self._send_loop, client, name="mqtt.send")
                     tg.start_soon(self._detection_loop, client, name="mqtt.detections")
                     async for message in client.messages:
-                        await handler(message)
+                        inbox.send_nowait(message)
                     tg.cancel_scope.cancel()
             except anyio.get_cancelled_exc_class():
                 with anyio.move_on_after(_FINAL_FLUSH_SECONDS, shield=True):
@@ -288,12 +309,17 @@ class MqttLink:
             if item.reply is not None and item.reply.correlation_data is not None:
                 properties = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
                 properties.CorrelationData = item.reply.correlation_data
-            await client.publish(
-                item.topic, item.payload, qos=1, properties=properties, timeout=timeout
-            )
+            try:
+                await client.publish(
+                    item.topic, item.payload, qos=1, properties=properties, timeout=timeout
+                )
+            except ValueError as exc:  # paho refuses the topic: never let it end the session
+                log.error("event not publishable, dropped", topic=item.topic, error=str(exc))  # noqa: TRY400
+                self.stats.events_dropped += 1
+            else:
+                self.stats.events_sent += 1
             if box.events and box.events[0] is item:
                 box.events.popleft()
-            self.stats.events_sent += 1
             return True
         return False
 
@@ -321,7 +347,18 @@ class MqttLink:
         """On clean shutdown: flush queued state and events, then say `offline` ourselves."""
         if not self.connected:
             return
-        self.retain(self._will_topic, b"offline")
         with contextlib.suppress(aiomqtt.MqttError):
+            # events first, within most of the time allowed: `offline` must still go out,
+            # as a clean disconnect does not fire the will
+            with anyio.move_on_after(_FINAL_FLUSH_SECONDS * 2 / 3):
+                while await self._publish_next(client):
+                    pass
+            self.retain(self._will_topic, b"offline")  # retained state goes first
             while await self._publish_next(client):
                 pass
+
+
+async def _consume(inbox: MemoryObjectReceiveStream[aiomqtt.Message], handler: Handler) -> None:
+    async for message in inbox:
+        with anyio.CancelScope(shield=True):
+            await handler(message)
