@@ -17,6 +17,7 @@ from agent.errors import (
     CameraOffline,
     Expired,
     Internal,
+    InvalidPayload,
     PayloadTooLarge,
     RetainedCommand,
     UnknownCamera,
@@ -61,11 +62,17 @@ def _salvage_request_id(payload: bytes) -> str | None:
     return None
 
 
-def _reply_to(message: aiomqtt.Message) -> ReplyTo | None:
+def _reply_to(message: aiomqtt.Message, base: str) -> ReplyTo | None:
+    """The MQTT 5 Response Topic to copy events to; raise InvalidPayload for an unusable one."""
     properties = message.properties
     topic = getattr(properties, "ResponseTopic", None) if properties else None
     if not topic:
         return None
+    if "+" in topic or "#" in topic or "\0" in topic:
+        raise InvalidPayload(f"Response Topic {topic!r} must not contain wildcards or NUL")
+    if topic == base or topic.startswith(f"{base}/"):
+        # its replies would land on the agent's own topics, commands included
+        raise InvalidPayload(f"Response Topic {topic!r} must not be under {base}/")
     data = getattr(properties, "CorrelationData", None)
     return ReplyTo(topic=topic, correlation_data=bytes(data) if data is not None else None)
 
@@ -100,10 +107,11 @@ class CommandHandler:
 
     async def _command(self, topic: CommandTopic, message: aiomqtt.Message) -> None:
         payload = message.payload if isinstance(message.payload, bytes) else b""
-        reply = _reply_to(message)
+        reply = None
         self.handled += 1
         structlog.contextvars.bind_contextvars(camera=topic.camera, stream=topic.stream)
         try:
+            reply = _reply_to(message, self._topics.base)
             request = await self._validate(topic, message.retain, payload, reply)
             if request is not None:
                 await self._coordinator.submit(request)

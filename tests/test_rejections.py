@@ -215,7 +215,8 @@ async def test_mqtt5_response_topic_and_correlation_data(
     mqtt5: Broker, tmp_path: Path, own_blobs: dict[str, Path]
 ) -> None:
     async with agent_and_observer(mqtt5, make_config(mqtt5, tmp_path)) as (_, obs):
-        reply_topic = f"{obs.topics.base}/replies/me"
+        reply_topic = f"{obs.topics.base}-replies/me"  # beside the agent's topics, not under
+        await obs.client.subscribe(reply_topic, qos=1)
         body = {"request_id": "rt", "nn_config": YOLO, "model": own_blobs["yolo_tiny"].read_bytes()}
         properties = response_properties(reply_topic, b"\x01corr")
         await obs.deploy(CAM1, "CAM_A", body, properties=properties)
@@ -235,6 +236,29 @@ async def test_mqtt5_response_topic_and_correlation_data(
         assert msgspec.json.decode(last.payload)["error"]["code"] == "unknown_stream"
         assert last.properties is not None
         assert getattr(last.properties, "CorrelationData", None) == b"\x02"
+
+
+@pytest.mark.parametrize(
+    ("reply_topic", "reason"),
+    [("{base}/cameras/X/streams/CAM_A/nn/deploy", "must not be under"), ("r/+/x", "wildcards")],
+)
+async def test_unusable_response_topic_is_rejected_and_never_published_to(
+    mqtt5: Broker, tmp_path: Path, own_blobs: dict[str, Path], reply_topic: str, reason: str
+) -> None:
+    async with agent_and_observer(mqtt5, make_config(mqtt5, tmp_path)) as (app, obs):
+        topic = reply_topic.format(base=obs.topics.base)
+        body = {"request_id": "rt", "nn_config": YOLO, "model": own_blobs["yolo_tiny"].read_bytes()}
+        await obs.deploy(CAM1, "CAM_A", body, properties=response_properties(topic, b"c"))
+        event = await _rejected(obs, "rt")
+        assert event.error is not None
+        assert event.error.code == "invalid_payload"
+        assert "Response Topic" in event.error.message
+        assert reason in event.error.message
+        # the agent keeps serving, and nothing went to the refused topic
+        await obs.delete(CAM1, "CAM_B", {"request_id": "after"})
+        assert (await obs.outcome("after")).state == "succeeded"
+        assert not obs.on(topic)
+        assert app.link.stats.events_dropped == 0
 
 
 async def test_simulator_knobs_absent_without_simulated_cameras_of_that_id(
