@@ -63,6 +63,7 @@ class Coordinator:
         self._task_group: TaskGroup | None = None
         self._write_failing = False
         self._write_retry = anyio.Event()
+        self._held: list[tuple[Event, list[ReplyTo]]] = []
 
     # --- start-up ------------------------------------------------------------------------
 
@@ -103,7 +104,7 @@ class Coordinator:
         )
         replies = [ReplyTo(r.topic, r.correlation_data) for r in stored.replies]
         log.warning("interrupted request answered", request_id=stored.request_id)
-        self._reporter.event(event, replies)
+        self._held.append((event, replies))  # sent once the state file records it
         self.requests.add(self._recorded(event))
 
     async def _restore(self, worker: CameraWorker) -> None:
@@ -170,7 +171,10 @@ class Coordinator:
         tg.start_soon(self._run_worker, worker, name=f"camera[{worker.mxid}].worker")
 
     async def _run_worker(self, worker: CameraWorker) -> None:
-        await self._restore(worker)
+        try:
+            await self._restore(worker)
+        finally:
+            worker.restored.set()
         await worker.run()
 
     # --- requests ------------------------------------------------------------------------
@@ -178,6 +182,8 @@ class Coordinator:
     async def submit(self, request: Request) -> None:
         """Accept a validated request: persisted before `accepted` is announced."""
         worker = self.workers[request.camera]
+        # a request staged before the saved state is taken over would not be persisted
+        await worker.restored.wait()
         worker.check_accepting()
         self.requests.add(request)
         if not worker.needs_apply(request):
@@ -223,9 +229,22 @@ class Coordinator:
         }
 
     async def persist(self) -> None:
-        """Write the state file; on failure report it, keep serving, and retry later."""
+        """Write the state file; on failure report it, keep serving, and retry later.
+
+        Terminal events held by the workers go out once the write that records them is
+        done, or has failed (then the agent serves from memory and cannot do better).
+        """
+        held: list[tuple[Event, list[ReplyTo]]] = []
+
+        def snapshot() -> StateDocument:
+            held.extend(self._held)
+            self._held.clear()
+            for worker in self.workers.values():
+                held.extend(worker.take_held())
+            return self.snapshot()
+
         try:
-            await self._state.save(self.snapshot)
+            await self._state.save(snapshot)
         except OSError as exc:
             if not self._write_failing:
                 message = f"cannot write {self._state.path}: {exc.strerror or exc}"
@@ -234,10 +253,13 @@ class Coordinator:
             self._write_failing = True
             self._write_retry.set()
             return
+        finally:
+            for event, replies in held:
+                self._reporter.event(event, replies)
         if self._write_failing:
             log.info("state write recovered", path=str(self._state.path))
             self._write_failing = False
-        self._store.prune(self.referenced_models())
+        await self._store.prune(self.referenced_models())
 
     async def _retry_writes(self) -> None:
         while True:
@@ -248,6 +270,8 @@ class Coordinator:
                 await self.persist()
 
     async def run(self, *, task_status: TaskStatus[None]) -> None:
+        if self._held:
+            await self.persist()  # record the `interrupted` answers: sent once, not per start
         async with anyio.create_task_group() as tg:
             self._task_group = tg
             tg.start_soon(self._retry_writes, name="state.retry")

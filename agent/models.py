@@ -128,19 +128,22 @@ class ModelStore:
 
     async def put(self, data: bytes, *, expected_sha256: str | None = None) -> StoredModel:
         """Verify, parse and store a blob; raise ChecksumMismatch or InvalidModel."""
-        return await anyio.to_thread.run_sync(
+        model, problem = await anyio.to_thread.run_sync(
             self._put, data, expected_sha256, limiter=self._limiter
         )
+        if problem is not None:  # reported here, on the event loop, not from the thread
+            self._on_write_error(problem)
+        return model
 
     async def get(self, sha256: str) -> StoredModel:
         """Return a stored blob; raise ModelNotFound when absent or corrupted."""
-        known = self._known.get(sha256)
-        if known is not None:
-            return known
-        return await anyio.to_thread.run_sync(self._load, sha256, limiter=self._limiter)
+        return await anyio.to_thread.run_sync(self._get, sha256, limiter=self._limiter)
 
-    def prune(self, keep: set[str]) -> list[str]:
-        """Remove blobs neither in `keep` nor written in the last minutes; return them."""
+    async def prune(self, keep: set[str]) -> list[str]:
+        """Remove blobs neither in `keep` nor used in the last minutes; return them."""
+        return await anyio.to_thread.run_sync(self._prune, keep, limiter=self._limiter)
+
+    def _prune(self, keep: set[str]) -> list[str]:
         removed = []
         recent = time.time() - _PRUNE_GRACE_SECONDS  # a model between upload and accept
         for path in self.root.glob("*.blob"):
@@ -153,21 +156,37 @@ class ModelStore:
             log.info("unreferenced models removed", models=removed)
         return removed
 
-    def _put(self, data: bytes, expected: str | None) -> StoredModel:
+    def _put(self, data: bytes, expected: str | None) -> tuple[StoredModel, str | None]:
         sha256 = hashlib.sha256(data).hexdigest()
         if expected is not None and expected != sha256:
             raise ChecksumMismatch(expected=expected, actual=sha256)
-        known = self._known.get(sha256)
-        if known is not None and known.path.exists():
-            return known
+        known = self._fresh(sha256)
+        if known is not None:
+            return known, None
+        problem = None
         try:
             final, info = _write_parsed(self.root, sha256, data)
         except OSError as exc:
-            self._on_write_error(f"cannot store model in {self.root}: {exc.strerror or exc}")
+            problem = f"cannot store model in {self.root}: {exc.strerror or exc}"
             final, info = _write_parsed(self._fallback, sha256, data)
         model = StoredModel(sha256=sha256, size=len(data), path=final, info=info)
         self._known[sha256] = model
-        return model
+        return model, problem
+
+    def _get(self, sha256: str) -> StoredModel:
+        return self._fresh(sha256) or self._load(sha256)
+
+    def _fresh(self, sha256: str) -> StoredModel | None:
+        """A model read before, its file touched so that pruning spares it for a while."""
+        known = self._known.get(sha256)
+        if known is None:
+            return None
+        try:
+            os.utime(known.path)  # used now: between upload and accept it is not referenced
+        except OSError:
+            self._known.pop(sha256, None)
+            return None
+        return known
 
     def _load(self, sha256: str) -> StoredModel:
         path = self.path(sha256)

@@ -30,6 +30,7 @@ if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable, Mapping
 
     from agent.cameras.base import Camera, Deployment
+    from agent.mqtt import ReplyTo
     from agent.reporter import Reporter
     from agent.requests import Request
     from agent.topics import Topics
@@ -73,6 +74,11 @@ class CameraWorker:
         self.restarts = 0
         self._last_error: ErrorInfo | None = None
         self._wake = anyio.Event()
+        # set once the state saved for this camera by an earlier run is taken over
+        self.restored = anyio.Event()
+        # terminal events wait for the state file that records them: after a crash a
+        # request is then either answered `interrupted` or had its answer, never both
+        self._held: list[tuple[Event, list[ReplyTo]]] = []
         self._published_nn: dict[str, NNStatus] = {}
         self._published_camera: CameraStatus | None = None
 
@@ -292,7 +298,15 @@ class CameraWorker:
             superseded_by=superseded_by,
         )
         request.events.append(event)
-        self._reporter.event(event, request.replies)
+        if event.terminal:
+            self._held.append((event, request.replies))
+        else:
+            self._reporter.event(event, request.replies)
+
+    def take_held(self) -> list[tuple[Event, list[ReplyTo]]]:
+        """Terminal events waiting for the state write that includes them."""
+        held, self._held = self._held, []
+        return held
 
     def _nn_status(self, stream: str) -> NNStatus:
         request = (

@@ -292,3 +292,51 @@ async def test_restart_restores_two_cameras_and_duplicate_ids(
         replayed = await obs.outcome("one")
         assert replayed == first[0]
         assert app.coordinator.workers[CAM1].restarts == 1
+
+
+async def test_terminal_events_follow_the_state_write_that_records_them(
+    broker: Broker, tmp_path: Path, own_blobs: dict[str, Path]
+) -> None:
+    """After a crash a request gets its own answer or `interrupted`, never both.
+
+    So when a terminal event arrives, state.json already lists the request among the
+    outcomes and no longer among the unfinished ones: checked for every way to end.
+    """
+    yolo = own_blobs["yolo_tiny"].read_bytes()
+    state_file = tmp_path / "state" / "state.json"
+    config = make_config(broker, tmp_path / "state")
+
+    def recorded(request_id: str) -> tuple[bool, bool]:
+        document: Any = msgspec.json.decode(state_file.read_bytes())
+        finished = any(o["request_id"] == request_id for o in document["outcomes"])
+        unfinished = any(r["request_id"] == request_id for r in document["in_flight"])
+        return finished, unfinished
+
+    async with agent_and_observer(broker, config) as (_, obs):
+        body = {"nn_config": YOLO, "model": yolo}
+        await obs.deploy(CAM1, "CAM_A", body | {"request_id": "first"})
+        await obs.wait_for(lambda: "applying" in obs.states("first"))
+        await obs.deploy(CAM1, "CAM_B", body | {"request_id": "queued"})
+        await obs.deploy(CAM1, "CAM_B", body | {"request_id": "replacing"})
+        await obs.delete(CAM1, "CAM_C", {"request_id": "no-restart"})
+        await obs.send(obs.topics.simulator(CAM2, "fail_next_boot"), b"")
+        await obs.deploy(CAM2, "CAM_A", body | {"request_id": "failing"})
+        expected = {
+            "first": "succeeded",
+            "queued": "superseded",
+            "replacing": "succeeded",
+            "no-restart": "succeeded",
+            "failing": "failed",
+        }
+        seen: dict[str, tuple[str, tuple[bool, bool]]] = {}
+
+        def check_new_terminal_events() -> bool:
+            # runs as soon as the observer records a message: the file is read right then
+            for request_id in expected:
+                event = obs.terminal(request_id)
+                if request_id not in seen and event is not None:
+                    seen[request_id] = (event.state, recorded(request_id))
+            return len(seen) == len(expected)
+
+        await obs.wait_for(check_new_terminal_events, what="every terminal event")
+        assert seen == {r: (state, (True, False)) for r, state in expected.items()}
