@@ -16,6 +16,7 @@ seen, its features read, and closed again; only then is it adopted, with its str
 
 from __future__ import annotations
 
+import contextlib
 import math
 import subprocess
 import sys
@@ -39,7 +40,7 @@ from agent.cameras.pipeline import build_pipeline, stream_of, xlink_name
 from agent.errors import CameraOffline, DeployFailed
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Mapping, Sequence
+    from collections.abc import Callable, Iterator, Mapping, Sequence
 
     import numpy.typing as npt
     from anyio.abc import TaskGroup, TaskStatus
@@ -108,17 +109,36 @@ def _read_features(device: Any) -> CameraFeatures:
     return CameraFeatures(sensors, stereo)
 
 
-def _probe(target: str) -> tuple[str, str, CameraFeatures]:
+_probe_lock: Final = threading.Lock()
+
+
+@contextlib.contextmanager
+def _exclusive(lock: threading.Lock, timeout: float) -> Iterator[None]:
+    """Hold `lock`, or fail like a device error when a thread we gave up on still holds it.
+
+    A boot or probe that timed out is abandoned, not stopped: its thread may still be
+    inside depthai. Nothing else may touch the device until that thread is done.
+    """
+    if not lock.acquire(timeout=timeout):
+        raise RuntimeError("the device is still busy with an earlier boot that timed out")
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+def _probe(target: str, timeout: float) -> tuple[str, str, CameraFeatures]:
     """Boot a device without a pipeline; return its mxid, product name and features."""
-    with dai.Device(dai.DeviceInfo(target)) as device:
+    with _exclusive(_probe_lock, timeout), dai.Device(dai.DeviceInfo(target)) as device:
         return str(device.getMxId()), str(device.getProductName()), _read_features(device)
 
 
 class _Session:
     """An open device and its output queues."""
 
-    def __init__(self, device: Any, streams: Sequence[str]) -> None:
+    def __init__(self, device: Any, streams: Sequence[str], lock: threading.Lock) -> None:
         self.device = device
+        self._lock = lock
         self.queues = {
             xlink_name(s): device.getOutputQueue(xlink_name(s), _HOST_QUEUE, blocking=False)
             for s in streams
@@ -133,7 +153,8 @@ class _Session:
 
     def close(self) -> None:
         self.stop.set()
-        self.device.close()
+        with _exclusive(self._lock, _CLOSE_TIMEOUT):
+            self.device.close()
 
 
 class _Boot:
@@ -237,6 +258,8 @@ class DepthaiCamera(Camera):
         self._settings = settings
         self._listener = listener
         self._limiter = anyio.CapacityLimiter(1)
+        # held by the thread inside dai.Device(...) or device.close(); outlives abandoning it
+        self._device_lock = threading.Lock()
         self._reader_limiter = anyio.CapacityLimiter(1)
         self._session: _Session | None = None
         self._present = True
@@ -248,6 +271,7 @@ class DepthaiCamera(Camera):
         self._send, self._receive = anyio.create_memory_object_stream[Output](_OUTPUT_BUFFER)
         self._tg: TaskGroup | None = None
         self.dropped = 0
+        self.unreadable = 0
         self.boots = 0
 
     @property
@@ -331,13 +355,17 @@ class DepthaiCamera(Camera):
 
     async def _open(self, pipeline: Any, streams: list[str]) -> _Session:
         target = self.target
+        lock = self._device_lock
+        wait = self._settings.boot_timeout
 
         def open_session() -> _Session:
-            device = dai.Device(pipeline, dai.DeviceInfo(target))
+            with _exclusive(lock, wait):
+                device = dai.Device(pipeline, dai.DeviceInfo(target))
             try:
-                return _Session(device, streams)
+                return _Session(device, streams, lock)
             except BaseException:
-                device.close()
+                with _exclusive(lock, _CLOSE_TIMEOUT):
+                    device.close()
                 raise
 
         boot = _Boot()
@@ -400,14 +428,13 @@ class DepthaiCamera(Camera):
         while not session.stop.is_set():
             try:
                 ready = device.getQueueEvents(names, timeout=_POLL)
-                batch = [
-                    _output(self._mxid, stream_of(name), message)
-                    for name in ready
-                    for message in session.queues[name].tryGetAll()
-                ]
+                messages = [(n, m) for n in ready for m in session.queues[n].tryGetAll()]
                 closed = device.isClosed()
-            except RuntimeError as exc:  # X_LINK_ERROR and friends: the device is gone
-                return None if session.stop.is_set() else str(exc)
+            # X_LINK_ERROR and friends: the device is gone; whatever depthai raises here
+            # ends this session (the camera goes offline and is reopened), never the agent
+            except Exception as exc:  # noqa: BLE001
+                return None if session.stop.is_set() else f"{type(exc).__name__}: {exc}"
+            batch = [o for name, m in messages if (o := self._convert(name, m)) is not None]
             if batch:
                 try:
                     anyio.from_thread.run_sync(self._deliver, session, batch)
@@ -416,6 +443,16 @@ class DepthaiCamera(Camera):
             if closed and not session.stop.is_set():
                 return "device closed"
         return None
+
+    def _convert(self, name: str, message: Any) -> Output | None:
+        """One device message as an Output; None (logged, counted) when it cannot be read."""
+        try:
+            return _output(self._mxid, stream_of(name), message)
+        except Exception:
+            self.unreadable += 1
+            if self.unreadable & (self.unreadable - 1) == 0:  # log at powers of two
+                log.exception("camera output unreadable", camera=self._mxid, queue=name)
+            return None
 
     def _deliver(self, session: _Session, batch: list[Output]) -> None:
         if session is not self._session:
@@ -525,7 +562,11 @@ class DepthaiBackend:
             with anyio.fail_after(self._settings.boot_timeout):
                 # an abandoned probe closes its device itself when it returns
                 mxid, product, features = await anyio.to_thread.run_sync(
-                    _probe, target, limiter=self._probe_limiter, abandon_on_cancel=True
+                    _probe,
+                    target,
+                    self._settings.boot_timeout,
+                    limiter=self._probe_limiter,
+                    abandon_on_cancel=True,
                 )
         except (RuntimeError, TimeoutError) as exc:
             delay = min(_PROBE_RETRY_MAX, self._settings.discovery_interval * 2.0**failures)
@@ -571,7 +612,12 @@ async def _discover_forever(interval: float, send: MemoryObjectSendStream[list[_
                 lines = BufferedByteReceiveStream(process.stdout)
                 while True:
                     line = await lines.receive_until(b"\n", _DISCOVERY_LINE_MAX)
-                    await send.send(_found_decoder.decode(line))
+                    try:
+                        found = _found_decoder.decode(line)
+                    except msgspec.DecodeError as exc:  # stray output of the child
+                        log.warning("camera discovery line skipped", error=str(exc))
+                        continue
+                    await send.send(found)
             except (anyio.EndOfStream, anyio.IncompleteRead):
                 log.warning(
                     "camera discovery stopped; restarting it", returncode=process.returncode
