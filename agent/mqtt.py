@@ -16,14 +16,14 @@ import math
 import random
 import socket
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Final
 
 import aiomqtt
 import anyio
 import structlog
-from paho.mqtt.client import MQTT_CLEAN_START_FIRST_ONLY
+from paho.mqtt.client import MQTT_CLEAN_START_FIRST_ONLY, MQTT_ERR_SUCCESS
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.subscribeoptions import SubscribeOptions
@@ -338,9 +338,11 @@ class MqttLink:
             with contextlib.suppress(anyio.WouldBlock):
                 while len(batch) < _DETECTION_BATCH:
                     batch.append(receive.receive_nowait())
-            for topic, payload in batch:
-                # QoS 0 returns at once unless the socket buffer is full
-                await client.publish(topic, payload, qos=0)
+            with _writing_directly(client):
+                for topic, payload in batch:
+                    info = client._client.publish(topic, payload, 0)
+                    if info.rc != MQTT_ERR_SUCCESS:
+                        raise aiomqtt.MqttCodeError(info.rc, "Could not publish a detection")
             self.stats.detections_sent += len(batch)
 
     async def _farewell(self, client: aiomqtt.Client) -> None:
@@ -362,3 +364,31 @@ async def _consume(inbox: MemoryObjectReceiveStream[aiomqtt.Message], handler: H
     async for message in inbox:
         with anyio.CancelScope(shield=True):
             await handler(message)
+
+
+@contextlib.contextmanager
+def _writing_directly(client: aiomqtt.Client) -> Iterator[None]:
+    """Let paho write QoS 0 packets to the socket at once, inside the calling task.
+
+    Through aiomqtt every publish costs a cross-thread wakeup (`call_soon_threadsafe` of
+    `add_writer`), a writer callback and, for QoS 0, a suspension until that callback ran:
+    about three event-loop passes per detection. With no write callback registered, paho
+    writes from `publish` itself. Afterwards the callback is restored and, if the socket
+    took only part of the data, the writer is registered as usual.
+
+    Only while no writer is registered or pending: writing then could unregister a writer
+    whose `add_writer` aiomqtt has queued but not run, and that writer would spin.
+    """
+    paho = client._client  # aiomqtt exposes no batch publish
+    if paho._registered_write:
+        yield  # paho queues; the registered writer sends it all on the next pass
+        return
+    register = paho.on_socket_register_write
+    paho.on_socket_register_write = None
+    try:
+        yield
+    finally:
+        paho.on_socket_register_write = register
+        if paho.want_write():
+            paho._registered_write = False  # set while no callback was there
+            paho._call_socket_register_write()
