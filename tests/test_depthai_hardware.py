@@ -2,10 +2,6 @@
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
-
 import anyio
 import numpy as np
 import pytest
@@ -14,30 +10,13 @@ from agent.cameras.base import Deployment, Output
 from agent.cameras.depthai import DepthaiBackend
 from agent.cameras.depthai_config import DepthaiSection
 from agent.messages import GenericConfig, YoloConfig, YoloOptions
+from tests.hardware import DEVICES, NO_DEVICE
 from tests.test_pipeline import YOLO_ANCHORS, YOLO_MASKS, model
 
-
-def _devices() -> list[str]:
-    # a subprocess, like the agent: the device search holds the GIL for ~0.5 s
-    result = subprocess.run(
-        [sys.executable, "-m", "agent.cameras.discover"],
-        capture_output=True,
-        check=False,
-        timeout=60,
-    )
-    if result.returncode != 0:
-        return []
-    # depthai's own log lines go to stdout before the JSON
-    return [device["mxid"] for device in json.loads(result.stdout.splitlines()[-1])]
-
-
-DEVICES = _devices()
 pytestmark = [
     pytest.mark.hardware,
     pytest.mark.anyio,
-    pytest.mark.skipif(
-        not DEVICES, reason="no OAK device found by dai.Device.getAllAvailableDevices()"
-    ),
+    pytest.mark.skipif(not DEVICES, reason=NO_DEVICE),
 ]
 
 
