@@ -11,6 +11,7 @@ Outbound traffic has three lanes with different promises:
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import math
 import random
@@ -18,7 +19,7 @@ import socket
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING, Any, Final
 
 import aiomqtt
 import anyio
@@ -234,7 +235,7 @@ class MqttLink:
         if v5:
             properties = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
             properties.SessionExpiryInterval = self._settings.session_expiry
-        return aiomqtt.Client(
+        client = aiomqtt.Client(
             self._settings.host,
             self._settings.port,
             identifier=self._client_id,
@@ -251,6 +252,8 @@ class MqttLink:
             # without it every QoS 1 event waits ~40 ms on the broker's delayed ACK
             socket_options=((socket.IPPROTO_TCP, socket.TCP_NODELAY, 1),),
         )
+        _register_writers_safely(client)
+        return client
 
     async def _session(self, inbox: MemoryObjectSendStream[aiomqtt.Message]) -> None:
         async with self._client() as client:
@@ -392,3 +395,34 @@ def _writing_directly(client: aiomqtt.Client) -> Iterator[None]:
         if paho.want_write():
             paho._registered_write = False  # set while no callback was there
             paho._call_socket_register_write()
+
+
+def _register_writers_safely(client: aiomqtt.Client) -> None:
+    """Register paho's socket writer only while that socket is still the client's.
+
+    aiomqtt queues `add_writer(fd)` with `call_soon_threadsafe` (paho may ask from the
+    connect thread). When the broker drops the connection before the queued call runs, paho
+    has closed the socket and `add_writer` fails on a dead descriptor inside the event loop
+    (seen about once in twenty broker-restart tests under load). The queued call here checks
+    first; the writer does what aiomqtt's does.
+    """
+    paho = client._client
+    loop = asyncio.get_running_loop()
+
+    def write() -> None:
+        try:
+            paho.loop_write()
+        except Exception as exc:  # noqa: BLE001  # a broken pipe ends the session, as in aiomqtt
+            disconnected = client._disconnected
+            if not disconnected.done():
+                disconnected.set_exception(exc)
+
+    def add(sock: Any) -> None:
+        current = paho.socket()
+        if current is not None and current is sock:  # paho forgets a socket before closing it
+            loop.add_writer(current.fileno(), write)
+
+    def register(_client: Any, _userdata: Any, sock: Any) -> None:
+        loop.call_soon_threadsafe(add, sock)
+
+    paho.on_socket_register_write = register
