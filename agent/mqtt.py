@@ -41,9 +41,12 @@ log = structlog.get_logger(__name__)
 
 _REFUSED_PROTOCOL: Final = frozenset({1, 132})  # 3.1.1 and MQTT 5 "unsupported protocol version"
 _FINAL_FLUSH_SECONDS: Final = 3.0
+_HANDLER_GRACE_SECONDS: Final = 5.0  # for the command in hand when shutting down
+_DRAIN_POLL_SECONDS: Final = 0.005
 _DETECTION_BATCH: Final = 256
 
 Handler = Callable[[aiomqtt.Message], Awaitable[None]]
+Refuse = Callable[[aiomqtt.Message], None]
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,6 +109,9 @@ class MqttLink:
         )
         self.connected = False
         self.stats = LinkStats()
+        self._handling = anyio.Lock()  # held while a command is handled
+        self._leftovers: MemoryObjectReceiveStream[aiomqtt.Message] | None = None
+        self._refuse: Refuse | None = None
 
     @property
     def protocol(self) -> str:
@@ -164,20 +170,50 @@ class MqttLink:
 
     # --- the connection ------------------------------------------------------------------
 
-    async def run(self, handler: Handler, *, task_status: TaskStatus[None]) -> None:
+    async def run(
+        self, handler: Handler, *, refuse: Refuse | None = None, task_status: TaskStatus[None]
+    ) -> None:
         """Connect, serve, reconnect with backoff and jitter, until cancelled.
 
         Commands are handled by one task that outlives every connection: a disconnect never
         cuts a command off halfway (the broker has its PUBACK by then), and handling one
-        command is shielded, so shutting down finishes the command in hand.
+        command is shielded. On shutdown the command in hand is finished first, commands
+        received but not yet handled are given to `refuse` (to be answered), and only then
+        are the last events and `offline` sent.
         """
         # unbounded: a received message is acknowledged already; it must not be dropped
         inbox_in, inbox_out = anyio.create_memory_object_stream[aiomqtt.Message](math.inf)
+        self._leftovers, self._refuse = inbox_out, refuse
         task_status.started()
         with self._detections_in, self._detections_out, inbox_in, inbox_out:
             async with anyio.create_task_group() as tg:
-                tg.start_soon(_consume, inbox_out, handler, name="mqtt.commands")
+                tg.start_soon(self._consume, inbox_out, handler, name="mqtt.commands")
                 await self._reconnect_forever(inbox_in)
+
+    async def _consume(
+        self, inbox: MemoryObjectReceiveStream[aiomqtt.Message], handler: Handler
+    ) -> None:
+        async for message in inbox:
+            with anyio.CancelScope(shield=True):
+                async with self._handling:
+                    await handler(message)
+
+    async def _finish_commands(self) -> None:
+        """Wait for the command in hand; answer those not handled yet, without handling them."""
+        with anyio.move_on_after(_HANDLER_GRACE_SECONDS) as scope:
+            await self._handling.acquire()
+        if scope.cancelled_caught:
+            log.error("shutting down with a command still being handled")
+            return
+        try:
+            # the consumer is cancelled now: it takes no further message
+            with contextlib.suppress(anyio.WouldBlock, anyio.ClosedResourceError):
+                while self._leftovers is not None:
+                    message = self._leftovers.receive_nowait()
+                    if self._refuse is not None:
+                        self._refuse(message)
+        finally:
+            self._handling.release()
 
     async def _reconnect_forever(self, inbox: MemoryObjectSendStream[aiomqtt.Message]) -> None:
         attempt = 0
@@ -277,7 +313,9 @@ class MqttLink:
                         inbox.send_nowait(message)
                     tg.cancel_scope.cancel()
             except anyio.get_cancelled_exc_class():
-                with anyio.move_on_after(_FINAL_FLUSH_SECONDS, shield=True):
+                limit = _HANDLER_GRACE_SECONDS + _FINAL_FLUSH_SECONDS
+                with anyio.move_on_after(limit, shield=True):
+                    await self._finish_commands()
                     await self._farewell(client)
                 raise
 
@@ -341,12 +379,26 @@ class MqttLink:
             with contextlib.suppress(anyio.WouldBlock):
                 while len(batch) < _DETECTION_BATCH:
                     batch.append(receive.receive_nowait())
+            paho = client._client
             with _writing_directly(client):
                 for topic, payload in batch:
-                    info = client._client.publish(topic, payload, 0)
+                    info = paho.publish(topic, payload, 0)
                     if info.rc != MQTT_ERR_SUCCESS:
                         raise aiomqtt.MqttCodeError(info.rc, "Could not publish a detection")
             self.stats.detections_sent += len(batch)
+            if paho.want_write():
+                # the socket did not take it all: wait for it to drain, so that detections
+                # queue (and are dropped, counted) in our bounded stream, not in paho
+                await self._drained(paho)
+
+    async def _drained(self, paho: Any) -> None:
+        timeout = self._settings.publish_timeout
+        with anyio.move_on_after(timeout):
+            # paho signals a drained socket only through aiomqtt's callbacks: poll, rarely
+            while paho.want_write():  # noqa: ASYNC110
+                await anyio.sleep(_DRAIN_POLL_SECONDS)
+            return
+        raise aiomqtt.MqttError(f"the broker took no data for {timeout:g} s")
 
     async def _farewell(self, client: aiomqtt.Client) -> None:
         """On clean shutdown: flush queued state and events, then say `offline` ourselves."""
@@ -361,12 +413,6 @@ class MqttLink:
             self.retain(self._will_topic, b"offline")  # retained state goes first
             while await self._publish_next(client):
                 pass
-
-
-async def _consume(inbox: MemoryObjectReceiveStream[aiomqtt.Message], handler: Handler) -> None:
-    async for message in inbox:
-        with anyio.CancelScope(shield=True):
-            await handler(message)
 
 
 @contextlib.contextmanager
