@@ -6,6 +6,7 @@ import sys
 import time
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
+from functools import partial
 from typing import TYPE_CHECKING
 
 import anyio
@@ -188,7 +189,7 @@ async def serve(
             listener.publish_info()  # real cameras are known only once the backend ran
             if not backend.cameras:
                 log.warning("no cameras found yet; they are adopted when they appear")
-            await tg.start(link.run, handler, name="mqtt")
+            await tg.start(partial(link.run, handler, refuse=handler.refuse), name="mqtt")
             log.info(
                 "agent started",
                 agent_id=config.agent.id,

@@ -20,6 +20,7 @@ from agent.errors import (
     InvalidPayload,
     PayloadTooLarge,
     RetainedCommand,
+    ShuttingDown,
     UnknownCamera,
     UnknownStream,
 )
@@ -104,6 +105,18 @@ class CommandHandler:
             await self._command(parsed, message)
         elif isinstance(parsed, SimulatorTopic):
             self._fault(parsed, message)
+
+    def refuse(self, message: aiomqtt.Message) -> None:
+        """Answer a command received too late to be handled: the agent is stopping."""
+        topic = self._topics.parse(message.topic.value)
+        if not isinstance(topic, CommandTopic):
+            return
+        payload = message.payload if isinstance(message.payload, bytes) else b""
+        try:
+            reply = _reply_to(message, self._topics.base)
+        except AgentError:
+            reply = None
+        self._reject(topic, payload, reply, ShuttingDown())
 
     async def _command(self, topic: CommandTopic, message: aiomqtt.Message) -> None:
         payload = message.payload if isinstance(message.payload, bytes) else b""
@@ -196,6 +209,8 @@ class CommandHandler:
         log.info("duplicate request_id, replaying its outcome", state=known.last.state)
         if reply is not None and reply not in known.replies:
             known.replies.append(reply)
+        if self._coordinator.is_held(known.last):
+            return True  # goes out, to the new reply too, once the state file records it
         self._reporter.event(known.last, [reply] if reply else [])
         return True
 

@@ -194,6 +194,12 @@ class Coordinator:
         await self.persist()
         worker.announce(request)
 
+    def is_held(self, event: Event) -> bool:
+        """True while `event` waits for the state write that records it."""
+        return any(held is event for held, _ in self._held) or any(
+            worker.holds(event) for worker in self.workers.values()
+        )
+
     # --- persistence ---------------------------------------------------------------------
 
     def snapshot(self) -> StateDocument:

@@ -133,5 +133,14 @@ class Interrupted(AgentError):
     code = "interrupted"
 
 
+class ShuttingDown(AgentError):
+    """Received just before a shutdown, and answered instead of handled."""
+
+    code = "shutting_down"
+
+    def __init__(self) -> None:
+        super().__init__("the agent stopped before handling this command; send it again")
+
+
 class Internal(AgentError):
     code = "internal"

@@ -125,7 +125,8 @@ class CameraWorker:
 
     def settle_now(self, request: Request) -> None:
         self._supersede(request)
-        self._emit(request, "accepted")
+        # held with its outcome: after a crash before the write, nothing was said at all
+        self._emit(request, "accepted", hold=True)
         self._settle(request)
         self._publish_status()
 
@@ -228,7 +229,8 @@ class CameraWorker:
             for stream in self.running:
                 self._route(stream)
         finally:
-            self._applying = {}
+            # cancelled (shutting down): the batch stays in `_applying`, so a state write
+            # that still happens records it as unfinished, to be answered `interrupted`
             self._publish_status()
 
     async def _restart(self, target: dict[str, Deployment]) -> None:
@@ -284,6 +286,7 @@ class CameraWorker:
         *,
         error: ErrorInfo | None = None,
         superseded_by: str | None = None,
+        hold: bool = False,
     ) -> None:
         if request.silent:
             return
@@ -298,10 +301,13 @@ class CameraWorker:
             superseded_by=superseded_by,
         )
         request.events.append(event)
-        if event.terminal:
+        if hold or event.terminal:
             self._held.append((event, request.replies))
         else:
             self._reporter.event(event, request.replies)
+
+    def holds(self, event: Event) -> bool:
+        return any(held is event for held, _ in self._held)
 
     def take_held(self) -> list[tuple[Event, list[ReplyTo]]]:
         """Terminal events waiting for the state write that includes them."""

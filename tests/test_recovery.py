@@ -340,3 +340,47 @@ async def test_terminal_events_follow_the_state_write_that_records_them(
 
         await obs.wait_for(check_new_terminal_events, what="every terminal event")
         assert seen == {r: (state, (True, False)) for r, state in expected.items()}
+
+
+async def test_commands_in_flight_at_a_clean_shutdown_are_each_answered_once(
+    broker: Broker, tmp_path: Path, own_blobs: dict[str, Path]
+) -> None:
+    """Stop the agent while commands are queued, handled and applied; start it again.
+
+    Whatever the timing, every command ends with exactly one terminal event: its own
+    outcome, `rejected`/`shutting_down` (received but not handled before the stop), or
+    `failed`/`interrupted` (accepted, then answered after the restart).
+    """
+    slow = tuple(camera_spec(mxid, boot_seconds=3.0) for mxid in (CAM1, CAM2))
+    config = make_config(broker, tmp_path / "state", cameras=slow)
+    topics = Topics.for_agent(config.mqtt.prefix, config.agent.id)
+    blob = own_blobs["yolo_tiny"].read_bytes()
+    ids = [f"stop-{i}" for i in range(12)]
+    async with observe(broker, topics) as obs:
+        async with running_agent(config):
+            await obs.wait_for(lambda: obs.latest(topics.availability) == b"online")
+            for i, request_id in enumerate(ids):
+                camera = (CAM1, CAM2)[i % 2]
+                stream = ("CAM_A", "CAM_B", "CAM_C")[i % 3]
+                body = {"request_id": request_id, "nn_config": YOLO, "model": blob}
+                await obs.deploy(camera, stream, body, encoding="msgpack")
+            await obs.wait_for(lambda: obs.events(ids[0]), what="the first command handled")
+        await obs.wait_for(lambda: obs.latest(topics.availability) == b"offline")
+        async with running_agent(config):
+            await obs.wait_for(lambda: all(obs.terminal(i) for i in ids), what="every answer")
+            terminal = {i: [e for e in obs.events(i) if e.terminal] for i in ids}
+            codes = {
+                i: (t[0].state, t[0].error.code if t[0].error else None)
+                for i, t in terminal.items()
+            }
+            print(
+                f"clean shutdown: sent={len(ids)} answered={len(codes)} outcomes={sorted(codes.values())}"
+            )
+            assert all(len(t) == 1 for t in terminal.values()), terminal
+            allowed = {
+                ("succeeded", None),
+                ("superseded", None),
+                ("failed", "interrupted"),
+                ("rejected", "shutting_down"),
+            }
+            assert set(codes.values()) <= allowed, codes
