@@ -200,5 +200,7 @@ class ModelStore:
                 path.unlink()
             raise ModelNotFound(sha256=sha256)
         model = StoredModel(sha256=sha256, size=len(data), path=path, info=parse_blob(path))
+        with contextlib.suppress(OSError):
+            os.utime(path)  # used now: spared by pruning until it is referenced
         self._known[sha256] = model
         return model
