@@ -174,6 +174,11 @@ class _Boot:
         session.close()
         return None
 
+    @property
+    def abandoned(self) -> bool:
+        with self._lock:
+            return self._abandoned
+
     def abandon(self) -> _Session | None:
         """Give up; return a session that opened but was never handed over."""
         with self._lock:
@@ -357,9 +362,12 @@ class DepthaiCamera(Camera):
         target = self.target
         lock = self._device_lock
         wait = self._settings.boot_timeout
+        boot = _Boot()
 
         def open_session() -> _Session:
             with _exclusive(lock, wait):
+                if boot.abandoned:  # given up on while waiting for the device
+                    raise RuntimeError("boot abandoned before the device was free")
                 device = dai.Device(pipeline, dai.DeviceInfo(target))
             try:
                 return _Session(device, streams, lock)
@@ -368,7 +376,6 @@ class DepthaiCamera(Camera):
                     device.close()
                 raise
 
-        boot = _Boot()
         try:
             with anyio.fail_after(self._settings.boot_timeout):
                 session = await anyio.to_thread.run_sync(
@@ -492,9 +499,12 @@ class DepthaiCamera(Camera):
         session.stop.set()
         with anyio.move_on_after(_CLOSE_TIMEOUT, shield=True) as scope:
             # abandon_on_cancel lets the time bound hold; the thread finishes the close alone
-            await anyio.to_thread.run_sync(
-                session.close, limiter=self._limiter, abandon_on_cancel=True
-            )
+            try:
+                await anyio.to_thread.run_sync(
+                    session.close, limiter=self._limiter, abandon_on_cancel=True
+                )
+            except RuntimeError as exc:  # the device is busy, or depthai failed to close it
+                log.error("camera close failed", camera=self._mxid, error=str(exc))  # noqa: TRY400
         if scope.cancelled_caught:
             log.error("camera close timed out", camera=self._mxid, timeout=_CLOSE_TIMEOUT)
 
