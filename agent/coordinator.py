@@ -63,6 +63,7 @@ class Coordinator:
         self._task_group: TaskGroup | None = None
         self._write_failing = False
         self._write_retry = anyio.Event()
+        # events to publish once the next state write (which records them) is done
         self._held: list[tuple[Event, list[ReplyTo]]] = []
 
     # --- start-up ------------------------------------------------------------------------
@@ -104,7 +105,7 @@ class Coordinator:
         )
         replies = [ReplyTo(r.topic, r.correlation_data) for r in stored.replies]
         log.warning("interrupted request answered", request_id=stored.request_id)
-        self._held.append((event, replies))  # sent once the state file records it
+        self._hold(event, replies)
         self.requests.add(self._recorded(event))
 
     async def _restore(self, worker: CameraWorker) -> None:
@@ -161,7 +162,9 @@ class Coordinator:
     def add_camera(self, camera: Camera) -> CameraWorker:
         worker = self.workers.get(camera.mxid)
         if worker is None:
-            worker = CameraWorker(camera, self._reporter, self._topics, changed=self.persist)
+            worker = CameraWorker(
+                camera, self._reporter, self._topics, changed=self.persist, hold=self._hold
+            )
             self.workers[camera.mxid] = worker
             if self._task_group is not None:
                 self._start(self._task_group, worker)
@@ -194,11 +197,12 @@ class Coordinator:
         await self.persist()
         worker.announce(request)
 
+    def _hold(self, event: Event, replies: list[ReplyTo]) -> None:
+        self._held.append((event, replies))
+
     def is_held(self, event: Event) -> bool:
         """True while `event` waits for the state write that records it."""
-        return any(held is event for held, _ in self._held) or any(
-            worker.holds(event) for worker in self.workers.values()
-        )
+        return any(held is event for held, _ in self._held)
 
     # --- persistence ---------------------------------------------------------------------
 
@@ -237,16 +241,14 @@ class Coordinator:
     async def persist(self) -> None:
         """Write the state file; on failure report it, keep serving, and retry later.
 
-        Terminal events held by the workers go out once the write that records them is
-        done, or has failed (then the agent serves from memory and cannot do better).
+        Held events go out once the write that records them is done, or has failed (then
+        the agent serves from memory and cannot do better).
         """
         held: list[tuple[Event, list[ReplyTo]]] = []
 
         def snapshot() -> StateDocument:
-            held.extend(self._held)
+            held.extend(self._held)  # what this snapshot records
             self._held.clear()
-            for worker in self.workers.values():
-                held.extend(worker.take_held())
             return self.snapshot()
 
         try:

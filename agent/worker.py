@@ -57,11 +57,15 @@ class CameraWorker:
         topics: Topics,
         *,
         changed: Callable[[], Awaitable[None]],
+        hold: Callable[[Event, list[ReplyTo]], None],
     ) -> None:
         self.camera = camera
         self._reporter = reporter
         self._topics = topics
         self._changed = changed  # persists the desired state
+        # terminal events wait for the state write that records them: after a crash a
+        # request is then either answered `interrupted` or had its answer, never both
+        self._hold = hold
         # what runs (or ran last, while offline): the fallback when an apply fails
         self.running: dict[str, Deployment] = {}
         self._staged: dict[str, Request] = {}
@@ -76,9 +80,6 @@ class CameraWorker:
         self._wake = anyio.Event()
         # set once the state saved for this camera by an earlier run is taken over
         self.restored = anyio.Event()
-        # terminal events wait for the state file that records them: after a crash a
-        # request is then either answered `interrupted` or had its answer, never both
-        self._held: list[tuple[Event, list[ReplyTo]]] = []
         self._published_nn: dict[str, NNStatus] = {}
         self._published_camera: CameraStatus | None = None
 
@@ -302,17 +303,9 @@ class CameraWorker:
         )
         request.events.append(event)
         if hold or event.terminal:
-            self._held.append((event, request.replies))
+            self._hold(event, request.replies)
         else:
             self._reporter.event(event, request.replies)
-
-    def holds(self, event: Event) -> bool:
-        return any(held is event for held, _ in self._held)
-
-    def take_held(self) -> list[tuple[Event, list[ReplyTo]]]:
-        """Terminal events waiting for the state write that includes them."""
-        held, self._held = self._held, []
-        return held
 
     def _nn_status(self, stream: str) -> NNStatus:
         request = (
