@@ -104,6 +104,20 @@ def _write_parsed(folder: Path, sha256: str, data: bytes) -> tuple[Path, BlobInf
     return final, info
 
 
+def _touch(path: Path) -> bool:
+    """Mark a model as used now, so pruning spares it until it is referenced; False if gone.
+
+    Between upload (or lookup) and acceptance a model is referenced by nothing yet.
+    """
+    try:
+        os.utime(path)
+    except FileNotFoundError:
+        return False
+    except OSError:
+        pass  # a read-only store: nothing prunes it either
+    return True
+
+
 def _fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -177,14 +191,12 @@ class ModelStore:
         return self._fresh(sha256) or self._load(sha256)
 
     def _fresh(self, sha256: str) -> StoredModel | None:
-        """A model read before, its file touched so that pruning spares it for a while."""
+        """A model read before whose file is still there, touched (see `_touch`)."""
         known = self._known.get(sha256)
         if known is None:
             return None
-        try:
-            os.utime(known.path)  # used now: between upload and accept it is not referenced
-        except OSError:
-            self._known.pop(sha256, None)
+        if not _touch(known.path):
+            del self._known[sha256]
             return None
         return known
 
@@ -200,7 +212,6 @@ class ModelStore:
                 path.unlink()
             raise ModelNotFound(sha256=sha256)
         model = StoredModel(sha256=sha256, size=len(data), path=path, info=parse_blob(path))
-        with contextlib.suppress(OSError):
-            os.utime(path)  # used now: spared by pruning until it is referenced
+        _touch(path)
         self._known[sha256] = model
         return model
