@@ -63,6 +63,10 @@ def _salvage_request_id(payload: bytes) -> str | None:
     return None
 
 
+def _payload(message: aiomqtt.Message) -> bytes:
+    return message.payload if isinstance(message.payload, bytes) else b""
+
+
 def _reply_to(message: aiomqtt.Message, base: str) -> ReplyTo | None:
     """The MQTT 5 Response Topic to copy events to; raise InvalidPayload for an unusable one."""
     properties = message.properties
@@ -111,15 +115,14 @@ class CommandHandler:
         topic = self._topics.parse(message.topic.value)
         if not isinstance(topic, CommandTopic):
             return
-        payload = message.payload if isinstance(message.payload, bytes) else b""
         try:
             reply = _reply_to(message, self._topics.base)
         except AgentError:
             reply = None
-        self._reject(topic, payload, reply, ShuttingDown())
+        self._reject(topic, _payload(message), reply, ShuttingDown())
 
     async def _command(self, topic: CommandTopic, message: aiomqtt.Message) -> None:
-        payload = message.payload if isinstance(message.payload, bytes) else b""
+        payload = _payload(message)
         reply = None
         self.handled += 1
         structlog.contextvars.bind_contextvars(camera=topic.camera, stream=topic.stream)

@@ -208,10 +208,8 @@ class MqttLink:
         try:
             # the consumer is cancelled now: it takes no further message
             with contextlib.suppress(anyio.WouldBlock, anyio.ClosedResourceError):
-                while self._leftovers is not None:
-                    message = self._leftovers.receive_nowait()
-                    if self._refuse is not None:
-                        self._refuse(message)
+                while self._leftovers is not None and self._refuse is not None:
+                    self._refuse(self._leftovers.receive_nowait())
         finally:
             self._handling.release()
 
