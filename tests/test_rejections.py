@@ -242,7 +242,7 @@ async def test_mqtt5_response_topic_and_correlation_data(
     ("reply_topic", "reason"),
     [("{base}/cameras/X/streams/CAM_A/nn/deploy", "must not be under"), ("r/+/x", "wildcards")],
 )
-async def test_unusable_response_topic_is_rejected_and_never_published_to(
+async def test_unusable_response_topic_is_rejected_and_the_session_survives(
     mqtt5: Broker, tmp_path: Path, own_blobs: dict[str, Path], reply_topic: str, reason: str
 ) -> None:
     async with agent_and_observer(mqtt5, make_config(mqtt5, tmp_path)) as (app, obs):
@@ -258,7 +258,9 @@ async def test_unusable_response_topic_is_rejected_and_never_published_to(
         await obs.delete(CAM1, "CAM_B", {"request_id": "after"})
         assert (await obs.outcome("after")).state == "succeeded"
         assert not obs.on(topic)
+        # no event was refused by paho and the session was never torn down
         assert app.link.stats.events_dropped == 0
+        assert app.link.stats.connects == 1
 
 
 async def test_simulator_knobs_absent_without_simulated_cameras_of_that_id(
