@@ -368,6 +368,9 @@ async def test_commands_in_flight_at_a_clean_shutdown_are_each_answered_once(
         await obs.wait_for(lambda: obs.latest(topics.availability) == b"offline")
         async with running_agent(config):
             await obs.wait_for(lambda: all(obs.terminal(i) for i in ids), what="every answer")
+            # events leave in order: once this is answered, no late second answer is on its way
+            await obs.delete(CAM2, "DEPTH_B_C", {"request_id": "barrier"})
+            await obs.outcome("barrier")
             terminal = {i: [e for e in obs.events(i) if e.terminal] for i in ids}
             codes = {
                 i: (t[0].state, t[0].error.code if t[0].error else None)
