@@ -17,7 +17,6 @@ from typing import TYPE_CHECKING, Any
 import msgspec
 import pytest
 
-from agent.messages import Event
 from agent.topics import Topics
 from tests.brokers import run_broker
 from tests.harness import (
@@ -35,6 +34,7 @@ if TYPE_CHECKING:
     from collections.abc import Iterator
     from pathlib import Path
 
+    from agent.messages import Event
     from tests.brokers import Broker
     from tests.harness import Observer
 
