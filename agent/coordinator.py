@@ -316,7 +316,8 @@ class Coordinator:
         if self._write_failing:
             log.info("state write recovered", path=str(self._state.path))
             self._write_failing = False
-        await self._prune()
+        if self._store.stored_since_prune:  # bound the store as soon as a model is added
+            await self._prune()
 
     def _write_failed(
         self, exc: OSError, prepared: list[CameraWorker], held: list[tuple[Event, Request]]

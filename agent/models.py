@@ -147,6 +147,7 @@ class ModelStore:
         self._unreferenced_bytes = unreferenced_bytes
         self._known: dict[str, StoredModel] = {}
         self._limiter = anyio.CapacityLimiter(1)
+        self.stored_since_prune = True  # models were added (or may be there, at start-up)
 
     def path(self, sha256: str) -> Path:
         return self.root / f"{sha256}.blob"
@@ -184,6 +185,7 @@ class ModelStore:
         return await anyio.to_thread.run_sync(self._prune, keep, limiter=self._limiter)
 
     def _prune(self, keep: set[str]) -> list[str]:
+        self.stored_since_prune = False
         recent = time.time() - _PRUNE_GRACE_SECONDS
         unreferenced: list[tuple[float, int, Path]] = []
         for path in self.root.glob("*.blob"):
@@ -214,6 +216,7 @@ class ModelStore:
         if known is not None:
             return known
         final, info = _write_parsed(self.root, sha256, data)
+        self.stored_since_prune = True
         model = StoredModel(sha256=sha256, size=len(data), path=final, info=info)
         self._known[sha256] = model
         return model
