@@ -14,6 +14,7 @@ import subprocess
 import sys
 from typing import TYPE_CHECKING, Any
 
+import anyio
 import msgspec
 import pytest
 
@@ -482,3 +483,66 @@ async def test_commands_in_flight_at_a_clean_shutdown_are_each_answered_once(
                 ("rejected", "shutting_down"),
             }
             assert set(codes.values()) <= allowed, codes
+
+
+async def test_commands_arriving_together_are_each_accepted_after_the_write_that_records_them(
+    broker: Broker, tmp_path: Path, own_blobs: dict[str, Path]
+) -> None:
+    """State writes are grouped, and still: when `accepted` (or an answer that needed no
+    restart) arrives, state.json records the request; each gets one accepted, one answer."""
+    yolo = own_blobs["yolo_tiny"].read_bytes()
+    sha = hashlib.sha256(yolo).hexdigest()
+    state_file = tmp_path / "state" / "state.json"
+    config = make_config(broker, tmp_path / "state")
+
+    def recorded(request_id: str) -> bool:
+        document: Any = msgspec.json.decode(state_file.read_bytes())
+        return any(o["request_id"] == request_id for o in document["outcomes"]) or any(
+            r["request_id"] == request_id for r in document["in_flight"]
+        )
+
+    async with agent_and_observer(broker, config) as (_, obs):
+        await obs.deploy(CAM1, "CAM_A", {"request_id": "upload", "nn_config": YOLO, "model": yolo})
+        await obs.outcome("upload")
+        commands: list[tuple[str, str, str, dict[str, Any]]] = []
+        for n in range(24):
+            camera, stream = (CAM1, CAM2)[n % 2], ("CAM_A", "CAM_B", "CAM_C")[n % 3]
+            if n % 4 == 3:  # CAM_C never runs anything: answered without a restart
+                body: dict[str, Any] = {"request_id": f"g{n}"}
+                commands.append((f"g{n}", camera, "CAM_C", body))
+            else:  # same-stream deploys supersede each other
+                threshold = 0.1 + n / 100
+                body = {"request_id": f"g{n}", "nn_config": _yolo(threshold), "model_sha256": sha}
+                commands.append((f"g{n}", camera, stream, body))
+        commands.append(commands[0])  # the same id again, at once: not run twice
+        ids = list(dict.fromkeys(c[0] for c in commands))
+        async with anyio.create_task_group() as tg:
+            for _, camera, stream, body in commands:
+                if "model_sha256" in body:
+                    tg.start_soon(obs.deploy, camera, stream, body)
+                else:
+                    tg.start_soon(obs.delete, camera, stream, body)
+        checked: dict[str, bool] = {}
+
+        def check_new_accepted() -> bool:
+            # runs as soon as the observer records a message: the file is read right then
+            for request_id in ids:
+                if request_id not in checked and "accepted" in obs.states(request_id):
+                    checked[request_id] = recorded(request_id)
+            return len(checked) == len(ids) and all(obs.terminal(i) for i in ids)
+
+        await obs.wait_for(check_new_accepted, what="every accepted and every answer")
+        await obs.delete(CAM2, "DEPTH_B_C", {"request_id": "barrier"})
+        await obs.outcome("barrier")  # events leave in order: nothing late is on its way
+    assert checked == dict.fromkeys(ids, True)
+    for request_id in ids:
+        assert obs.states(request_id).count("accepted") == 1, request_id
+        terminal = _terminals(obs, request_id)
+        assert terminal, request_id
+        assert all(e == terminal[0] for e in terminal), terminal  # a replay repeats it
+    outcomes = sorted({e.state for i in ids for e in _terminals(obs, i)})
+    print(f"grouped writes: sent={len(commands)} ids={len(ids)} outcomes={outcomes}")
+
+
+def _yolo(confidence: float) -> dict[str, Any]:
+    return {"type": "YOLO", "nn_config": {**YOLO["nn_config"], "confidence_threshold": confidence}}
