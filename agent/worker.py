@@ -214,7 +214,8 @@ class CameraWorker:
         writing, self._writing = self._writing, []
         for staged in reversed(writing):
             if staged.replaced is not None:
-                staged.replaced.events.pop()  # its `superseded`, never sent
+                if not staged.replaced.silent:
+                    staged.replaced.events.pop()  # its `superseded`, never sent
                 if staged.replaced_was_queued:
                     self._pending[staged.request.stream] = staged.replaced
             staged.request.events.clear()
