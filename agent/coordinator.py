@@ -326,7 +326,7 @@ class Coordinator:
         # answers of finished requests wait for the next write that works
         self._held[:0] = [(e, r) for e, r in held if any(x is e for x in r.events)]
         reason = f"cannot write {self._state.path}: {exc.strerror or exc}"
-        if not self._write_failing or refused:
+        if not self._write_failing:  # once per spell; each refused command is told itself
             log.error(  # the reason is enough
                 "state write failed", error=reason, refused=len(refused), held=len(self._held)
             )
