@@ -218,11 +218,6 @@ class Coordinator:
         else:  # one write per command, the next command waiting for it: the old way
             await self.persist()
 
-    async def flush(self) -> None:
-        """Return once every request submitted so far is recorded (or refused) and answered."""
-        if any(w.has_staged() for w in self.workers.values()):
-            await self.persist()  # the write under way, if any, is done before it starts
-
     def _hold(self, event: Event, request: Request) -> None:
         self._held.append((event, request))
 
