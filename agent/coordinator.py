@@ -65,6 +65,7 @@ class Coordinator:
         self._topics = topics
         self._state = state
         self._store = store
+        store.keep_referenced(self.referenced_models)
         self.workers: dict[str, CameraWorker] = {}
         self.requests = RequestLog()
         self._saved: dict[str, CameraState] = {}  # cameras not (yet) present in this run
@@ -311,8 +312,6 @@ class Coordinator:
         if self._write_failing:
             log.info("state write recovered", path=str(self._state.path))
             self._write_failing = False
-        if self._store.stored_since_prune:  # bound the store as soon as a model is added
-            await self._prune()
 
     def _write_failed(
         self, exc: OSError, prepared: list[CameraWorker], held: list[tuple[Event, Request]]
@@ -355,9 +354,6 @@ class Coordinator:
         except OSError as exc:
             log.error("state write failed at shutdown", error=str(exc))  # noqa: TRY400
 
-    async def _prune(self) -> None:
-        await self._store.prune(self.referenced_models())
-
     async def _retry_writes(self) -> None:
         while True:
             await self._write_retry.wait()
@@ -368,8 +364,8 @@ class Coordinator:
 
     async def _prune_regularly(self) -> None:
         while True:
-            await anyio.sleep(_PRUNE_EVERY_SECONDS)
-            await self._prune()
+            await anyio.sleep(_PRUNE_EVERY_SECONDS)  # models past the grace period
+            await self._store.prune()
 
     async def run(self, *, task_status: TaskStatus[None]) -> None:
         self._state.make_folder()
@@ -382,8 +378,7 @@ class Coordinator:
                 tg.start_soon(self._prune_regularly, name="models.prune")
                 if self._held:
                     await self.persist()  # record the `interrupted` answers: sent once
-                else:
-                    await self._prune()
+                await self._store.prune()
                 for worker in self.workers.values():
                     self._start(tg, worker)
                 task_status.started()

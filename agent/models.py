@@ -147,7 +147,11 @@ class ModelStore:
         self._unreferenced_bytes = unreferenced_bytes
         self._known: dict[str, StoredModel] = {}
         self._limiter = anyio.CapacityLimiter(1)
-        self.stored_since_prune = True  # models were added (or may be there, at start-up)
+        self._referenced: Callable[[], set[str]] = set
+
+    def keep_referenced(self, referenced: Callable[[], set[str]]) -> None:
+        """Name the models pruning must keep (those the desired and last-good sets use)."""
+        self._referenced = referenced
 
     def path(self, sha256: str) -> Path:
         return self.root / f"{sha256}.blob"
@@ -167,25 +171,28 @@ class ModelStore:
         """Verify, parse and store a blob; raise ChecksumMismatch, InvalidModel or
         StateWriteFailed (the store cannot be written: the command is refused)."""
         try:
-            return await anyio.to_thread.run_sync(
+            model, added = await anyio.to_thread.run_sync(
                 self._put, data, expected_sha256, limiter=self._limiter
             )
         except OSError as exc:
             problem = f"cannot store model in {self.root}: {exc.strerror or exc}"
             self._on_write_error(problem)  # reported here, on the event loop
             raise StateWriteFailed(f"{problem}; nothing was changed, send it again") from exc
+        if added:  # bound the store at once: uploads that end rejected are never referenced
+            await self.prune()
+        return model
 
     async def get(self, sha256: str) -> StoredModel:
         """Return a stored blob; raise ModelNotFound when absent or corrupted."""
         return await anyio.to_thread.run_sync(self._get, sha256, limiter=self._limiter)
 
-    async def prune(self, keep: set[str]) -> list[str]:
-        """Remove blobs not in `keep`: all used longer ago than the grace period, and the
-        oldest ones beyond the byte bound for unreferenced models; return them."""
+    async def prune(self) -> list[str]:
+        """Remove unreferenced blobs: all used longer ago than the grace period, and the
+        oldest ones beyond the byte bound (the newest is always kept); return them."""
+        keep = self._referenced()  # read on the event loop, where it changes
         return await anyio.to_thread.run_sync(self._prune, keep, limiter=self._limiter)
 
     def _prune(self, keep: set[str]) -> list[str]:
-        self.stored_since_prune = False
         recent = time.time() - _PRUNE_GRACE_SECONDS
         unreferenced: list[tuple[float, int, Path]] = []
         for path in self.root.glob("*.blob"):
@@ -208,18 +215,18 @@ class ModelStore:
             log.info("unreferenced models removed", models=removed)
         return removed
 
-    def _put(self, data: bytes, expected: str | None) -> StoredModel:
+    def _put(self, data: bytes, expected: str | None) -> tuple[StoredModel, bool]:
+        """The stored model, and whether it was added now."""
         sha256 = hashlib.sha256(data).hexdigest()
         if expected is not None and expected != sha256:
             raise ChecksumMismatch(expected=expected, actual=sha256)
         known = self._fresh(sha256)
         if known is not None:
-            return known
+            return known, False
         final, info = _write_parsed(self.root, sha256, data)
-        self.stored_since_prune = True
         model = StoredModel(sha256=sha256, size=len(data), path=final, info=info)
         self._known[sha256] = model
-        return model
+        return model, True
 
     def _get(self, sha256: str) -> StoredModel:
         return self._fresh(sha256) or self._load(sha256)

@@ -85,3 +85,28 @@ async def test_unreferenced_models_are_pruned_and_bounded(
         f"({len(stale)} past the grace period, 2 beyond the byte bound); "
         f"{len(left)} left, 1 of them referenced"
     )
+
+
+async def test_uploads_refused_by_preflight_do_not_fill_the_store(
+    broker: Broker, tmp_path: Path, own_blobs: dict[str, Path]
+) -> None:
+    """A model is stored before pre-flight refuses its command, and nothing ever refers to
+    it: the store keeps at most 4 x max_payload_bytes of such models, newest first."""
+    blob = own_blobs["yolo_tiny"].read_bytes()
+    limit = 64 * 1024
+    models = tmp_path / "state" / "models"
+    config = make_config(broker, tmp_path / "state", max_payload_bytes=limit)
+    size = 50 * 1024  # the blob padded with random bytes: parses, and a new sha256 each
+    async with agent_and_observer(broker, config) as (_, obs):
+        for n in range(8):
+            model = blob + os.urandom(size - len(blob))
+            body = {"request_id": f"u{n}", "nn_config": {"type": "MobileNet"}, "model": model}
+            await obs.deploy(CAM1, "CAM_A", body, encoding="msgpack")
+            refused = await obs.outcome(f"u{n}")
+            assert refused.error is not None
+            assert refused.error.code == "incompatible_model"
+            stored = sum(p.stat().st_size for p in models.glob("*.blob"))
+            assert stored <= max(4 * limit, size), (n, stored)
+    left = len(list(models.glob("*.blob")))
+    assert left == 4 * limit // size
+    print(f"disk: 8 uploads of 50 KiB refused by pre-flight; {left} kept (bound 256 KiB)")
