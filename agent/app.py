@@ -128,9 +128,10 @@ async def serve(
     config: Config,
     *,
     source: Path | None = None,
+    group_writes: bool = True,
     task_status: TaskStatus[App] = anyio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Run the agent until cancelled."""
+    """Run the agent until cancelled (`group_writes=False` only to benchmark the old way)."""
     topics = Topics.for_agent(config.mqtt.prefix, config.agent.id)
     backend = _backend(config)
     simulator = backend if isinstance(backend, SimulatorBackend) else None
@@ -154,8 +155,16 @@ async def serve(
     store = ModelStore(
         config.state_path / "models",
         on_write_error=lambda problem: reporter.agent_error("model_write_failed", problem),
+        # models uploaded but not (yet) referenced: a few of the largest commands
+        unreferenced_bytes=4 * config.agent.max_payload_bytes,
     )
-    coordinator = Coordinator(reporter, topics, state=StateFile(config.state_path), store=store)
+    coordinator = Coordinator(
+        reporter,
+        topics,
+        state=StateFile(config.state_path),
+        store=store,
+        group_writes=group_writes,
+    )
     coordinator.load()
     for camera in backend.cameras.values():
         coordinator.add_camera(camera)

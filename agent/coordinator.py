@@ -9,7 +9,7 @@ import anyio
 import structlog
 
 from agent.cameras.base import Deployment
-from agent.errors import AgentError, Interrupted
+from agent.errors import AgentError, Interrupted, StateWriteFailed
 from agent.messages import Event
 from agent.mqtt import ReplyTo
 from agent.requests import Request, RequestLog
@@ -36,6 +36,8 @@ __all__ = ["Coordinator"]
 log = structlog.get_logger(__name__)
 
 _RETRY_WRITE_SECONDS: Final = 5.0
+_FINAL_WRITE_SECONDS: Final = 3.0
+_PRUNE_EVERY_SECONDS: Final = 60.0
 
 
 def _stored(deployment: Deployment) -> StoredDeployment:
@@ -51,20 +53,32 @@ def _stored(deployment: Deployment) -> StoredDeployment:
 
 class Coordinator:
     def __init__(
-        self, reporter: Reporter, topics: Topics, *, state: StateFile, store: ModelStore
+        self,
+        reporter: Reporter,
+        topics: Topics,
+        *,
+        state: StateFile,
+        store: ModelStore,
+        group_writes: bool = True,
     ) -> None:
         self._reporter = reporter
         self._topics = topics
         self._state = state
         self._store = store
+        store.keep_referenced(self.referenced_models)
         self.workers: dict[str, CameraWorker] = {}
         self.requests = RequestLog()
         self._saved: dict[str, CameraState] = {}  # cameras not (yet) present in this run
         self._task_group: TaskGroup | None = None
+        # False: each submit waits for its own write (only to measure the old way)
+        self._group_writes = group_writes
+        self._write_wanted = anyio.Event()
+        self._write_done = anyio.Event()  # set when the next write to start is done
         self._write_failing = False
         self._write_retry = anyio.Event()
         # events to publish once the next state write (which records them) is done
-        self._held: list[tuple[Event, list[ReplyTo]]] = []
+        self._held: list[tuple[Event, Request]] = []
+        self._writing_held: list[tuple[Event, Request]] = []  # those of the write under way
 
     # --- start-up ------------------------------------------------------------------------
 
@@ -103,10 +117,11 @@ class Coordinator:
             ts=time.time(),
             error=error_info(error),
         )
-        replies = [ReplyTo(r.topic, r.correlation_data) for r in stored.replies]
+        request = self._recorded(event)
+        request.replies = [ReplyTo(r.topic, r.correlation_data) for r in stored.replies]
         log.warning("interrupted request answered", request_id=stored.request_id)
-        self._hold(event, replies)
-        self.requests.add(self._recorded(event))
+        self._hold(event, request)
+        self.requests.add(request)
 
     async def _restore(self, worker: CameraWorker) -> None:
         saved = self._saved.get(worker.mxid)
@@ -183,55 +198,66 @@ class Coordinator:
     # --- requests ------------------------------------------------------------------------
 
     async def submit(self, request: Request) -> None:
-        """Accept a validated request: persisted before `accepted` is announced."""
+        """Take a validated request in: it is `accepted` once a state write records it.
+
+        Returns once the request is staged: the next command is handled while the write
+        is under way, and one write records every command staged meanwhile. A write that
+        fails refuses them (`rejected`, `state_write_failed`) and changes nothing.
+        """
         worker = self.workers[request.camera]
         # a request staged before the saved state is taken over would not be persisted
         await worker.restored.wait()
         worker.check_accepting()
-        self.requests.add(request)
-        if not worker.needs_apply(request):
-            worker.settle_now(request)
-            await self.persist()
+        known = self.requests.get(request.id)
+        if known is not None and not known.events:  # the same id, still waiting for the write
+            known.replies.extend(r for r in request.replies if r not in known.replies)
             return
+        self.requests.add(request)
         worker.stage(request)
-        await self.persist()
-        worker.announce(request)
+        if self._group_writes:
+            self._write_wanted.set()
+        else:  # one write per command, the next command waiting for it: the old way
+            await self.persist()
 
-    def _hold(self, event: Event, replies: list[ReplyTo]) -> None:
-        self._held.append((event, replies))
+    def _hold(self, event: Event, request: Request) -> None:
+        self._held.append((event, request))
 
     def is_held(self, event: Event) -> bool:
         """True while `event` waits for the state write that records it."""
-        return any(held is event for held, _ in self._held)
+        return any(held is event for held, _ in (*self._held, *self._writing_held))
 
     # --- persistence ---------------------------------------------------------------------
 
-    def snapshot(self) -> StateDocument:
+    def snapshot(self, *, final: bool = False) -> StateDocument:
+        """The document to write; `final`: at shutdown, when held answers may not go out."""
         cameras = dict(self._saved)
-        in_flight: list[StoredRequest] = []
+        in_flight: list[Request] = []
         for mxid, worker in self.workers.items():
             if mxid in self._saved:  # not restored yet
                 continue
             cameras[mxid] = CameraState(
                 desired={s: _stored(d) for s, d in worker.desired().items()},
-                last_good={s: _stored(d) for s, d in worker.running.items()},
+                last_good={s: _stored(d) for s, d in worker.last_good().items()},
             )
-            in_flight.extend(
-                StoredRequest(
-                    request_id=r.id,
-                    action=r.action,
-                    camera=r.camera,
-                    stream=r.stream,
-                    replies=tuple(StoredReply(x.topic, x.correlation_data) for x in r.replies),
-                )
-                for r in worker.in_flight()
-            )
-        outcomes = tuple(r.last for r in self.requests if r.done and r.last is not None)
-        return StateDocument(cameras=cameras, in_flight=tuple(in_flight), outcomes=outcomes)
+            in_flight.extend(worker.in_flight())
+        outcomes = []
+        for request in self.requests:
+            if not request.done or request.last is None:
+                continue
+            if final and self.is_held(request.last):
+                in_flight.append(request)  # answered `interrupted` after the restart
+            else:
+                outcomes.append(request.last)
+        return StateDocument(
+            cameras=cameras,
+            in_flight=tuple(_unfinished(r) for r in in_flight),
+            outcomes=tuple(outcomes),
+        )
 
     def referenced_models(self) -> set[str]:
         document = self.snapshot()
-        return {
+        staged = {d.model.sha256 for w in self.workers.values() for d in w.staged_deployments()}
+        return staged | {
             item.sha256
             for camera in document.cameras.values()
             for items in (camera.desired, camera.last_good)
@@ -239,14 +265,35 @@ class Coordinator:
         }
 
     async def persist(self) -> None:
-        """Write the state file; on failure report it, keep serving, and retry later.
+        """Have the state written; return once a write that starts after this call is done.
 
-        Held events go out once the write that records them is done, or has failed (then
-        the agent serves from memory and cannot do better).
+        The write may have failed: then it was reported, and is retried every few seconds.
         """
-        held: list[tuple[Event, list[ReplyTo]]] = []
+        done = self._write_done
+        self._write_wanted.set()
+        await done.wait()
+
+    async def _writer(self) -> None:
+        """One state write at a time, each recording everything staged or held until it starts."""
+        while True:
+            await self._write_wanted.wait()
+            self._write_wanted = anyio.Event()
+            done, self._write_done = self._write_done, anyio.Event()
+            with anyio.CancelScope(shield=True):  # a write begun is finished and answered
+                await self._write()
+            done.set()
+
+    async def _write(self) -> None:
+        """Write the state; publish what it recorded, or refuse the requests it would accept.
+
+        Held answers go out only after a write that records them: while writes fail they
+        wait (and are retried), so no answer is ever undone by a restart.
+        """
+        prepared: list[CameraWorker] = []
+        held = self._writing_held
 
         def snapshot() -> StateDocument:
+            prepared.extend(w for w in self.workers.values() if w.prepare())
             held.extend(self._held)  # what this snapshot records
             self._held.clear()
             return self.snapshot()
@@ -254,20 +301,58 @@ class Coordinator:
         try:
             await self._state.save(snapshot)
         except OSError as exc:
-            if not self._write_failing:
-                message = f"cannot write {self._state.path}: {exc.strerror or exc}"
-                log.error("state write failed; serving from memory", error=message)  # noqa: TRY400
-                self._reporter.agent_error("state_write_failed", message)
-            self._write_failing = True
-            self._write_retry.set()
+            self._write_failed(exc, prepared, held)
             return
         finally:
-            for event, replies in held:
-                self._reporter.event(event, replies)
+            self._writing_held = []
+        for worker in prepared:
+            worker.commit()
+        for event, request in held:
+            self._reporter.event(event, request.replies)
         if self._write_failing:
             log.info("state write recovered", path=str(self._state.path))
             self._write_failing = False
-        await self._store.prune(self.referenced_models())
+
+    def _write_failed(
+        self, exc: OSError, prepared: list[CameraWorker], held: list[tuple[Event, Request]]
+    ) -> None:
+        refused = [r for worker in prepared for r in worker.roll_back()]
+        # answers of finished requests wait for the next write that works
+        self._held[:0] = [(e, r) for e, r in held if any(x is e for x in r.events)]
+        reason = f"cannot write {self._state.path}: {exc.strerror or exc}"
+        if not self._write_failing:  # once per spell; each refused command is told itself
+            log.error(  # the reason is enough
+                "state write failed", error=reason, refused=len(refused), held=len(self._held)
+            )
+            self._reporter.agent_error(
+                "state_write_failed",
+                f"{reason}; commands are refused and {len(self._held)} answers wait "
+                f"until it can be written (retried every {_RETRY_WRITE_SECONDS:g} s)",
+            )
+        self._write_failing = True
+        self._write_retry.set()
+        error = error_info(StateWriteFailed(f"{reason}; nothing was changed, send it again"))
+        for request in refused:
+            self.requests.discard(request)
+            event = Event(
+                request_id=request.id,
+                action=request.action,
+                camera=request.camera,
+                stream=request.stream,
+                state="rejected",
+                ts=time.time(),
+                error=error,
+            )
+            self._reporter.event(event, request.replies)
+
+    async def _final_write(self) -> None:
+        """At shutdown: record what was staged or held as unfinished (`interrupted` later)."""
+        if not (self._held or any(w.has_staged() for w in self.workers.values())):
+            return
+        try:
+            await self._state.save(lambda: self.snapshot(final=True))
+        except OSError as exc:
+            log.error("state write failed at shutdown", error=str(exc))  # noqa: TRY400
 
     async def _retry_writes(self) -> None:
         while True:
@@ -277,12 +362,36 @@ class Coordinator:
             if self._write_failing:
                 await self.persist()
 
+    async def _prune_regularly(self) -> None:
+        while True:
+            await anyio.sleep(_PRUNE_EVERY_SECONDS)  # models past the grace period
+            await self._store.prune()
+
     async def run(self, *, task_status: TaskStatus[None]) -> None:
-        if self._held:
-            await self.persist()  # record the `interrupted` answers: sent once, not per start
-        async with anyio.create_task_group() as tg:
-            self._task_group = tg
-            tg.start_soon(self._retry_writes, name="state.retry")
-            for worker in self.workers.values():
-                self._start(tg, worker)
-            task_status.started()
+        self._state.make_folder()
+        self._store.clean_up()
+        try:
+            async with anyio.create_task_group() as tg:
+                self._task_group = tg
+                tg.start_soon(self._writer, name="state.writer")
+                tg.start_soon(self._retry_writes, name="state.retry")
+                tg.start_soon(self._prune_regularly, name="models.prune")
+                if self._held:
+                    await self.persist()  # record the `interrupted` answers: sent once
+                await self._store.prune()
+                for worker in self.workers.values():
+                    self._start(tg, worker)
+                task_status.started()
+        finally:
+            with anyio.move_on_after(_FINAL_WRITE_SECONDS, shield=True):
+                await self._final_write()
+
+
+def _unfinished(request: Request) -> StoredRequest:
+    return StoredRequest(
+        request_id=request.id,
+        action=request.action,
+        camera=request.camera,
+        stream=request.stream,
+        replies=tuple(StoredReply(x.topic, x.correlation_data) for x in request.replies),
+    )

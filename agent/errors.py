@@ -18,6 +18,7 @@ __all__ = [
     "ModelNotFound",
     "PayloadTooLarge",
     "RetainedCommand",
+    "StateWriteFailed",
     "UnknownCamera",
     "UnknownStream",
 ]
@@ -140,6 +141,12 @@ class ShuttingDown(AgentError):
 
     def __init__(self) -> None:
         super().__init__("the agent stopped before handling this command; send it again")
+
+
+class StateWriteFailed(AgentError):
+    """The state folder cannot be written: a command that would change it is refused."""
+
+    code = "state_write_failed"
 
 
 class Internal(AgentError):

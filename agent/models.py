@@ -20,7 +20,8 @@ import anyio
 import depthai as dai
 import structlog
 
-from agent.errors import ChecksumMismatch, InvalidModel, ModelNotFound
+from agent.errors import ChecksumMismatch, InvalidModel, ModelNotFound, StateWriteFailed
+from agent.state import make_private_folder
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -29,7 +30,12 @@ __all__ = ["BlobInfo", "ModelStore", "StoredModel", "TensorInfo", "parse_blob"]
 
 log = structlog.get_logger(__name__)
 
+# a model between upload and acceptance is referenced by nothing yet: spared this long
 _PRUNE_GRACE_SECONDS: Final = 300.0
+# unreferenced models kept within the grace period, newest first, at most this many bytes
+_UNREFERENCED_BYTES: Final = 256 * 1024 * 1024
+_TMP_PREFIX: Final = ".incoming-"
+_TMP_SUFFIX: Final = ".tmp"
 
 _DTYPES: Final = {
     "FP16": "float16",
@@ -86,8 +92,8 @@ def parse_blob(path: Path) -> BlobInfo:
 
 def _write_parsed(folder: Path, sha256: str, data: bytes) -> tuple[Path, BlobInfo]:
     """Write `data` as `<sha256>.blob` atomically, parsing it before it is renamed in place."""
-    folder.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=folder, prefix=".incoming-", suffix=".tmp")
+    folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(dir=folder, prefix=_TMP_PREFIX, suffix=_TMP_SUFFIX)
     tmp = Path(tmp_name)
     try:
         with os.fdopen(fd, "wb") as f:
@@ -129,63 +135,98 @@ def _fsync_dir(path: Path) -> None:
 class ModelStore:
     """Blobs kept as `models/<sha256>.blob`; written atomically, verified when first read."""
 
-    def __init__(self, root: Path, *, on_write_error: Callable[[str], None]) -> None:
+    def __init__(
+        self,
+        root: Path,
+        *,
+        on_write_error: Callable[[str], None],
+        unreferenced_bytes: int = _UNREFERENCED_BYTES,
+    ) -> None:
         self.root = root
-        # where models go while `root` cannot be written: they serve until the next restart
-        self._fallback = Path(tempfile.gettempdir()) / f"oak-agent-models-{os.getuid()}"
         self._on_write_error = on_write_error
+        self._unreferenced_bytes = unreferenced_bytes
         self._known: dict[str, StoredModel] = {}
         self._limiter = anyio.CapacityLimiter(1)
+        self._referenced: Callable[[], set[str]] = set
+
+    def keep_referenced(self, referenced: Callable[[], set[str]]) -> None:
+        """Name the models pruning must keep (those the desired and last-good sets use)."""
+        self._referenced = referenced
 
     def path(self, sha256: str) -> Path:
         return self.root / f"{sha256}.blob"
 
+    def clean_up(self) -> None:
+        """At start-up: a private folder, and no temp file of an upload a crash cut off."""
+        try:
+            make_private_folder(self.root)
+            for leftover in self.root.glob(f"{_TMP_PREFIX}*{_TMP_SUFFIX}"):
+                size = leftover.stat().st_size
+                leftover.unlink()
+                log.info("torn model upload removed", path=str(leftover), size=size)
+        except OSError as exc:
+            log.warning("model store not usable", path=str(self.root), error=str(exc))
+
     async def put(self, data: bytes, *, expected_sha256: str | None = None) -> StoredModel:
-        """Verify, parse and store a blob; raise ChecksumMismatch or InvalidModel."""
-        model, problem = await anyio.to_thread.run_sync(
-            self._put, data, expected_sha256, limiter=self._limiter
-        )
-        if problem is not None:  # reported here, on the event loop, not from the thread
-            self._on_write_error(problem)
+        """Verify, parse and store a blob; raise ChecksumMismatch, InvalidModel or
+        StateWriteFailed (the store cannot be written: the command is refused)."""
+        try:
+            model, added = await anyio.to_thread.run_sync(
+                self._put, data, expected_sha256, limiter=self._limiter
+            )
+        except OSError as exc:
+            problem = f"cannot store model in {self.root}: {exc.strerror or exc}"
+            self._on_write_error(problem)  # reported here, on the event loop
+            raise StateWriteFailed(f"{problem}; nothing was changed, send it again") from exc
+        if added:  # bound the store at once: uploads that end rejected are never referenced
+            await self.prune()
         return model
 
     async def get(self, sha256: str) -> StoredModel:
         """Return a stored blob; raise ModelNotFound when absent or corrupted."""
         return await anyio.to_thread.run_sync(self._get, sha256, limiter=self._limiter)
 
-    async def prune(self, keep: set[str]) -> list[str]:
-        """Remove blobs neither in `keep` nor used in the last minutes; return them."""
+    async def prune(self) -> list[str]:
+        """Remove unreferenced blobs: all used longer ago than the grace period, and the
+        oldest ones beyond the byte bound (the newest is always kept); return them."""
+        keep = self._referenced()  # read on the event loop, where it changes
         return await anyio.to_thread.run_sync(self._prune, keep, limiter=self._limiter)
 
     def _prune(self, keep: set[str]) -> list[str]:
-        removed = []
-        recent = time.time() - _PRUNE_GRACE_SECONDS  # a model between upload and accept
+        recent = time.time() - _PRUNE_GRACE_SECONDS
+        unreferenced: list[tuple[float, int, Path]] = []
         for path in self.root.glob("*.blob"):
             with contextlib.suppress(OSError):
-                if path.stem not in keep and path.stat().st_mtime < recent:
-                    path.unlink()
-                    self._known.pop(path.stem, None)
-                    removed.append(path.stem)
+                if path.stem not in keep:
+                    info = path.stat()
+                    unreferenced.append((info.st_mtime, info.st_size, path))
+        unreferenced.sort(reverse=True)  # newest first
+        removed, kept_bytes = [], 0
+        for index, (mtime, size, path) in enumerate(unreferenced):
+            kept_bytes += size
+            # the newest is kept in any case: it may be the one whose command is in hand
+            if mtime >= recent and (kept_bytes <= self._unreferenced_bytes or index == 0):
+                continue
+            with contextlib.suppress(OSError):
+                path.unlink()
+                self._known.pop(path.stem, None)
+                removed.append(path.stem)
         if removed:
             log.info("unreferenced models removed", models=removed)
         return removed
 
-    def _put(self, data: bytes, expected: str | None) -> tuple[StoredModel, str | None]:
+    def _put(self, data: bytes, expected: str | None) -> tuple[StoredModel, bool]:
+        """The stored model, and whether it was added now."""
         sha256 = hashlib.sha256(data).hexdigest()
         if expected is not None and expected != sha256:
             raise ChecksumMismatch(expected=expected, actual=sha256)
         known = self._fresh(sha256)
         if known is not None:
-            return known, None
-        problem = None
-        try:
-            final, info = _write_parsed(self.root, sha256, data)
-        except OSError as exc:
-            problem = f"cannot store model in {self.root}: {exc.strerror or exc}"
-            final, info = _write_parsed(self._fallback, sha256, data)
+            return known, False
+        final, info = _write_parsed(self.root, sha256, data)
         model = StoredModel(sha256=sha256, size=len(data), path=final, info=info)
         self._known[sha256] = model
-        return model, problem
+        return model, True
 
     def _get(self, sha256: str) -> StoredModel:
         return self._fresh(sha256) or self._load(sha256)

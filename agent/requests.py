@@ -60,5 +60,10 @@ class RequestLog:
                 break
             self._requests.popitem(last=False)
 
+    def discard(self, request: Request) -> None:
+        """Forget a request that was refused after all: its id may be sent again."""
+        if self._requests.get(request.id) is request:
+            del self._requests[request.id]
+
     def __iter__(self) -> Iterator[Request]:
         return iter(self._requests.values())

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import stat
 import tempfile
 import time
 from typing import TYPE_CHECKING, Final
@@ -30,11 +31,24 @@ __all__ = [
     "StoredDeployment",
     "StoredReply",
     "StoredRequest",
+    "make_private_folder",
 ]
 
 log = structlog.get_logger(__name__)
 
 FORMAT_VERSION: Final = 1
+_PRIVATE: Final = 0o700
+_TMP_PREFIX: Final = ".state-"
+_TMP_SUFFIX: Final = ".tmp"
+
+
+def make_private_folder(folder: Path) -> None:
+    """Create `folder` (and parents) as 0700; tighten it when others may read it (logged)."""
+    folder.mkdir(mode=_PRIVATE, parents=True, exist_ok=True)
+    mode = stat.S_IMODE(folder.stat().st_mode)
+    if mode & 0o077:
+        folder.chmod(mode & _PRIVATE)
+        log.warning("folder was open to others; now 0700", path=str(folder), was=oct(mode))
 
 
 class StoredDeployment(msgspec.Struct, frozen=True):
@@ -114,6 +128,20 @@ class StateFile:
             return f"(not moved: {exc.strerror})"
         return aside.name
 
+    def make_folder(self) -> None:
+        """Create the state folder private (0700), tighten a looser one, drop torn temp files.
+
+        No other process writes here, so a temp file found at start-up is a write that a
+        crash cut off. Problems are logged: the first write reports them.
+        """
+        try:
+            make_private_folder(self.path.parent)
+            for leftover in self.path.parent.glob(f"{_TMP_PREFIX}*{_TMP_SUFFIX}"):
+                leftover.unlink()
+                log.info("torn state write removed", path=str(leftover))
+        except OSError as exc:
+            log.warning("state folder not usable", path=str(self.path.parent), error=str(exc))
+
     async def save(self, snapshot: Callable[[], StateDocument]) -> None:
         """Write what `snapshot` returns atomically; raise OSError when the disk refuses.
 
@@ -126,8 +154,8 @@ class StateFile:
 
     def _write(self, payload: bytes) -> None:
         folder = self.path.parent
-        folder.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".state-", suffix=".tmp")
+        folder.mkdir(mode=_PRIVATE, parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=_TMP_PREFIX, suffix=_TMP_SUFFIX)
         try:
             with os.fdopen(fd, "wb") as f:
                 f.write(payload)

@@ -8,6 +8,7 @@ by a later queued command for the same stream ends `superseded`.
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Final, Literal, TypeVar
 
 import anyio
@@ -30,7 +31,6 @@ if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable, Mapping
 
     from agent.cameras.base import Camera, Deployment
-    from agent.mqtt import ReplyTo
     from agent.reporter import Reporter
     from agent.requests import Request
     from agent.topics import Topics
@@ -47,6 +47,16 @@ def error_info(exc: AgentError) -> ErrorInfo:
     return ErrorInfo(code=exc.code, message=exc.message)
 
 
+@dataclass(eq=False, slots=True)
+class _Staged:
+    """A request in the state write under way, with what it does once that write is done."""
+
+    request: Request
+    settle: bool  # runs at once (no restart): recorded as succeeded by the same write
+    replaced: Request | None = None  # a queued request it supersedes
+    replaced_was_queued: bool = False  # (not one staged in the same write)
+
+
 class CameraWorker:
     """Owns one camera; nothing else touches it."""
 
@@ -57,7 +67,7 @@ class CameraWorker:
         topics: Topics,
         *,
         changed: Callable[[], Awaitable[None]],
-        hold: Callable[[Event, list[ReplyTo]], None],
+        hold: Callable[[Event, Request], None],
     ) -> None:
         self.camera = camera
         self._reporter = reporter
@@ -68,7 +78,9 @@ class CameraWorker:
         self._hold = hold
         # what runs (or ran last, while offline): the fallback when an apply fails
         self.running: dict[str, Deployment] = {}
-        self._staged: dict[str, Request] = {}
+        # submitted, waiting for the next state write; then `_writing` during that write
+        self._staged: list[Request] = []
+        self._writing: list[_Staged] = []
         self._pending: dict[str, Request] = {}
         self._applying: dict[str, Request] = {}
         self._failures: dict[str, tuple[Request, ErrorInfo]] = {}
@@ -90,15 +102,40 @@ class CameraWorker:
     # --- what the coordinator reads for the state file -----------------------------------
 
     def desired(self) -> dict[str, Deployment]:
-        """The NN set once every accepted request is applied."""
+        """The NN set once every request in the state file is applied."""
         target = dict(self.running)
-        for batch in (self._applying, self._pending, self._staged):
+        for batch in (self._applying, self._pending):
             _merge(target, batch)
+        for staged in self._writing:
+            _merge(target, {staged.request.stream: staged.request})
+        return target
+
+    def last_good(self) -> dict[str, Deployment]:
+        """What runs, with the changes that need no restart of the write under way."""
+        target = dict(self.running)
+        for staged in self._writing:
+            if staged.settle:
+                _merge(target, {staged.request.stream: staged.request})
         return target
 
     def in_flight(self) -> list[Request]:
-        batches = (self._applying, self._pending, self._staged)
-        return [r for batch in batches for r in batch.values() if not r.silent]
+        """Requests the state file records as unfinished.
+
+        Staged ones are there only in the last write at shutdown (each write takes them
+        in first): not accepted, and not in the desired set, they are answered `interrupted`.
+        """
+        replaced = {id(s.replaced) for s in self._writing}
+        unfinished = [
+            *self._applying.values(),
+            *self._pending.values(),
+            *(s.request for s in self._writing if not s.settle),
+            *self._staged,
+        ]
+        return [r for r in unfinished if not r.silent and id(r) not in replaced]
+
+    def staged_deployments(self) -> list[Deployment]:
+        """Models of requests submitted but not yet in a state write: not to be pruned."""
+        return [r.deployment for r in self._staged if r.deployment is not None]
 
     # --- restoring after a restart -------------------------------------------------------
 
@@ -124,35 +161,70 @@ class CameraWorker:
             return running is not None
         return not request.deployment.same_network(running)
 
-    def settle_now(self, request: Request) -> None:
-        self._supersede(request)
-        # held with its outcome: after a crash before the write, nothing was said at all
-        self._emit(request, "accepted", hold=True)
-        self._settle(request)
+    def stage(self, request: Request) -> None:
+        """Take a validated request in; nothing changes until a state write records it."""
+        self._staged.append(request)
+
+    def has_staged(self) -> bool:
+        """True while a request waits for a state write, or is in the one under way."""
+        return bool(self._staged or self._writing)
+
+    # --- the state write: prepare, then commit or roll back -------------------------------
+
+    def prepare(self) -> bool:
+        """Fold the staged requests into the write about to start; False if there were none.
+
+        Their events (`accepted`, and `succeeded` or `superseded` where that is decided
+        now) are held, to go out once the write that records them is done.
+        """
+        staged, self._staged = self._staged, []
+        for request in staged:
+            entry = _Staged(request, settle=not self.needs_apply(request))
+            latest = next(
+                (s for s in reversed(self._writing) if s.request.stream == request.stream), None
+            )
+            if latest is None:
+                entry.replaced = self._pending.pop(request.stream, None)
+                entry.replaced_was_queued = True
+            elif not latest.settle:  # staged in this write and queued only after it
+                entry.replaced = latest.request
+            if entry.replaced is not None:
+                self._emit(entry.replaced, "superseded", superseded_by=request.id)
+            self._emit(request, "accepted", hold=True)
+            if entry.settle:
+                self._emit(request, "succeeded")
+            self._writing.append(entry)
+        return bool(self._writing)
+
+    def commit(self) -> None:
+        """The state write recorded the prepared requests: queue them or settle them."""
+        writing, self._writing = self._writing, []
+        replaced = {id(s.replaced) for s in writing}
+        for staged in writing:
+            request = staged.request
+            if staged.settle:
+                self._run_now(request)
+            elif id(request) not in replaced:
+                self._pending[request.stream] = request
+                self._wake.set()
         self._publish_status()
 
-    def stage(self, request: Request) -> None:
-        """Take the request into the desired set; it is announced once persisted."""
-        self._supersede(request)
-        self._staged[request.stream] = request
-
-    def announce(self, request: Request) -> None:
-        if self._staged.get(request.stream) is request:
-            del self._staged[request.stream]
-            self._emit(request, "accepted")
-            self._pending[request.stream] = request
-            self._wake.set()
-            self._publish_status()
+    def roll_back(self) -> list[Request]:
+        """The state write failed: forget the prepared requests; return them, to be refused."""
+        writing, self._writing = self._writing, []
+        for staged in reversed(writing):
+            if staged.replaced is not None:
+                if not staged.replaced.silent:
+                    staged.replaced.events.pop()  # its `superseded`, never sent
+                if staged.replaced_was_queued:
+                    self._pending[staged.request.stream] = staged.replaced
+            staged.request.events.clear()
+        return [s.request for s in writing]
 
     def presence_changed(self) -> None:
         if self.camera.present:
             self._booted = False
         self._wake.set()
-
-    def _supersede(self, request: Request) -> None:
-        prior = self._pending.pop(request.stream, None)
-        if prior is not None:
-            self._emit(prior, "superseded", superseded_by=request.id)
 
     # --- the worker loop -----------------------------------------------------------------
 
@@ -180,14 +252,17 @@ class CameraWorker:
             return self.state != "offline" or bool(self._pending)
         return not self._booted or bool(self._pending)
 
-    def _settle(self, request: Request) -> None:
-        """Finish a request whose change runs now (host-side fields may change alone)."""
+    def _run_now(self, request: Request) -> None:
+        """The request's change runs now (host-side fields may change alone)."""
         if request.deployment is not None:
             self.running[request.stream] = request.deployment
         else:
             self.running.pop(request.stream, None)
         self._failures.pop(request.stream, None)
         self._route(request.stream)
+
+    def _settle(self, request: Request) -> None:
+        self._run_now(request)
         self._emit(request, "succeeded")
 
     async def _apply(self) -> None:
@@ -303,14 +378,12 @@ class CameraWorker:
         )
         request.events.append(event)
         if hold or event.terminal:
-            self._hold(event, request.replies)
+            self._hold(event, request)
         else:
             self._reporter.event(event, request.replies)
 
     def _nn_status(self, stream: str) -> NNStatus:
-        request = (
-            self._staged.get(stream) or self._pending.get(stream) or self._applying.get(stream)
-        )
+        request = self._pending.get(stream) or self._applying.get(stream)
         if request is not None and request.deployment is not None:
             return _status("deploying", request.deployment, request.id)
         failure = self._failures.get(stream)

@@ -466,9 +466,12 @@ class Site:
         cameras: Sequence[str] = (),
         profile: Path | None = None,
         extra: Sequence[str] = (),
+        argv: Sequence[str] = (),
     ) -> _T:
-        """`oak-agent run`: wait until it and `cameras` are online, run `job`, stop the agent."""
-        with spawned(agent_argv(config, profile=profile), config.parent / "agent.log") as agent:
+        """`oak-agent run` (or `argv`): wait until it and `cameras` are online, run `job`,
+        stop the agent."""
+        command = list(argv) or agent_argv(config, profile=profile)
+        with spawned(command, config.parent / "agent.log") as agent:
 
             async def run() -> _T:
                 async with watch(self.broker, topics, extra=extra) as watcher:

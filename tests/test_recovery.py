@@ -14,6 +14,7 @@ import subprocess
 import sys
 from typing import TYPE_CHECKING, Any
 
+import anyio
 import msgspec
 import pytest
 
@@ -34,6 +35,7 @@ if TYPE_CHECKING:
     from collections.abc import Iterator
     from pathlib import Path
 
+    from agent.messages import Event
     from tests.brokers import Broker
     from tests.harness import Observer
 
@@ -212,6 +214,84 @@ async def test_sigkill_mid_apply_then_restart(
             _tally_answers(obs, ["cut", "by-sha"], "SIGKILL mid-apply")
 
 
+@contextlib.contextmanager
+def _unwritable(folder: Path) -> Iterator[None]:
+    """`folder` cannot be written, even by root: it is moved away and a file takes its place."""
+    aside = folder.with_name(f"{folder.name}.aside")
+    folder.rename(aside)
+    folder.write_text("a file where the state folder should be")
+    try:
+        yield
+    finally:
+        folder.unlink()
+        aside.rename(folder)
+
+
+async def test_no_answer_is_undone_by_a_crash_while_the_state_dir_is_unwritable(
+    broker: Broker, tmp_path: Path, own_blobs: dict[str, Path]
+) -> None:
+    """Defect: a delete answered `succeeded` while the state could not be written ran again
+    after a SIGKILL and a restart. Now whatever was answered holds after the restart."""
+    blob = own_blobs["yolo_tiny"].read_bytes()
+    box = tmp_path / "box"
+    config_path = tmp_path / "agent.toml"
+    agent_id = f"undo-{os.getpid()}-{tmp_path.name[-6:]}"
+    _write_config(config_path, broker, box / "state", agent_id)
+    topics = Topics.for_agent("oaktest", agent_id)
+    cam_a = topics.nn_status(CAM1, "CAM_A")
+    async with observe(broker, topics) as obs:
+        with _agent_process(config_path) as first:
+            await obs.wait_for(lambda: obs.latest(topics.availability) == b"online")
+            for stream in ("CAM_A", "CAM_B"):
+                body = {"request_id": f"run-{stream}", "nn_config": YOLO, "model": blob}
+                await obs.deploy(CAM1, stream, body)
+                assert (await obs.outcome(f"run-{stream}")).state == "succeeded"
+            # refused while the folder is unwritable: nothing changes
+            with _unwritable(box):
+                await obs.delete(CAM1, "CAM_A", {"request_id": "refused"})
+                refused = await obs.outcome("refused")
+            assert refused.state == "rejected"
+            assert refused.error is not None
+            assert refused.error.code == "state_write_failed"
+            assert obs.latest_json(cam_a)["state"] == "running"
+            # accepted (on disk), then the folder fails while the camera applies it
+            await obs.delete(CAM1, "CAM_A", {"request_id": "gone"})
+            await obs.wait_for(lambda: "applying" in obs.states("gone"))
+            with _unwritable(box):
+                errors = len(_errors(obs))
+                await obs.wait_for(lambda: obs.latest_json(cam_a)["state"] == "none")
+                await obs.wait_for(lambda: len(_errors(obs)) > errors, what="state_write_failed")
+                assert _errors(obs)[-1]["code"] == "state_write_failed"
+                assert obs.terminal("gone") is None  # the answer waits for a write that works
+                os.kill(first.pid, signal.SIGKILL)
+                first.wait(timeout=10)
+            await obs.wait_for(lambda: obs.latest(topics.availability) == b"offline")
+        seen_a = len(obs.detections(CAM1, "CAM_A"))
+        seen_b = len(obs.detections(CAM1, "CAM_B"))
+        with _agent_process(config_path):
+            gone = await obs.outcome("gone")
+            assert gone.state == "failed"
+            assert gone.error is not None
+            assert gone.error.code == "interrupted"
+            # CAM_B detects again after the restart, CAM_A (deleted) never does
+            await obs.wait_for(lambda: len(obs.detections(CAM1, "CAM_B")) > seen_b + 5)
+            assert obs.latest_json(cam_a)["state"] == "none"
+            assert len(obs.detections(CAM1, "CAM_A")) == seen_a
+            # the same request_id is answered from the record, not run again
+            await obs.delete(CAM1, "CAM_A", {"request_id": "gone"})
+            replayed = await obs.wait_for(lambda: _terminals(obs, "gone")[1:], what="replay")
+            assert replayed == [gone]
+            assert obs.states("gone").count("accepted") == 1
+            # the refused one was never recorded: sent again, it runs now
+            await obs.delete(CAM1, "CAM_A", {"request_id": "refused"})
+            again = await obs.wait_for(lambda: _terminals(obs, "refused")[1:], what="rerun")
+            assert [e.state for e in again] == ["succeeded"]
+            print(
+                "unwritable state dir + SIGKILL: refused stayed refused, the delete stayed "
+                f"done (answered {gone.error.code} after the restart), replayed={len(replayed)}"
+            )
+
+
 def _tally_answers(obs: Observer, ids: list[str], scenario: str) -> None:
     answered = [i for i in ids if len([e for e in obs.events(i) if e.terminal]) == 1]
     print(f"{scenario}: sent={len(ids)} executed={len(ids)} answered={len(answered)}")
@@ -245,22 +325,38 @@ async def test_truncated_state_file_is_kept_aside(
 async def test_unwritable_state_dir_keeps_serving(
     broker: Broker, tmp_path: Path, own_blobs: dict[str, Path]
 ) -> None:
+    """Nothing is accepted that is not on disk: commands are refused, the agent stays up,
+    and once the folder can be written the same commands go through."""
     blocker = tmp_path / "not-a-folder"
-    blocker.write_text("a file where the state folder should be")
+    blocker.write_text("a file where the state folder should be")  # fails for root too
     config = make_config(broker, blocker / "state")
     blob = own_blobs["ssd_tiny"].read_bytes()
+    body = {"request_id": "ro", "nn_config": {"type": "MobileNet"}, "model": blob}
     async with agent_and_observer(broker, config) as (app, obs):
-        await obs.deploy(
-            CAM1, "CAM_A", {"request_id": "ro", "nn_config": {"type": "MobileNet"}, "model": blob}
-        )
-        assert (await obs.outcome("ro")).state == "succeeded"
-        await obs.wait_for(lambda: obs.detections(CAM1, "CAM_A"))
+        await obs.deploy(CAM1, "CAM_A", body)
+        refused = await obs.outcome("ro")
+        await obs.delete(CAM1, "CAM_B", {"request_id": "nothing-there"})
+        refused_too = await obs.outcome("nothing-there")  # needs a write: refused as well
+        for event in (refused, refused_too):
+            assert event.state == "rejected"
+            assert event.error is not None
+            assert event.error.code == "state_write_failed"
         wanted = {"state_write_failed", "model_write_failed"}
         await obs.wait_for(lambda: {m["code"] for m in _errors(obs)} >= wanted)
-        codes = {m["code"] for m in _errors(obs)}
-        print(f"unwritable state dir: errors reported={sorted(codes)}")
+        print(f"unwritable state dir: errors reported={sorted(wanted)}")
+        assert "CAM_A" not in app.coordinator.workers[CAM1].running
+        assert app.coordinator.workers[CAM1].restarts == 0
+        blocker.unlink()  # the disk is back
+        await obs.deploy(CAM1, "CAM_A", body)  # the same id: a refusal is not recorded
+        again = await obs.wait_for(lambda: _terminals(obs, "ro")[1:], what="a second answer")
+        assert [e.state for e in again] == ["succeeded"]
+        await obs.wait_for(lambda: obs.detections(CAM1, "CAM_A"))
         assert app.coordinator.workers[CAM1].running["CAM_A"].request_id == "ro"
-        _tally(obs, ["ro"], "unwritable state dir")
+    assert (blocker / "state" / "state.json").exists()
+
+
+def _terminals(obs: Observer, request_id: str) -> list[Event]:
+    return [e for e in obs.events(request_id) if e.terminal]
 
 
 def _errors(obs: Observer) -> list[Any]:
@@ -387,3 +483,66 @@ async def test_commands_in_flight_at_a_clean_shutdown_are_each_answered_once(
                 ("rejected", "shutting_down"),
             }
             assert set(codes.values()) <= allowed, codes
+
+
+async def test_commands_arriving_together_are_each_accepted_after_the_write_that_records_them(
+    broker: Broker, tmp_path: Path, own_blobs: dict[str, Path]
+) -> None:
+    """State writes are grouped, and still: when `accepted` (or an answer that needed no
+    restart) arrives, state.json records the request; each gets one accepted, one answer."""
+    yolo = own_blobs["yolo_tiny"].read_bytes()
+    sha = hashlib.sha256(yolo).hexdigest()
+    state_file = tmp_path / "state" / "state.json"
+    config = make_config(broker, tmp_path / "state")
+
+    def recorded(request_id: str) -> bool:
+        document: Any = msgspec.json.decode(state_file.read_bytes())
+        return any(o["request_id"] == request_id for o in document["outcomes"]) or any(
+            r["request_id"] == request_id for r in document["in_flight"]
+        )
+
+    async with agent_and_observer(broker, config) as (_, obs):
+        await obs.deploy(CAM1, "CAM_A", {"request_id": "upload", "nn_config": YOLO, "model": yolo})
+        await obs.outcome("upload")
+        commands: list[tuple[str, str, str, dict[str, Any]]] = []
+        for n in range(24):
+            camera, stream = (CAM1, CAM2)[n % 2], ("CAM_A", "CAM_B", "CAM_C")[n % 3]
+            if n % 4 == 3:  # CAM_C never runs anything: answered without a restart
+                body: dict[str, Any] = {"request_id": f"g{n}"}
+                commands.append((f"g{n}", camera, "CAM_C", body))
+            else:  # same-stream deploys supersede each other
+                threshold = 0.1 + n / 100
+                body = {"request_id": f"g{n}", "nn_config": _yolo(threshold), "model_sha256": sha}
+                commands.append((f"g{n}", camera, stream, body))
+        commands.append(commands[0])  # the same id again, at once: not run twice
+        ids = list(dict.fromkeys(c[0] for c in commands))
+        async with anyio.create_task_group() as tg:
+            for _, camera, stream, body in commands:
+                if "model_sha256" in body:
+                    tg.start_soon(obs.deploy, camera, stream, body)
+                else:
+                    tg.start_soon(obs.delete, camera, stream, body)
+        checked: dict[str, bool] = {}
+
+        def check_new_accepted() -> bool:
+            # runs as soon as the observer records a message: the file is read right then
+            for request_id in ids:
+                if request_id not in checked and "accepted" in obs.states(request_id):
+                    checked[request_id] = recorded(request_id)
+            return len(checked) == len(ids) and all(obs.terminal(i) for i in ids)
+
+        await obs.wait_for(check_new_accepted, what="every accepted and every answer")
+        await obs.delete(CAM2, "DEPTH_B_C", {"request_id": "barrier"})
+        await obs.outcome("barrier")  # events leave in order: nothing late is on its way
+    assert checked == dict.fromkeys(ids, True)
+    for request_id in ids:
+        assert obs.states(request_id).count("accepted") == 1, request_id
+        terminal = _terminals(obs, request_id)
+        assert terminal, request_id
+        assert all(e == terminal[0] for e in terminal), terminal  # a replay repeats it
+    outcomes = sorted({e.state for i in ids for e in _terminals(obs, i)})
+    print(f"grouped writes: sent={len(commands)} ids={len(ids)} outcomes={outcomes}")
+
+
+def _yolo(confidence: float) -> dict[str, Any]:
+    return {"type": "YOLO", "nn_config": {**YOLO["nn_config"], "confidence_threshold": confidence}}
