@@ -43,7 +43,7 @@ if TYPE_CHECKING:
     from collections.abc import Callable, Iterator, Mapping, Sequence
 
     import numpy.typing as npt
-    from anyio.abc import TaskGroup, TaskStatus
+    from anyio.abc import Process, TaskGroup, TaskStatus
     from anyio.streams.memory import MemoryObjectSendStream
 
     from agent.cameras.base import CameraListener, NNSet
@@ -61,6 +61,7 @@ _MISSES_TO_ABSENT: Final = 2  # a USB device re-enumerates for a moment after it
 _PROBE_RETRY_MAX: Final = 300.0
 _DEVICE_LOG_LINES: Final = 5
 _DISCOVERY_LINE_MAX: Final = 1 << 20
+_CHILD_STOP_TIMEOUT: Final = 5.0  # SIGKILL is immediate unless the child hangs in the kernel
 _KINDS: Final[dict[Any, SensorKind]] = {
     dai.CameraSensorType.COLOR: "color",
     dai.CameraSensorType.MONO: "mono",
@@ -611,12 +612,18 @@ class DepthaiBackend:
 
 
 async def _discover_forever(interval: float, send: MemoryObjectSendStream[list[_Found]]) -> None:
-    """Keep a discovery child process running; send the devices of each of its scans."""
+    """Keep a discovery child process running; send the devices of each of its scans.
+
+    The child runs in its own session, so a terminal's Ctrl-C (SIGINT to the foreground
+    process group), Ctrl-Z or hang-up never reaches it: only this task stops it, by PID.
+    """
     command = [sys.executable, "-m", "agent.cameras.discover", "--every", str(interval)]
     async with send:
         while True:
             # stderr is inherited: it carries depthai's own log lines
-            process = await anyio.open_process(command, stdin=subprocess.DEVNULL, stderr=None)
+            process = await anyio.open_process(
+                command, stdin=subprocess.DEVNULL, stderr=None, start_new_session=True
+            )
             try:
                 assert process.stdout is not None  # open_process pipes stdout
                 lines = BufferedByteReceiveStream(process.stdout)
@@ -633,8 +640,15 @@ async def _discover_forever(interval: float, send: MemoryObjectSendStream[list[_
                     "camera discovery stopped; restarting it", returncode=process.returncode
                 )
             finally:
-                with anyio.CancelScope(shield=True):
-                    if process.returncode is None:
-                        process.kill()
-                    await process.aclose()
+                await _stop_child(process)
             await anyio.sleep(interval)
+
+
+async def _stop_child(process: Process) -> None:
+    """Kill the discovery child by its PID and reap it, shielded and bounded in time."""
+    with anyio.CancelScope(shield=True), anyio.move_on_after(_CHILD_STOP_TIMEOUT) as bound:
+        if process.returncode is None:
+            process.kill()  # it holds no device and writes no file: nothing to clean up
+        await process.aclose()
+    if bound.cancelled_caught:  # in an uninterruptible call (hung USB): it dies when that returns
+        log.warning("camera discovery child did not exit", pid=process.pid)

@@ -5,13 +5,18 @@ stdout is closed. The agent runs the latter as a child process: `getAllAvailable
 holds the GIL for ~0.5 s, which in the agent's process would stall the event loop, and a
 long-lived child pays depthai's ~0.6 s of first-scan CPU (USB and network set-up) once
 instead of every scan. Devices already opened are not listed.
+
+The agent starts it in a session of its own, so a terminal's Ctrl-C reaches only the agent,
+which then stops the child by PID. Run by hand, Ctrl-C ends it without a traceback.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import signal
 import sys
 import time
 
@@ -40,6 +45,8 @@ def main(argv: list[str] | None = None) -> int:
         try:
             out.write(json.dumps(devices) + "\n")
         except BrokenPipeError:
+            with contextlib.suppress(BrokenPipeError):  # close() flushes into the broken pipe
+                out.close()
             return 0  # the agent has gone
         if args.every is None:
             return 0
@@ -47,4 +54,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:
+        sys.exit(128 + signal.SIGINT)
