@@ -3,13 +3,13 @@
 msgspec recurses once per nesting level and has no depth option of its own: a few kilobytes
 of `[` exhaust Python's recursion limit and raise RecursionError from inside the decoder.
 These checks bound the nesting (and, for MessagePack, the number of items) first, in time
-linear in the payload and without building any objects. Each returns why the bytes are
+linear in the payload: JSON with bytes.translate and numpy in 1 MiB chunks, MessagePack by
+walking the item headers (never the bin and str contents). Each returns why the bytes are
 refused, or None; a malformed payload that nests shallowly passes, for the decoder to report.
 """
 
 from __future__ import annotations
 
-import re
 import struct
 from typing import Final
 
@@ -23,16 +23,14 @@ MAX_DEPTH: Final = 32
 MAX_MSGPACK_ITEMS: Final = 100_000
 """Most MessagePack items (keys, values, elements) in one payload; the schema needs < 10,000."""
 
-# a JSON string, or an unterminated one up to the end: every `"` starts a match, so the
-# scan stays linear however the quotes and backslashes are arranged
-_STRING: Final = re.compile(rb'"[^"\\]*+(?:\\.[^"\\]*+)*+(?:"|\\?\Z)', re.DOTALL)
 _OPENERS: Final = b"[{"
-# keep only brackets and make them all square: nesting does not care which kind
-_ONLY_BRACKETS: Final = bytes(b for b in range(256) if b not in b"[]{}")
-_SQUARE: Final = bytes.maketrans(b"{}", b"[]")
+# structure is quotes and brackets; escapes are a backslash and the character after it
+_NOT_STRUCTURE: Final = bytes(b for b in range(256) if b not in b'"[]{}')
+_NOT_ESCAPE: Final = bytes(b for b in range(256) if b not in b'"[]{}\\/bfnrtu')
 _STEP: Final = np.zeros(256, dtype=np.int8)
-_STEP[ord("[")] = 1
-_STEP[ord("]")] = -1
+_STEP[list(b"[{")] = 1
+_STEP[list(b"]}")] = -1
+_QUOTE: Final = ord('"')
 _CHUNK: Final = 1 << 20
 
 
@@ -40,22 +38,44 @@ def _too_deep(max_depth: int) -> str:
     return f"nesting is deeper than {max_depth} levels"
 
 
+def _skeleton(payload: bytes) -> bytes:
+    """The quotes and brackets of a JSON document, without those escaped inside strings."""
+    if b"\\" in payload:
+        # keep every character that may follow a backslash, so that each escape stays in
+        # one piece, then drop the escapes that could be taken for structure
+        payload = payload.translate(None, _NOT_ESCAPE)
+        payload = payload.replace(b"\\\\", b"").replace(b'\\"', b"")
+    return payload.translate(None, _NOT_STRUCTURE)
+
+
+def _deeper_than(skeleton: bytes, max_depth: int) -> bool:
+    """Whether the brackets outside strings open more than `max_depth` levels at some point."""
+    depth = 0
+    inside = np.uint8(0)  # inside a string at the start of the chunk
+    for start in range(0, len(skeleton), _CHUNK):
+        chunk = np.frombuffer(skeleton, dtype=np.uint8, offset=start)[:_CHUNK]
+        steps = np.take(_STEP, chunk)
+        if inside or skeleton.find(b'"', start, start + _CHUNK) >= 0:
+            in_string = np.bitwise_xor.accumulate((chunk == _QUOTE).view(np.uint8)) ^ inside
+            steps = np.where(in_string, np.int8(0), steps)
+            inside = in_string[-1]
+        levels = np.cumsum(steps, dtype=np.int32)
+        levels += depth
+        if levels.min() < 0:  # an unmatched closer: the decoder stops there, at the latest
+            below = np.flatnonzero(levels < 0)[0]
+            return bool(levels[:below].max(initial=0) > max_depth)
+        if levels.max() > max_depth:
+            return True
+        depth = int(levels[-1])
+    return False
+
+
 def json_problem(payload: bytes, *, max_depth: int = MAX_DEPTH) -> str | None:
     """Why a JSON document is refused before decoding (nesting too deep), or None."""
-    if sum(payload.count(c) for c in _OPENERS) <= max_depth:
+    skeleton = _skeleton(payload)
+    if sum(skeleton.count(c) for c in _OPENERS) <= max_depth:
         return None  # the usual case: too few brackets, even counting those inside strings
-    skeleton = _STRING.sub(b"", payload).translate(_SQUARE, _ONLY_BRACKETS)
-    depth = 0
-    for start in range(0, len(skeleton), _CHUNK):
-        chunk = np.frombuffer(skeleton, dtype=np.uint8, count=-1, offset=start)[:_CHUNK]
-        levels = np.cumsum(_STEP[chunk], dtype=np.int64) + depth
-        below = np.flatnonzero(levels < 0)
-        if below.size:  # an unmatched closer: the decoder stops there, at the latest
-            return _too_deep(max_depth) if levels[: below[0]].max(initial=0) > max_depth else None
-        if levels.max(initial=0) > max_depth:
-            return _too_deep(max_depth)
-        depth = int(levels[-1])
-    return None
+    return _too_deep(max_depth) if _deeper_than(skeleton, max_depth) else None
 
 
 # MessagePack first bytes: (bytes of length field, extra fixed bytes) for the sized types

@@ -29,7 +29,7 @@ def _is_utf8(raw: bytes) -> bool:
 invalid_utf8 = st.binary(min_size=1, max_size=6).filter(lambda b: not _is_utf8(b))
 
 # strings that look like structure to a naive scanner
-tricky_text = st.text(alphabet='[]{}"\\ab\n', max_size=12)
+tricky_text = st.text(alphabet='[]{}"\\/ub\n\x01', max_size=12)
 
 
 @st.composite
