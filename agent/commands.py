@@ -237,11 +237,11 @@ class CommandHandler:
         if self._simulator is None:
             return
         if message.retain:
-            log.warning("retained simulator command ignored", camera=topic.camera)
+            log.warning("retained simulator command ignored", camera=clip(topic.camera))
             return
         camera = self._simulator.cameras.get(topic.camera)
         if camera is None:
-            log.warning("simulator command for unknown camera", camera=topic.camera)
+            log.warning("simulator command for unknown camera", camera=clip(topic.camera))
             return
         log.info("simulator fault", camera=topic.camera, fault=topic.fault)
         match topic.fault:
