@@ -6,7 +6,6 @@ import time
 import uuid
 from typing import TYPE_CHECKING
 
-import msgspec
 import structlog
 
 from agent.cameras import preflight
@@ -23,8 +22,17 @@ from agent.errors import (
     ShuttingDown,
     UnknownCamera,
     UnknownStream,
+    clip,
+    echo,
 )
-from agent.messages import DeleteCommand, DeployCommand, Event, decode_delete, decode_deploy
+from agent.messages import (
+    DeleteCommand,
+    DeployCommand,
+    Event,
+    decode_delete,
+    decode_deploy,
+    salvage_request_id,
+)
 from agent.mqtt import ReplyTo
 from agent.requests import Request
 from agent.topics import MXID_RE, STREAM_RE, CommandTopic, SimulatorTopic
@@ -45,39 +53,24 @@ __all__ = ["CommandHandler"]
 log = structlog.get_logger(__name__)
 
 
-class _RequestIdOnly(msgspec.Struct):
-    request_id: object = None
-
-
-def _salvage_request_id(payload: bytes) -> str | None:
-    """Best effort: the request_id of a payload that failed validation, to echo it back."""
-    try:
-        if payload.lstrip()[:1] == b"{":
-            found = msgspec.json.decode(payload, type=_RequestIdOnly).request_id
-        else:
-            found = msgspec.msgpack.decode(payload, type=_RequestIdOnly).request_id
-    except (msgspec.DecodeError, msgspec.ValidationError):
-        return None
-    if isinstance(found, str) and 0 < len(found) <= 128:
-        return found
-    return None
-
-
 def _payload(message: aiomqtt.Message) -> bytes:
     return message.payload if isinstance(message.payload, bytes) else b""
 
 
-def _reply_to(message: aiomqtt.Message, base: str) -> ReplyTo | None:
+def _reply_to(message: aiomqtt.Message, topics: Topics) -> ReplyTo | None:
     """The MQTT 5 Response Topic to copy events to; raise InvalidPayload for an unusable one."""
     properties = message.properties
     topic = getattr(properties, "ResponseTopic", None) if properties else None
     if not topic:
         return None
     if "+" in topic or "#" in topic or "\0" in topic:
-        raise InvalidPayload(f"Response Topic {topic!r} must not contain wildcards or NUL")
-    if topic == base or topic.startswith(f"{base}/"):
-        # its replies would land on the agent's own topics, commands included
-        raise InvalidPayload(f"Response Topic {topic!r} must not be under {base}/")
+        raise InvalidPayload(f"Response Topic {echo(topic)} must not contain wildcards or NUL")
+    if topics.in_prefix(topic):
+        # its replies could land on a command topic of this agent or another (a relay)
+        raise InvalidPayload(
+            f"Response Topic {echo(topic)} must not be under {topics.prefix}/: "
+            "replies go outside the agents' topics"
+        )
     data = getattr(properties, "CorrelationData", None)
     return ReplyTo(topic=topic, correlation_data=bytes(data) if data is not None else None)
 
@@ -116,7 +109,7 @@ class CommandHandler:
         if not isinstance(topic, CommandTopic):
             return
         try:
-            reply = _reply_to(message, self._topics.base)
+            reply = _reply_to(message, self._topics)
         except AgentError:
             reply = None
         self._reject(topic, _payload(message), reply, ShuttingDown())
@@ -125,9 +118,9 @@ class CommandHandler:
         payload = _payload(message)
         reply = None
         self.handled += 1
-        structlog.contextvars.bind_contextvars(camera=topic.camera, stream=topic.stream)
+        structlog.contextvars.bind_contextvars(camera=clip(topic.camera), stream=clip(topic.stream))
         try:
-            reply = _reply_to(message, self._topics.base)
+            reply = _reply_to(message, self._topics)
             request = await self._validate(topic, message.retain, payload, reply)
             if request is not None:
                 await self._coordinator.submit(request)
@@ -222,7 +215,7 @@ class CommandHandler:
     ) -> None:
         log.warning("command rejected", code=exc.code, error=exc.message)
         event = Event(
-            request_id=_salvage_request_id(payload) or f"auto-{uuid.uuid4().hex}",
+            request_id=self._salvage(payload) or f"auto-{uuid.uuid4().hex}",
             action=topic.action,
             camera=topic.camera,
             stream=topic.stream,
@@ -232,15 +225,23 @@ class CommandHandler:
         )
         self._reporter.event(event, [reply] if reply else [])
 
+    def _salvage(self, payload: bytes) -> str | None:
+        """The request_id to echo in a rejection; never raises, whatever the payload holds."""
+        try:
+            return salvage_request_id(payload)
+        except Exception:  # the rejection path must not fail where the main path did
+            log.exception("request_id not recoverable from a rejected payload")
+            return None
+
     def _fault(self, topic: SimulatorTopic, message: aiomqtt.Message) -> None:
         if self._simulator is None:
             return
         if message.retain:
-            log.warning("retained simulator command ignored", camera=topic.camera)
+            log.warning("retained simulator command ignored", camera=clip(topic.camera))
             return
         camera = self._simulator.cameras.get(topic.camera)
         if camera is None:
-            log.warning("simulator command for unknown camera", camera=topic.camera)
+            log.warning("simulator command for unknown camera", camera=clip(topic.camera))
             return
         log.info("simulator fault", camera=topic.camera, fault=topic.fault)
         match topic.fault:

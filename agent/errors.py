@@ -21,7 +21,26 @@ __all__ = [
     "StateWriteFailed",
     "UnknownCamera",
     "UnknownStream",
+    "clip",
+    "echo",
 ]
+
+MAX_MESSAGE_CHARS = 1000
+"""Longest error message sent: a backstop for text that quotes its input."""
+
+
+def clip(text: str, limit: int = 80) -> str:
+    """`text`, cut to `limit` characters with an ellipsis and its length when longer."""
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit]}… ({len(text)} chars)"
+
+
+def echo(value: str, limit: int = 80) -> str:
+    """Untrusted input quoted in a message: repr'd, and cut like `clip`."""
+    if len(value) <= limit:
+        return repr(value)
+    return f"{value[:limit]!r}… ({len(value)} chars)"
 
 
 class AgentError(Exception):
@@ -30,6 +49,7 @@ class AgentError(Exception):
     code: ClassVar[str] = "internal"
 
     def __init__(self, message: str) -> None:
+        message = clip(message, MAX_MESSAGE_CHARS)
         super().__init__(message)
         self.message = message
 
@@ -40,6 +60,7 @@ class InvalidPayload(AgentError):
     code = "invalid_payload"
 
     def __init__(self, message: str, *, path: str | None = None) -> None:
+        message = clip(message, MAX_MESSAGE_CHARS // 2)  # so that the path is never cut off
         super().__init__(f"{message} - at `{path}`" if path else message)
         self.path = path
         self.reason = message
@@ -49,7 +70,7 @@ class UnknownCamera(AgentError):
     code = "unknown_camera"
 
     def __init__(self, *, camera: str) -> None:
-        super().__init__(f"no camera with mxid {camera!r} is known to this agent")
+        super().__init__(f"no camera with mxid {echo(camera)} is known to this agent")
         self.camera = camera
 
 
@@ -58,7 +79,7 @@ class UnknownStream(AgentError):
 
     def __init__(self, *, camera: str, stream: str, available: tuple[str, ...] = ()) -> None:
         detail = f"; it has {', '.join(available)}" if available else ""
-        super().__init__(f"camera {camera} has no stream {stream!r}{detail}")
+        super().__init__(f"camera {clip(camera)} has no stream {echo(stream)}{detail}")
         self.camera = camera
         self.stream = stream
 

@@ -8,12 +8,16 @@ New fields get defaults; nothing is renamed or retyped.
 from __future__ import annotations
 
 import re
-from typing import Annotated, Any, Final, Literal, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, Final, Literal, TypeVar
 
 import msgspec
 from msgspec import Meta
 
-from agent.errors import InvalidPayload
+from agent.errors import AgentError, InvalidPayload, clip
+from agent.limits import json_problem, msgpack_problem, utf8_problem
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
 
 __all__ = [
     "AgentErrorEvent",
@@ -41,11 +45,23 @@ __all__ = [
     "decode_delete",
     "decode_deploy",
     "encode_json",
+    "salvage_request_id",
 ]
 
 _T = TypeVar("_T")
 
+# bounds on everything a sender controls, so that one command cannot bloat the state file,
+# the retained status or the decoder's work; ge/le on a float also refuse NaN and infinities
+MAX_LABELS: Final = 1000
+MAX_LABEL_BYTES: Final = 64 * 1024
+MAX_NN_CONFIG_CHARS: Final = 64 * 1024
+
 Probability = Annotated[float, Meta(ge=0.0, le=1.0)]
+UnixSeconds = Annotated[float, Meta(ge=0.0, le=1e11, description="finite unix seconds")]
+Anchor = Annotated[float, Meta(ge=0.0, le=100_000.0)]
+MaskName = Annotated[str, Meta(min_length=1, max_length=64)]
+AnchorMask = Annotated[tuple[Annotated[int, Meta(ge=0, le=999)], ...], Meta(max_length=64)]
+Label = Annotated[str, Meta(max_length=256)]
 RequestId = Annotated[str, Meta(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9._:-]+$")]
 Sha256Hex = Annotated[str, Meta(pattern=r"^[0-9a-fA-F]{64}$")]
 Threads = Annotated[int, Meta(ge=0, le=2, description="0 lets the device choose")]
@@ -61,8 +77,8 @@ TERMINAL_STATES: Final = frozenset({"succeeded", "failed", "superseded", "reject
 class YoloOptions(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     num_classes: Annotated[int, Meta(gt=0, le=100_000)]
     coordinate_size: Annotated[int, Meta(ge=4, le=64)] = 4
-    anchors: tuple[float, ...] = ()
-    anchor_masks: dict[str, tuple[int, ...]] = {}
+    anchors: Annotated[tuple[Anchor, ...], Meta(max_length=1000)] = ()
+    anchor_masks: Annotated[dict[MaskName, AnchorMask], Meta(max_length=64)] = {}
     iou_threshold: Probability = 0.5
     confidence_threshold: Probability = 0.5
 
@@ -101,18 +117,23 @@ NNConfig = GenericConfig | YoloConfig | MobileNetConfig
 
 class DeployCommand(msgspec.Struct, frozen=True, kw_only=True):
     # the REST API took nn_config as a stringified form field; a JSON string is accepted too
-    nn_config: NNConfig | str
+    nn_config: NNConfig | Annotated[str, Meta(max_length=MAX_NN_CONFIG_CHARS)]
     request_id: RequestId | None = None
     model: bytes | None = None
     model_sha256: Sha256Hex | None = None
     model_name: Annotated[str, Meta(max_length=256)] | None = None
-    labels: tuple[Annotated[str, Meta(max_length=256)], ...] | None = None
-    expires_at: float | None = None
+    # at most MAX_LABEL_BYTES in total as well: checked after decoding
+    labels: Annotated[tuple[Label, ...], Meta(max_length=MAX_LABELS)] | None = None
+    expires_at: UnixSeconds | None = None
 
 
 class DeleteCommand(msgspec.Struct, frozen=True):
     request_id: RequestId | None = None
-    expires_at: float | None = None
+    expires_at: UnixSeconds | None = None
+
+
+class _RequestIdOnly(msgspec.Struct, frozen=True):
+    request_id: Annotated[str, Meta(min_length=1, max_length=128)] | None = None
 
 
 Command = DeployCommand | DeleteCommand
@@ -122,6 +143,8 @@ _msgpack_deploy: Final = msgspec.msgpack.Decoder(DeployCommand)
 _json_delete: Final = msgspec.json.Decoder(DeleteCommand)
 _msgpack_delete: Final = msgspec.msgpack.Decoder(DeleteCommand)
 _json_nn_config: Final = msgspec.json.Decoder(NNConfig)
+_json_request_id: Final = msgspec.json.Decoder(_RequestIdOnly)
+_msgpack_request_id: Final = msgspec.msgpack.Decoder(_RequestIdOnly)
 
 
 def _is_json(payload: bytes) -> bool:
@@ -140,8 +163,9 @@ def _invalid(exc: msgspec.MsgspecError, *, under: str = "") -> InvalidPayload:
     text = str(exc)
     match = _WHERE.search(text)
     if match is None:
-        return InvalidPayload(text, path=under or "$")
-    reason = text[: match.start()] + (" (in a map key)" if match.group(1) else "")
+        return InvalidPayload(clip(text, 200), path=under or "$")
+    # msgspec quotes the input in some reasons (an unknown tag, an unknown field's name)
+    reason = clip(text[: match.start()], 200) + (" (in a map key)" if match.group(1) else "")
     path = match.group(2)
     if under:
         path = under + path[1:]
@@ -149,33 +173,62 @@ def _invalid(exc: msgspec.MsgspecError, *, under: str = "") -> InvalidPayload:
 
 
 def _decode(payload: bytes, json: msgspec.json.Decoder[_T], mp: msgspec.msgpack.Decoder[_T]) -> _T:
+    """Decode untrusted bytes; whatever they hold, only InvalidPayload comes out."""
+    msgpack = _is_msgpack_map(payload)
+    decoder: Callable[[bytes], _T]
+    if _is_json(payload):
+        problem, decoder = json_problem(payload), json.decode
+    elif msgpack:
+        problem, decoder = msgpack_problem(payload), mp.decode
+    else:
+        raise InvalidPayload("payload is neither a JSON object nor a MessagePack map", path="$")
+    if problem is not None:
+        raise InvalidPayload(problem, path="$")
     try:
-        if _is_json(payload):
-            return json.decode(payload)
-        if _is_msgpack_map(payload):
-            return mp.decode(payload)
+        return decoder(payload)
     except msgspec.ValidationError as exc:
         raise _invalid(exc) from exc
     except msgspec.DecodeError as exc:
-        raise InvalidPayload(f"malformed payload ({exc})", path="$") from exc
-    raise InvalidPayload("payload is neither a JSON object nor a MessagePack map", path="$")
+        raise InvalidPayload(f"malformed payload ({clip(str(exc), 200)})", path="$") from exc
+    except UnicodeDecodeError as exc:  # msgspec checks UTF-8 only in the strings it keeps
+        problem = utf8_problem(payload, msgpack=msgpack)
+        raise InvalidPayload(problem, path="$") from exc
+    except RecursionError as exc:  # not reached with the depth check; kept as a backstop
+        raise InvalidPayload("nesting is too deep", path="$") from exc
+
+
+def _nn_config(text: str) -> NNConfig:
+    """Decode the NNConfig given as a JSON string (the REST API's form field)."""
+    raw = text.encode()
+    problem = json_problem(raw)
+    if problem is not None:
+        raise InvalidPayload(problem, path="$.nn_config")
+    try:
+        nn_config: NNConfig = _json_nn_config.decode(raw)
+    except msgspec.ValidationError as exc:
+        raise _invalid(exc, under="$.nn_config") from exc
+    except msgspec.DecodeError as exc:
+        raise InvalidPayload(f"not a JSON object ({exc})", path="$.nn_config") from exc
+    except RecursionError as exc:  # a backstop, as in _decode
+        raise InvalidPayload("nesting is too deep", path="$.nn_config") from exc
+    return nn_config
 
 
 def decode_deploy(payload: bytes) -> DeployCommand:
     """Decode a deploy command (JSON object or MessagePack map); raise InvalidPayload."""
     command = _decode(payload, _json_deploy, _msgpack_deploy)
     if isinstance(command.nn_config, str):
-        try:
-            nn_config: NNConfig = _json_nn_config.decode(command.nn_config)
-        except msgspec.ValidationError as exc:
-            raise _invalid(exc, under="$.nn_config") from exc
-        except msgspec.DecodeError as exc:
-            raise InvalidPayload(f"not a JSON object ({exc})", path="$.nn_config") from exc
-        command = msgspec.structs.replace(command, nn_config=nn_config)
+        command = msgspec.structs.replace(command, nn_config=_nn_config(command.nn_config))
     if command.model is None and command.model_sha256 is None:
         raise InvalidPayload("either model or model_sha256 is required", path="$.model")
     if command.model is not None and not command.model:
         raise InvalidPayload("model is empty", path="$.model")
+    if command.labels:
+        total = sum(len(label.encode()) for label in command.labels)
+        if total > MAX_LABEL_BYTES:
+            raise InvalidPayload(
+                f"labels hold {total} bytes in total; at most {MAX_LABEL_BYTES}", path="$.labels"
+            )
     if command.model_sha256 is not None:
         command = msgspec.structs.replace(command, model_sha256=command.model_sha256.lower())
     return command
@@ -186,6 +239,17 @@ def decode_delete(payload: bytes) -> DeleteCommand:
     if not payload.strip():
         return DeleteCommand()
     return _decode(payload, _json_delete, _msgpack_delete)
+
+
+def salvage_request_id(payload: bytes) -> str | None:
+    """Best effort: the request_id of a payload that failed validation, to echo it back.
+
+    Guarded like the decoders, so a payload that broke them cannot break this too.
+    """
+    try:
+        return _decode(payload, _json_request_id, _msgpack_request_id).request_id
+    except AgentError:
+        return None
 
 
 # --- events and status ---------------------------------------------------------------------

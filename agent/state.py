@@ -18,6 +18,8 @@ import anyio
 import msgspec
 import structlog
 
+from agent.errors import clip
+from agent.limits import json_problem
 from agent.messages import Event, NNConfig
 
 if TYPE_CHECKING:
@@ -95,6 +97,20 @@ _encoder: Final = msgspec.json.Encoder()
 _decoder: Final = msgspec.json.Decoder(StateDocument)
 
 
+def _decode(raw: bytes) -> StateDocument | str:
+    """The document, or why it does not decode: no content of the file escapes as an error."""
+    problem = json_problem(raw)
+    if problem is not None:
+        return problem
+    try:
+        raw.decode("utf-8")  # written UTF-8 throughout; msgspec would skip bad bytes it ignores
+        return _decoder.decode(raw)
+    except UnicodeDecodeError as exc:
+        return f"not UTF-8 at byte {exc.start}"
+    except (msgspec.MsgspecError, RecursionError, ValueError) as exc:
+        return clip(str(exc), 200)
+
+
 class StateFile:
     """`state.json` in the state folder; writes are serialised and atomic."""
 
@@ -110,11 +126,10 @@ class StateFile:
             return StateDocument(), None
         except OSError as exc:
             return StateDocument(), f"cannot read {self.path}: {exc.strerror}"
-        try:
-            document = _decoder.decode(raw)
-        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        document = _decode(raw)
+        if isinstance(document, str):
             kept = self._keep_aside()
-            return StateDocument(), f"{self.path} is unreadable ({exc}); kept as {kept}"
+            return StateDocument(), f"{self.path} is unreadable ({document}); kept as {kept}"
         if document.version != FORMAT_VERSION:
             kept = self._keep_aside()
             return StateDocument(), f"{self.path} has format {document.version}; kept as {kept}"

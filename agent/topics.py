@@ -50,6 +50,15 @@ class Topics:
         return cls(f"{prefix}/{agent_id}")
 
     @property
+    def prefix(self) -> str:
+        """The first level(s), shared by every agent on the broker (agent ids hold no `/`)."""
+        return self.base.rpartition("/")[0]
+
+    def in_prefix(self, topic: str) -> bool:
+        """Whether `topic` is the prefix or under it: any agent's topic, commands included."""
+        return topic == self.prefix or topic.startswith(f"{self.prefix}/")
+
+    @property
     def availability(self) -> str:
         return f"{self.base}/availability"
 

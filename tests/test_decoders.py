@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 
 from agent.config import Config, ConfigError, load_config
 from agent.errors import InvalidPayload
+from agent.limits import MAX_DEPTH, json_problem, msgpack_problem
 from agent.messages import (
     DeleteCommand,
     DeployCommand,
@@ -20,8 +21,11 @@ from agent.messages import (
     YoloConfig,
     decode_delete,
     decode_deploy,
+    salvage_request_id,
 )
+from agent.state import StateDocument, StateFile
 from agent.topics import CommandTopic, SimulatorTopic, Topics
+from tests.strategies import deep_values, hostile_payloads
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -65,6 +69,9 @@ deploy_bodies = st.fixed_dictionaries(
         "expires_at": st.floats(allow_nan=False) | json_values,
     },
 )
+
+
+_GENERIC: dict[str, Any] = {"nn_config": {"type": "Generic"}, "model": "eA=="}
 
 
 def _decodes_or_invalid(decode: Callable[[bytes], object], payload: bytes) -> object | None:
@@ -180,3 +187,132 @@ def test_config_unknown_key_is_named(tmp_path: Any) -> None:
     path.write_text('[[simulator.cameras]]\nmxid = "abc"\n')
     with pytest.raises(ConfigError, match=r"simulator.cameras\[0\].mxid"):
         load_config(path)
+
+
+# --- hostile input (issue 15) ------------------------------------------------------------
+
+
+def _depth(value: Any) -> int:
+    if isinstance(value, list):
+        return 1 + max((_depth(v) for v in value), default=0)
+    if isinstance(value, dict):
+        return 1 + max((_depth(v) for v in value.values()), default=0)
+    return 0
+
+
+@given(deep_values, st.sampled_from(["json", "msgpack"]))
+@settings(max_examples=150)
+def test_nesting_check_agrees_with_the_real_depth(drawn: tuple[Any, int], encoding: str) -> None:
+    value, _ = drawn
+    if encoding == "json":
+        too_deep = json_problem(msgspec.json.encode(value)) is not None
+    else:
+        too_deep = msgpack_problem(msgspec.msgpack.encode(value)) is not None
+    assert too_deep == (_depth(value) > MAX_DEPTH)
+
+
+@given(st.binary(max_size=300), st.integers(1, 40))
+@settings(max_examples=300)
+def test_nesting_check_is_total_and_protects_the_decoder(raw: bytes, limit: int) -> None:
+    # whatever passes the check decodes without recursion trouble at any depth limit
+    for problem, decode in (
+        (json_problem(raw, max_depth=limit), msgspec.json.decode),
+        (msgpack_problem(raw, max_depth=limit, max_items=1000), msgspec.msgpack.decode),
+    ):
+        if problem is None:
+            # untyped, a MessagePack map keyed by a map is a TypeError (unhashable key)
+            with contextlib.suppress(msgspec.MsgspecError, UnicodeDecodeError, TypeError):
+                decoded = decode(raw)
+                assert _depth(decoded) <= limit
+
+
+@given(hostile_payloads)
+@settings(
+    max_examples=400, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large]
+)
+def test_hostile_payloads_raise_only_invalid_payload(payload: bytes) -> None:
+    _decodes_or_invalid(decode_deploy, payload)
+    _decodes_or_invalid(decode_delete, payload)
+    found = salvage_request_id(payload)
+    assert found is None or 0 < len(found) <= 128
+
+
+@given(st.binary(max_size=400) | hostile_payloads)
+@settings(
+    max_examples=200, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large]
+)
+def test_salvage_never_raises(payload: bytes) -> None:
+    found = salvage_request_id(payload)
+    assert found is None or isinstance(found, str)
+
+
+def test_non_finite_expires_at_is_refused() -> None:
+    for value in (float("nan"), float("inf"), float("-inf"), -1.0, 1e12):
+        for decode in (decode_deploy, decode_delete):
+            body = {"nn_config": {"type": "Generic"}, "model": b"x", "expires_at": value}
+            with pytest.raises(InvalidPayload, match=r"at `\$.expires_at`"):
+                decode(msgspec.msgpack.encode(body))
+    assert decode_delete(b'{"expires_at": 1795736466.5}').expires_at == 1795736466.5
+
+
+def test_label_bounds() -> None:
+    def deploy(labels: list[str]) -> DeployCommand:
+        return decode_deploy(msgspec.json.encode({**_GENERIC, "labels": labels}))
+
+    assert deploy(["x" * 256] * 256).labels == ("x" * 256,) * 256  # exactly 64 KiB
+    with pytest.raises(InvalidPayload, match=r"65537 bytes in total.*at `\$.labels`"):
+        deploy(["x" * 256] * 256 + ["y"])
+    with pytest.raises(InvalidPayload, match=r"length <= 1000 - at `\$.labels`"):
+        deploy(["l"] * 1001)
+    with pytest.raises(InvalidPayload, match=r"at `\$.labels\[3\]`"):
+        deploy(["a", "b", "c", "x" * 257])
+
+
+@pytest.mark.parametrize(
+    ("payload", "reason"),
+    [
+        (b'{"request_id": "\xff"}', "not valid UTF-8 (byte 16)"),
+        (b"\x81\xaarequest_id\xa1\xff", "not valid UTF-8 (the string at byte 13)"),
+        (b'{"a":' * 33 + b"1" + b"}" * 33, "deeper than 32 levels"),
+        (b"\x81\xa1a" * 33 + b"\xc0", "deeper than 32 levels"),
+        (
+            b"\x81\xa1a\xdd\x00\x01\x86\xa1" + b"\xc0" * 100_001,
+            "more than 100000 MessagePack items",
+        ),
+    ],
+)
+def test_hostile_payload_reasons(payload: bytes, reason: str) -> None:
+    with pytest.raises(InvalidPayload) as caught:
+        decode_delete(payload)
+    assert reason in caught.value.message
+    assert caught.value.path == "$"
+
+
+def test_nesting_check_is_linear_on_pathological_strings() -> None:
+    # each quote opens an unterminated string: a naive retry at every quote is quadratic
+    payload = b'{"a": [' * 40 + b'"' + b'\\"' * 2_000_000
+    assert json_problem(payload) is not None
+
+
+@given(
+    st.binary(max_size=300)
+    | hostile_payloads
+    | deep_values.map(lambda d: msgspec.json.encode(d[0]))
+)
+@settings(
+    max_examples=200,
+    suppress_health_check=[
+        HealthCheck.function_scoped_fixture,
+        HealthCheck.too_slow,
+        HealthCheck.data_too_large,
+    ],
+)
+def test_state_file_loads_or_is_kept_aside(tmp_path_factory: Any, raw: bytes) -> None:
+    folder = tmp_path_factory.mktemp("state")
+    (folder / "state.json").write_bytes(raw)
+    document, problem = StateFile(folder).load()
+    assert isinstance(document, StateDocument)
+    if problem is not None:
+        assert "kept as state.json.unreadable-" in problem
+        assert len(problem) < 1000
+        assert not (folder / "state.json").exists()

@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 from agent.errors import InvalidPayload
 from agent.messages import decode_delete, decode_deploy
 from tests.harness import CAM1, agent_and_observer, make_config
+from tests.strategies import hostile_payloads
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -53,6 +54,27 @@ def _valid(action: str, payload: bytes) -> bool:
 def test_arbitrary_payloads_are_answered(
     live: tuple[object, App, Observer], payload: bytes, action: str
 ) -> None:
+    _answered(live, payload, action)
+
+
+@given(hostile_payloads, st.sampled_from(["deploy", "delete"]))
+@settings(
+    max_examples=80,
+    deadline=None,
+    suppress_health_check=[
+        HealthCheck.function_scoped_fixture,
+        HealthCheck.too_slow,
+        HealthCheck.data_too_large,
+    ],
+)
+def test_hostile_payloads_are_answered(
+    live: tuple[object, App, Observer], payload: bytes, action: str
+) -> None:
+    """Deep nesting, invalid UTF-8 in strings, oversized lists and strings (issue 15)."""
+    _answered(live, payload, action)
+
+
+def _answered(live: tuple[object, App, Observer], payload: bytes, action: str) -> None:
     portal, app, obs = live
     topic = obs.topics.command(CAM1, "CAM_A", action)  # type: ignore[arg-type]
 

@@ -215,7 +215,8 @@ async def test_mqtt5_response_topic_and_correlation_data(
     mqtt5: Broker, tmp_path: Path, own_blobs: dict[str, Path]
 ) -> None:
     async with agent_and_observer(mqtt5, make_config(mqtt5, tmp_path)) as (_, obs):
-        reply_topic = f"{obs.topics.base}-replies/me"  # beside the agent's topics, not under
+        # outside the prefix: nothing under it may receive replies
+        reply_topic = f"replies-{obs.topics.base.replace('/', '-')}/me"
         await obs.client.subscribe(reply_topic, qos=1)
         body = {"request_id": "rt", "nn_config": YOLO, "model": own_blobs["yolo_tiny"].read_bytes()}
         properties = response_properties(reply_topic, b"\x01corr")
@@ -240,7 +241,11 @@ async def test_mqtt5_response_topic_and_correlation_data(
 
 @pytest.mark.parametrize(
     ("reply_topic", "reason"),
-    [("{base}/cameras/X/streams/CAM_A/nn/deploy", "must not be under"), ("r/+/x", "wildcards")],
+    [
+        ("{base}/cameras/X/streams/CAM_A/nn/deploy", "must not be under"),
+        ("{base}-replies/me", "must not be under"),
+        ("r/+/x", "wildcards"),
+    ],
 )
 async def test_unusable_response_topic_is_rejected_and_the_session_survives(
     mqtt5: Broker, tmp_path: Path, own_blobs: dict[str, Path], reply_topic: str, reason: str
