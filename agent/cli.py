@@ -19,7 +19,7 @@ from agent import __version__
 from agent.config import ConfigError, load_config
 from agent.logs import setup_logging
 
-__all__ = ["main"]
+__all__ = ["build_parser", "main"]
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -73,7 +73,8 @@ async def _run_until_signalled(config_path: Path) -> None:
                 break
 
 
-def _parser() -> argparse.ArgumentParser:
+def build_parser() -> argparse.ArgumentParser:
+    """The `oak-agent` argument parser with every subcommand."""
     from agent.client import add_client_commands  # noqa: PLC0415
 
     parser = argparse.ArgumentParser(
@@ -95,7 +96,9 @@ def _parser() -> argparse.ArgumentParser:
         choices=["auto", "json", "console"],
         help="auto: console on a terminal, JSON lines otherwise (default %(default)s)",
     )
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub = parser.add_subparsers(
+        dest="command", required=True, metavar="COMMAND", help="one of these:"
+    )
     run = sub.add_parser(
         "run",
         help="run the agent (the daemon) until SIGTERM or Ctrl-C",
@@ -107,7 +110,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    args = build_parser().parse_args(argv)
     setup_logging(args.log_level, args.log_format)
     try:
         if args.command == "run":

@@ -42,6 +42,7 @@ __all__ = [
     "EXIT_TIMEOUT",
     "EXIT_USAGE",
     "add_client_commands",
+    "decode_event",
     "run_client_command",
 ]
 
@@ -436,7 +437,7 @@ async def _request(target: _Target, args: argparse.Namespace, body: dict[str, An
                     if message.retain or not message.topic.matches(topics.events):
                         continue
                     payload = _payload(message)
-                    event = _event(payload)
+                    event = decode_event(payload)
                     if event is None or event.request_id != request_id:
                         continue
                     seen.append(event.state)
@@ -457,10 +458,11 @@ async def _request(target: _Target, args: argparse.Namespace, body: dict[str, An
     raise ClientExit(EXIT_BROKER, f"lost the connection to {target.where}")
 
 
-def _event(payload: bytes) -> Event | None:
+def decode_event(payload: bytes) -> Event | None:
+    """The request event in `payload`; None for anything else (never raises)."""
     try:
         return _event_decoder.decode(payload)
-    except msgspec.DecodeError:  # ValidationError too: not an event of ours
+    except (msgspec.DecodeError, UnicodeDecodeError):  # ValidationError too; bad UTF-8
         return None
 
 

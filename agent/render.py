@@ -58,7 +58,11 @@ def summary(payload: bytes) -> str:
     """One line for a binary payload: a MessagePack map's keys and value sizes, or a hex peek."""
     try:
         value = msgspec.msgpack.decode(payload)
-    except (msgspec.DecodeError, RecursionError):
+    except (
+        msgspec.DecodeError,
+        UnicodeDecodeError,
+        RecursionError,
+    ):  # a bad str: UnicodeDecodeError
         value = None
     if isinstance(value, dict):
         items = [f"{_plain(k)}={_brief(v)}" for k, v in list(value.items())[:_SUMMARY_KEYS]]
