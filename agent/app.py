@@ -123,7 +123,9 @@ def _hints(
         reach = f"--host {config.mqtt.host} --port {config.mqtt.port} "
         reach += f"--prefix {config.mqtt.prefix} --agent {config.agent.id}"
     argv0 = Path(sys.argv[0])
-    program = shlex.quote(str(argv0) if argv0.name == "oak-agent" else sys.executable)
+    program = shlex.quote(
+        _pasteable(argv0.absolute()) if argv0.name == "oak-agent" else sys.executable
+    )
     if argv0.name != "oak-agent":
         program += " -m agent.cli"
     blob = shlex.quote(_pasteable(_DEMO_BLOB)) if _DEMO_BLOB.is_file() else "MODEL.blob"

@@ -428,9 +428,7 @@ async def _request(target: _Target, args: argparse.Namespace, body: dict[str, An
             async with _connected(target) as client:
                 await client.subscribe(topics.events, qos=1)
                 await client.publish(
-                    topics.command(args.camera, args.stream, args.command),
-                    msgspec.msgpack.encode(body),
-                    qos=1,
+                    topics.command(args.camera, args.stream, args.command), _encode(body), qos=1
                 )
                 async for message in client.messages:
                     # events are never retained: a retained one is stale or someone else's
@@ -456,6 +454,13 @@ async def _request(target: _Target, args: argparse.Namespace, body: dict[str, An
             f"(is it running? `oak-agent watch` shows what it publishes)",
         ) from None
     raise ClientExit(EXIT_BROKER, f"lost the connection to {target.where}")
+
+
+def _encode(body: dict[str, Any]) -> bytes:
+    """MessagePack when the command carries a model (raw bytes), readable JSON otherwise."""
+    if "model" in body:
+        return msgspec.msgpack.encode(body)
+    return msgspec.json.encode(body)
 
 
 def decode_event(payload: bytes) -> Event | None:
