@@ -332,6 +332,47 @@ async def test_hints_work_when_pasted(kind: Kind, broker: Broker, tmp_path: Path
             assert outcome.state == "succeeded", outcome
 
 
+async def test_hints_on_a_terminal_are_plain_lines(tmp_path: Path) -> None:
+    agent_id = f"cli-{uuid.uuid4().hex[:8]}"
+    port = free_port()
+    config = tmp_path / "agent.toml"
+    _agent_toml(config, "amqtt", "127.0.0.1", port, agent_id)
+    topics = Topics.for_agent(PREFIX, agent_id)
+    master, slave = os.openpty()
+    try:
+        process = await anyio.open_process(
+            [*OAK, "run", "--config", str(config)], stdout=slave, stderr=slave, cwd=ROOT
+        )
+        os.close(slave)
+        slave = -1
+        try:
+            async with anyio.create_task_group() as tg:
+                seen: list[bytes] = []
+
+                async def _read() -> None:
+                    seen.append(await anyio.to_thread.run_sync(_read_until_closed, master))
+
+                tg.start_soon(_read)
+                await _listening(port)
+                broker = Broker(kind="amqtt", host="127.0.0.1", port=port, pid=process.pid)
+                async with observe(broker, topics) as obs:
+                    await obs.wait_for(lambda: obs.latest(topics.availability) == b"online")
+                await _stop(process)
+        finally:
+            await _stop(process)
+    finally:
+        os.close(master)
+        if slave >= 0:
+            os.close(slave)
+    text = seen[0].decode().replace("\r\n", "\n")
+    assert "Try it, in another terminal in this folder:" in text
+    assert (
+        f"\n  {sys.executable} -m agent.cli deploy --config {config} --camera {CAM1} --stream CAM_A"
+        ' --model tests/data/blobs/ssd_tiny.blob --nn-config \'{"type": "MobileNet"}\'\n'
+    ) in text
+    assert "try it" not in text  # no log line repeating the commands, escaped
+
+
 async def test_no_answer_in_time(kind: Kind, broker: Broker, tmp_path: Path) -> None:
     async with running_target(kind, broker, tmp_path) as (target, _):
         where = ["--host", "127.0.0.1", "--port", str(target.broker.port), "--prefix", PREFIX]
