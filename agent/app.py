@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import shlex
 import sys
 import time
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
 from functools import partial
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import anyio
@@ -28,8 +30,6 @@ from agent.state import StateFile
 from agent.topics import Topics
 
 if TYPE_CHECKING:
-    from pathlib import Path
-
     from anyio.abc import TaskStatus
 
     from agent.cameras.base import CameraBackend, Output
@@ -99,27 +99,48 @@ def _info(config: Config, backend: CameraBackend, started_at: float) -> Info:
     )
 
 
+_DEMO_BLOB = Path(__file__).resolve().parent.parent / "tests" / "data" / "blobs" / "ssd_tiny.blob"
+
+
+def _pasteable(path: Path) -> str:
+    """A path that works when pasted in the current folder: relative below it, else absolute."""
+    try:
+        return str(path.relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
+
+
 def _hints(
     config: Config, topics: Topics, backend: CameraBackend, source: Path | None
 ) -> dict[str, str]:
-    """Copy-paste commands for a first try, logged at start-up."""
+    """Copy-paste commands for a first try, shown at start-up (cli.py decides how)."""
     camera = next(iter(backend.cameras.values()), None)
     mxid = camera.mxid if camera else "MXID"
     where = f"-h {config.mqtt.host} -p {config.mqtt.port}"
-    deploy_topic = topics.command(mxid, "CAM_A", "deploy")
-    config_arg = str(source) if source else "CONFIG.toml"
-    program = sys.argv[0] if sys.argv[0].endswith("oak-agent") else "oak-agent"
-    nn_config = '{"type": "MobileNet", "nn_config": {"confidence_threshold": 0.5}}'
+    if source is not None:
+        reach = f"--config {shlex.quote(_pasteable(source.absolute()))}"
+    else:
+        reach = f"--host {config.mqtt.host} --port {config.mqtt.port} "
+        reach += f"--prefix {config.mqtt.prefix} --agent {config.agent.id}"
+    argv0 = Path(sys.argv[0])
+    program = shlex.quote(
+        _pasteable(argv0.absolute()) if argv0.name == "oak-agent" else sys.executable
+    )
+    if argv0.name != "oak-agent":
+        program += " -m agent.cli"
+    blob = shlex.quote(_pasteable(_DEMO_BLOB)) if _DEMO_BLOB.is_file() else "MODEL.blob"
+    target = f"--camera {mxid} --stream CAM_A"
     return {
-        "watch": f"mosquitto_sub {where} -v -t '{topics.base}/#'",
+        "watch": f"{program} watch {reach}",
         "deploy": (
-            f"{program} deploy --config {config_arg} --camera {mxid} --stream CAM_A "
-            f"--model tests/data/blobs/ssd_tiny.blob --nn-config '{nn_config}'"
+            f"{program} deploy {reach} {target} --model {blob} "
+            '--nn-config \'{"type": "MobileNet"}\''
         ),
+        "delete": f"{program} delete {reach} {target}",
         "deploy_with_mosquitto_pub": (
-            f"mosquitto_pub {where} -q 1 -t '{deploy_topic}' -m "
+            f"mosquitto_pub {where} -q 1 -t '{topics.command(mxid, 'CAM_A', 'deploy')}' -m "
             f'"{{\\"nn_config\\": {{\\"type\\": \\"MobileNet\\"}}, \\"model\\": '
-            f'\\"$(base64 -w0 tests/data/blobs/ssd_tiny.blob)\\"}}"'
+            f'\\"$(base64 -w0 {blob})\\"}}"'
         ),
     }
 
@@ -207,5 +228,4 @@ async def serve(
                 cameras=list(backend.cameras),
                 protocol=link.protocol,
             )
-            log.info("try it", **app.hints)
             task_status.started(app)

@@ -1,7 +1,7 @@
 """Command line: argv -> config -> logging -> run; exit codes.
 
 oak-agent run --config PATH        the daemon
-oak-agent deploy|delete|watch ...  a small MQTT client for trying the agent out
+oak-agent deploy|delete|watch ...  a small MQTT client for trying the agent out (client.py)
 """
 
 from __future__ import annotations
@@ -15,16 +15,48 @@ from pathlib import Path
 import anyio
 import structlog
 
+from agent import __version__
 from agent.config import ConfigError, load_config
 from agent.logs import setup_logging
 
-__all__ = ["main"]
+__all__ = ["build_parser", "main"]
 
 EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_CONFIG = 2
 
+DESCRIPTION = """\
+Deploy neural networks onto Luxonis OAK cameras over MQTT: `run` the agent,
+or talk to a running one with `deploy`, `delete` and `watch`."""
+EPILOG = """\
+try it without hardware (from the repository; scripts/demo runs the agent with an
+embedded broker on 127.0.0.1:1883 and two simulated cameras):
+  scripts/demo
+  .venv/bin/oak-agent watch --config config/demo.toml
+  .venv/bin/oak-agent deploy --config config/demo.toml --camera 14442C10D13EABCE00 \\
+      --stream CAM_A --model tests/data/blobs/ssd_tiny.blob --nn-config '{"type": "MobileNet"}'
+
+`oak-agent COMMAND --help` describes each command and its exit codes."""
+
+# what each start-up hint does, for the plain lines printed on a terminal
+_HINT_TITLES = {
+    "watch": "watch what the agent says",
+    "deploy": "deploy a MobileNet-SSD onto the first camera's colour stream, and follow it",
+    "delete": "remove it again",
+    "deploy_with_mosquitto_pub": "the same deploy with mosquitto_pub (JSON, the blob in base64)",
+}
+
 log = structlog.get_logger(__name__)
+
+
+def _show_hints(hints: dict[str, str]) -> None:
+    """Plain copy-paste lines on a terminal; one structured log line otherwise."""
+    if not sys.stderr.isatty():
+        log.info("try it", **hints)
+        return
+    lines = [f"  # {_HINT_TITLES.get(key, key)}\n  {command}\n" for key, command in hints.items()]
+    sys.stderr.write("\nTry it, in another terminal in this folder:\n\n" + "\n".join(lines) + "\n")
+    sys.stderr.flush()
 
 
 async def _run_until_signalled(config_path: Path) -> None:
@@ -33,9 +65,7 @@ async def _run_until_signalled(config_path: Path) -> None:
     config = load_config(config_path)
     async with anyio.create_task_group() as tg:
         app = await tg.start(partial(serve, config, source=config_path))
-        if sys.stderr.isatty():
-            lines = [f"  {what}:\n    {command}" for what, command in app.hints.items()]
-            sys.stderr.write("\nTry it (in another terminal):\n" + "\n".join(lines) + "\n\n")
+        _show_hints(app.hints)
         with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
             async for signum in signals:
                 log.info("shutting down", signal=signal.Signals(signum).name)
@@ -43,21 +73,44 @@ async def _run_until_signalled(config_path: Path) -> None:
                 break
 
 
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="oak-agent", description=__doc__.splitlines()[0])
-    parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning"])
-    parser.add_argument("--log-format", default="auto", choices=["auto", "json", "console"])
-    sub = parser.add_subparsers(dest="command", required=True)
-    run = sub.add_parser("run", help="run the agent")
-    run.add_argument("--config", type=Path, required=True, help="TOML config file")
+def build_parser() -> argparse.ArgumentParser:
+    """The `oak-agent` argument parser with every subcommand."""
     from agent.client import add_client_commands  # noqa: PLC0415
 
+    parser = argparse.ArgumentParser(
+        prog="oak-agent",
+        description=DESCRIPTION,
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    parser.add_argument(
+        "--log-level",
+        default="info",
+        choices=["debug", "info", "warning"],
+        help="the agent's log level (default %(default)s)",
+    )
+    parser.add_argument(
+        "--log-format",
+        default="auto",
+        choices=["auto", "json", "console"],
+        help="auto: console on a terminal, JSON lines otherwise (default %(default)s)",
+    )
+    sub = parser.add_subparsers(
+        dest="command", required=True, metavar="COMMAND", help="one of these:"
+    )
+    run = sub.add_parser(
+        "run",
+        help="run the agent (the daemon) until SIGTERM or Ctrl-C",
+        description="Run the agent until SIGTERM or Ctrl-C.",
+    )
+    run.add_argument("--config", type=Path, required=True, help="the agent's TOML config file")
     add_client_commands(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    args = build_parser().parse_args(argv)
     setup_logging(args.log_level, args.log_format)
     try:
         if args.command == "run":

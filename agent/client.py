@@ -1,120 +1,511 @@
 """A small MQTT client for trying the agent: deploy, delete, watch.
 
-It reads host, port, prefix and agent id from the agent's own config file, so the
-commands stay short; it talks MQTT 3.1.1 so it works with the embedded demo broker.
+It reaches the agent with `--host/--port/--prefix/--agent`, or reads them from the agent's
+own TOML (`--config`; flags override it). It talks MQTT 3.1.1, so it works with the embedded
+demo broker too. It acts only on messages on the topics it subscribed to (amqtt also sends a
+new client the retained messages other clients subscribed to), skips what does not decode,
+and reports an expected failure as one line on stderr and an exit code.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
+import re
+import signal
 import sys
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import aiomqtt
 import anyio
 import msgspec
 
-from agent.config import Config, load_config
+from agent.config import ConfigError, load_config
 from agent.messages import Event
+from agent.render import Style, render
 from agent.topics import Topics
 
-__all__ = ["add_client_commands", "run_client_command"]
+if TYPE_CHECKING:
+    from collections.abc import AsyncIterator, Awaitable, Callable
+
+__all__ = [
+    "EXIT_BROKER",
+    "EXIT_CODES_HELP",
+    "EXIT_FAILED",
+    "EXIT_INTERRUPTED",
+    "EXIT_OK",
+    "EXIT_TIMEOUT",
+    "EXIT_USAGE",
+    "add_client_commands",
+    "decode_event",
+    "run_client_command",
+]
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+EXIT_TIMEOUT = 3
+EXIT_BROKER = 4
+EXIT_INTERRUPTED = 130
+
+EXIT_CODES_HELP = f"""\
+exit codes:
+  {EXIT_OK}    done: the request succeeded; watch ended (Ctrl-C, --count, --timeout)
+  {EXIT_FAILED}    the request was rejected, failed or superseded (its event is printed)
+  {EXIT_USAGE}    bad arguments or configuration
+  {EXIT_TIMEOUT}    no final answer within --timeout (watch: fewer than --count messages)
+  {EXIT_BROKER}    the broker is unreachable, refused the connection or dropped it
+  {EXIT_INTERRUPTED}  deploy/delete interrupted by Ctrl-C (the agent may still carry it out)"""
+
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 1883
+DEFAULT_PREFIX = "oak"
+DEFAULT_REQUEST_TIMEOUT = 120.0
+_CONNECT_TIMEOUT = 10.0
+_LEVEL = re.compile(r"[A-Za-z0-9._-]{1,64}")
+# CONNACK return codes of MQTT 3.1.1
+_REFUSALS = {
+    1: "unsupported protocol version",
+    2: "client id rejected",
+    3: "server unavailable",
+    4: "bad username or password",
+    5: "not authorised",
+}
 
 _event_decoder = msgspec.json.Decoder(Event)
 
 
-def add_client_commands(sub: Any) -> None:
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--config", type=Path, required=True, help="the agent's TOML config")
-    common.add_argument("--timeout", type=float, default=120.0, help="seconds to wait")
+class ClientExit(Exception):
+    """An expected end: one line for stderr and an exit code."""
 
-    deploy = sub.add_parser("deploy", parents=[common], help="deploy a model and follow it")
-    deploy.add_argument("--camera", required=True)
-    deploy.add_argument("--stream", required=True)
+    def __init__(self, code: int, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+@dataclass(frozen=True, slots=True)
+class _Target:
+    host: str
+    port: int
+    topics: Topics
+    agent: str
+    username: str | None
+    password: str | None
+
+    @property
+    def where(self) -> str:
+        return f"{self.host}:{self.port}"
+
+
+# --- arguments ----------------------------------------------------------------------------
+
+
+def _level(value: str) -> str:
+    if not _LEVEL.fullmatch(value):
+        raise argparse.ArgumentTypeError(f"{value!r} is not a topic level ([A-Za-z0-9._-]+)")
+    return value
+
+
+def _segment(value: str) -> str:
+    if not value or any(c in value for c in "/+#"):
+        raise argparse.ArgumentTypeError(f"{value!r}: must be non-empty, without / + #")
+    return value
+
+
+def _json_object(value: str) -> dict[str, Any]:
+    try:
+        decoded = json.loads(value)
+    except json.JSONDecodeError as exc:
+        raise argparse.ArgumentTypeError(f"not JSON: {exc}") from None
+    if not isinstance(decoded, dict):
+        raise argparse.ArgumentTypeError('must be a JSON object, e.g. \'{"type": "Generic"}\'')
+    return decoded
+
+
+def _seconds(value: str) -> float:
+    try:
+        seconds = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a number") from None
+    if not seconds > 0:
+        raise argparse.ArgumentTypeError("must be more than 0")
+    return seconds
+
+
+def _port(value: str) -> int:
+    if not value.isdigit() or not 1 <= int(value) <= 65535:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a port (1-65535)")
+    return int(value)
+
+
+def _count(value: str) -> int:
+    if not value.isdigit():
+        raise argparse.ArgumentTypeError(f"{value!r} is not a count (0, 1, 2, ...)")
+    return int(value)
+
+
+def _common_options() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    where = common.add_argument_group("where the agent is (flags override --config)")
+    where.add_argument(
+        "--config",
+        type=Path,
+        metavar="PATH",
+        help="the agent's TOML: host, port, prefix, agent id, login",
+    )
+    where.add_argument("--host", help=f"MQTT broker host (default {DEFAULT_HOST})")
+    where.add_argument("--port", type=_port, help=f"MQTT broker port (default {DEFAULT_PORT})")
+    where.add_argument(
+        "--prefix", type=_level, help=f"topic prefix of the agent (default {DEFAULT_PREFIX})"
+    )
+    where.add_argument("--agent", type=_level, help="the agent's id (required without --config)")
+    where.add_argument("--username", help="MQTT username")
+    where.add_argument(
+        "--password-file",
+        type=Path,
+        metavar="PATH",
+        help="a file whose first line is the MQTT password",
+    )
+    return common
+
+
+def _request_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--camera",
+        required=True,
+        type=_segment,
+        metavar="MXID",
+        help="the camera's mxid, e.g. 14442C10D13EABCE00",
+    )
+    parser.add_argument(
+        "--stream", required=True, type=_segment, help="CAM_A..CAM_H, or DEPTH_X_Y (stereo pair)"
+    )
+    parser.add_argument(
+        "--request-id", help="echoed in every event; a repeated id is answered, not re-run"
+    )
+    parser.add_argument(
+        "--timeout",
+        type=_seconds,
+        default=DEFAULT_REQUEST_TIMEOUT,
+        metavar="SECONDS",
+        help="seconds to wait for the final answer (default %(default)g)",
+    )
+
+
+def add_client_commands(sub: Any) -> None:
+    """Add `deploy`, `delete` and `watch` to the `oak-agent` subcommands."""
+    common = _common_options()
+    deploy = sub.add_parser(
+        "deploy",
+        parents=[common],
+        help="deploy a model onto a camera stream and follow it to the end",
+        description="Send a deploy command and print the request's events until it ends.",
+        epilog=EXIT_CODES_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    _request_options(deploy)
     source = deploy.add_mutually_exclusive_group(required=True)
-    source.add_argument("--model", type=Path, help="a MyriadX .blob file")
-    source.add_argument("--model-sha256", help="a model the agent already stores")
+    source.add_argument(
+        "--model", type=Path, metavar="BLOB", help="a MyriadX .blob file, sent with the command"
+    )
+    source.add_argument(
+        "--model-sha256", metavar="SHA256", help="the sha256 of a model the agent already stores"
+    )
     deploy.add_argument(
         "--nn-config",
-        default='{"type": "Generic"}',
-        help='NNConfig as JSON, e.g. \'{"type": "MobileNet"}\'',
+        type=_json_object,
+        default={"type": "Generic"},
+        metavar="JSON",
+        help='NNConfig as JSON (default \'{"type": "Generic"}\'), e.g. \'{"type": "MobileNet"}\'',
     )
-    deploy.add_argument("--labels", help="comma-separated class names")
-    deploy.add_argument("--request-id")
+    deploy.add_argument("--labels", help="comma-separated class names, e.g. person,car")
+    deploy.add_argument("--model-name", help="a name for dashboards (default: the file's name)")
+    deploy.set_defaults(parser=deploy)
 
-    delete = sub.add_parser("delete", parents=[common], help="remove a stream's model")
-    delete.add_argument("--camera", required=True)
-    delete.add_argument("--stream", required=True)
-    delete.add_argument("--request-id")
+    delete = sub.add_parser(
+        "delete",
+        parents=[common],
+        help="remove the model from a camera stream",
+        description="Send a delete command and print the request's events until it ends.",
+        epilog=EXIT_CODES_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    _request_options(delete)
+    delete.set_defaults(parser=delete)
 
-    watch = sub.add_parser("watch", parents=[common], help="print everything the agent says")
-    watch.add_argument("--count", type=int, default=0, help="stop after N messages (0: never)")
+    watch = sub.add_parser(
+        "watch",
+        parents=[common],
+        help="print what is published under the agent's topics",
+        description=(
+            "Print every message under {prefix}/{agent}/, each once: JSON pretty on a terminal "
+            "and compact (one line each) otherwise, text as is, binary payloads (MessagePack "
+            "commands with a model) as a one-line summary. Runs until Ctrl-C."
+        ),
+        epilog=EXIT_CODES_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    watch.add_argument(
+        "--count", type=_count, default=0, metavar="N", help="stop after N messages (0: never)"
+    )
+    watch.add_argument(
+        "--timeout", type=_seconds, metavar="SECONDS", help="stop after this many seconds"
+    )
+    watch.add_argument(
+        "--raw", action="store_true", help="print text payloads as received, not reformatted"
+    )
+    watch.add_argument(
+        "--no-retained", action="store_true", help="skip the retained state; only what is new"
+    )
+    watch.set_defaults(parser=watch)
+
+
+# --- running ------------------------------------------------------------------------------
 
 
 def run_client_command(args: argparse.Namespace) -> int:
-    config = load_config(args.config)
+    """Run `deploy`, `delete` or `watch`; the exit code."""
+    parser: argparse.ArgumentParser = args.parser
     try:
-        return anyio.run(_dispatch, config, args)
-    except TimeoutError:
-        print(f"timed out after {args.timeout:g} s", file=sys.stderr)
-        return 1
+        target = _target(args)
+    except ClientExit as exc:
+        parser.error(exc.message)  # usage and exit 2
+    try:
+        if args.command == "watch":
+            outcome = anyio.run(_until_signalled, lambda: _watch(target, args))
+            return EXIT_OK if outcome is None else outcome
+        body = _body(args)
+        outcome = anyio.run(_until_signalled, lambda: _request(target, args, body))
+    except ClientExit as exc:
+        print(f"oak-agent {args.command}: {exc.message}", file=sys.stderr)
+        return exc.code
+    if outcome is None:
+        print(
+            f"oak-agent {args.command}: interrupted; the agent may still carry out "
+            f"request {body['request_id']}",
+            file=sys.stderr,
+        )
+        return EXIT_INTERRUPTED
+    return outcome
 
 
-async def _dispatch(config: Config, args: argparse.Namespace) -> int:
-    topics = Topics.for_agent(config.mqtt.prefix, config.agent.id)
-    with anyio.fail_after(args.timeout):
-        async with aiomqtt.Client(
-            config.mqtt.host,
-            config.mqtt.port,
-            username=config.mqtt.username,
-            password=config.mqtt.password,
-            protocol=aiomqtt.ProtocolVersion.V311,
-        ) as client:
-            if args.command == "watch":
-                return await _watch(client, topics, args.count)
-            return await _request(client, topics, args)
+def _target(args: argparse.Namespace) -> _Target:
+    config = None
+    if args.config is not None:
+        try:
+            config = load_config(args.config)
+        except ConfigError as exc:
+            raise ClientExit(EXIT_USAGE, str(exc)) from None
+    agent = args.agent or (config.agent.id if config else None)
+    if agent is None:
+        raise ClientExit(EXIT_USAGE, "--agent is required without --config")
+    prefix = args.prefix or (config.mqtt.prefix if config else DEFAULT_PREFIX)
+    password = config.mqtt.password if config else None
+    if args.password_file is not None:
+        try:
+            password = args.password_file.read_text().splitlines()[0]
+        except (OSError, IndexError, UnicodeDecodeError) as exc:
+            raise ClientExit(
+                EXIT_USAGE, f"cannot read a password from {args.password_file}"
+            ) from exc
+    return _Target(
+        host=args.host or (config.mqtt.host if config else DEFAULT_HOST),
+        port=args.port or (config.mqtt.port if config else DEFAULT_PORT),
+        topics=Topics.for_agent(prefix, agent),
+        agent=agent,
+        username=args.username or (config.mqtt.username if config else None),
+        password=password,
+    )
 
 
-async def _watch(client: aiomqtt.Client, topics: Topics, count: int) -> int:
-    await client.subscribe(f"{topics.base}/#")
-    seen = 0
-    async for message in client.messages:
-        payload = message.payload if isinstance(message.payload, bytes) else b""
-        text = payload[:300].decode(errors="replace") + ("…" if len(payload) > 300 else "")
-        print(f"{message.topic.value} {text}", flush=True)
-        seen += 1
-        if count and seen >= count:
-            break
-    return 0
-
-
-async def _request(client: aiomqtt.Client, topics: Topics, args: argparse.Namespace) -> int:
-    request_id = args.request_id or f"cli-{uuid.uuid4().hex[:12]}"
-    body: dict[str, Any] = {"request_id": request_id}
+def _body(args: argparse.Namespace) -> dict[str, Any]:
+    body: dict[str, Any] = {"request_id": args.request_id or f"cli-{uuid.uuid4().hex[:12]}"}
     if args.command == "deploy":
-        body["nn_config"] = json.loads(args.nn_config)
+        body["nn_config"] = args.nn_config
         if args.model is not None:
-            body["model"] = args.model.read_bytes()
+            try:
+                body["model"] = args.model.read_bytes()
+            except OSError as exc:
+                raise ClientExit(EXIT_USAGE, f"cannot read {args.model}: {exc.strerror}") from None
+            body["model_name"] = args.model_name or args.model.name
         else:
             body["model_sha256"] = args.model_sha256
+            if args.model_name:
+                body["model_name"] = args.model_name
         if args.labels:
             body["labels"] = args.labels.split(",")
-    await client.subscribe(topics.events, qos=1)
-    await client.publish(
-        topics.command(args.camera, args.stream, args.command),
-        msgspec.msgpack.encode(body),
-        qos=1,
+    return body
+
+
+async def _until_signalled(work: Callable[[], Awaitable[int]]) -> int | None:
+    """Run `work`; None when SIGINT or SIGTERM stopped it first."""
+    outcome: int | None = None
+    failure: ClientExit | None = None
+
+    async def _work() -> None:
+        nonlocal outcome, failure
+        try:
+            outcome = await work()
+        except ClientExit as exc:
+            failure = exc
+        except BrokenPipeError:  # `oak-agent watch | head`: the reader is done, so are we
+            _quiet_stdout()
+            outcome = EXIT_OK
+        tg.cancel_scope.cancel()
+
+    async with anyio.create_task_group() as tg:
+        with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            tg.start_soon(_work)
+            async for _ in signals:
+                tg.cancel_scope.cancel()
+                break
+    if failure is not None:
+        raise failure
+    return outcome
+
+
+def _quiet_stdout() -> None:
+    """Send what is left for stdout to /dev/null, so closing it cannot fail again."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+
+
+@contextlib.asynccontextmanager
+async def _connected(target: _Target) -> AsyncIterator[aiomqtt.Client]:
+    """A connected client; broker problems become a `ClientExit` naming host:port."""
+    client = aiomqtt.Client(
+        target.host,
+        target.port,
+        username=target.username,
+        password=target.password,
+        identifier=f"oak-agent-cli-{uuid.uuid4().hex[:12]}",
+        protocol=aiomqtt.ProtocolVersion.V311,
+        timeout=_CONNECT_TIMEOUT,
     )
-    async for message in client.messages:
-        if not isinstance(message.payload, bytes):
-            continue
-        event = _event_decoder.decode(message.payload)
-        if event.request_id != request_id:
-            continue
-        print(message.payload.decode(), flush=True)
-        if event.terminal:
-            return 0 if event.state == "succeeded" else 1
-    return 1
+    try:
+        await client.__aenter__()
+    except aiomqtt.MqttCodeError as exc:  # a CONNACK refusal
+        reason = _REFUSALS.get(exc.rc, f"code {exc.rc}") if isinstance(exc.rc, int) else exc.rc
+        raise ClientExit(
+            EXIT_BROKER, f"the broker at {target.where} refused the connection: {reason}"
+        ) from None
+    except aiomqtt.MqttError as exc:
+        if str(exc) == "Operation timed out":  # aiomqtt's wording for a missing CONNACK
+            what = f"no answer within {_CONNECT_TIMEOUT:g} s"
+        else:
+            what = str(exc)
+        raise ClientExit(
+            EXIT_BROKER, f"cannot connect to the MQTT broker at {target.where}: {what}"
+        ) from None
+    try:
+        yield client
+    except aiomqtt.MqttError as exc:
+        raise ClientExit(EXIT_BROKER, f"lost the connection to {target.where}: {exc}") from None
+    finally:
+        with anyio.move_on_after(2, shield=True):
+            with contextlib.suppress(aiomqtt.MqttError):  # already gone: nothing to close
+                await client.__aexit__(None, None, None)
+
+
+def _payload(message: aiomqtt.Message) -> bytes:
+    return bytes(message.payload) if isinstance(message.payload, bytes | bytearray) else b""
+
+
+async def _request(target: _Target, args: argparse.Namespace, body: dict[str, Any]) -> int:
+    """Publish one command, print its events; the exit code of its final state."""
+    request_id = body["request_id"]
+    topics = target.topics
+    seen: list[str] = []
+    try:
+        with anyio.fail_after(args.timeout):
+            async with _connected(target) as client:
+                await client.subscribe(topics.events, qos=1)
+                await client.publish(
+                    topics.command(args.camera, args.stream, args.command), _encode(body), qos=1
+                )
+                async for message in client.messages:
+                    # events are never retained: a retained one is stale or someone else's
+                    if message.retain or not message.topic.matches(topics.events):
+                        continue
+                    payload = _payload(message)
+                    event = decode_event(payload)
+                    if event is None or event.request_id != request_id:
+                        continue
+                    seen.append(event.state)
+                    print(payload.decode(), flush=True)
+                    if event.terminal:
+                        return _outcome(args.command, event)
+    except TimeoutError:
+        waited = f"within {args.timeout:g} s"
+        if seen:
+            raise ClientExit(
+                EXIT_TIMEOUT, f"request {request_id} is still {seen[-1]}: no final answer {waited}"
+            ) from None
+        raise ClientExit(
+            EXIT_TIMEOUT,
+            f"no answer from agent {target.agent!r} on {target.where} {waited} "
+            f"(is it running? `oak-agent watch` shows what it publishes)",
+        ) from None
+    raise ClientExit(EXIT_BROKER, f"lost the connection to {target.where}")
+
+
+def _encode(body: dict[str, Any]) -> bytes:
+    """MessagePack when the command carries a model (raw bytes), readable JSON otherwise."""
+    if "model" in body:
+        return msgspec.msgpack.encode(body)
+    return msgspec.json.encode(body)
+
+
+def decode_event(payload: bytes) -> Event | None:
+    """The request event in `payload`; None for anything else (never raises)."""
+    try:
+        return _event_decoder.decode(payload)
+    except (msgspec.DecodeError, UnicodeDecodeError):  # ValidationError too; bad UTF-8
+        return None
+
+
+def _outcome(command: str, event: Event) -> int:
+    if event.state == "succeeded":
+        return EXIT_OK
+    why = f" ({event.error.code}): {event.error.message}" if event.error else ""
+    if event.superseded_by:
+        why = f" by {event.superseded_by}"
+    print(f"oak-agent {command}: request {event.request_id} {event.state}{why}", file=sys.stderr)
+    return EXIT_FAILED
+
+
+async def _watch(target: _Target, args: argparse.Namespace) -> int:
+    """Print each message under the agent's base topic once."""
+    wanted = f"{target.topics.base}/#"
+    style: Style = "raw" if args.raw else "pretty" if sys.stdout.isatty() else "compact"
+    retained: dict[str, bytes] = {}
+    printed = 0
+    with anyio.move_on_after(args.timeout):
+        async with _connected(target) as client:
+            await client.subscribe(wanted, qos=1)
+            async for message in client.messages:
+                if not message.topic.matches(wanted):
+                    continue
+                topic, payload = message.topic.value, _payload(message)
+                if message.retain:
+                    # amqtt can send a retained message both on connect and on subscribe
+                    if args.no_retained or retained.get(topic) == payload:
+                        continue
+                    retained[topic] = payload
+                print(f"{topic} {render(payload, style)}", flush=True)
+                printed += 1
+                if args.count and printed >= args.count:
+                    return EXIT_OK
+            raise ClientExit(EXIT_BROKER, f"lost the connection to {target.where}")
+    if args.count and printed < args.count:
+        raise ClientExit(
+            EXIT_TIMEOUT, f"{printed} of {args.count} messages within {args.timeout:g} s"
+        )
+    return EXIT_OK
