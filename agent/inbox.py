@@ -83,23 +83,28 @@ class Inbox:
     def __init__(self) -> None:
         self._waiting: deque[Delivery] = deque()
         self._arrived = anyio.Event()
+        self.size = 0  # payload bytes waiting
 
     def __len__(self) -> int:
         return len(self._waiting)
 
     def put(self, delivery: Delivery) -> None:
         self._waiting.append(delivery)
+        self.size += _size(delivery)
         self._arrived.set()
 
     async def get(self) -> Delivery:
         while not self._waiting:
             self._arrived = anyio.Event()
             await self._arrived.wait()
-        return self._waiting.popleft()
+        delivery = self._waiting.popleft()
+        self.size -= _size(delivery)
+        return delivery
 
     def take_all(self) -> list[Delivery]:
         taken = list(self._waiting)
         self._waiting.clear()
+        self.size = 0
         return taken
 
     def forget_closed(self) -> int:
@@ -107,4 +112,10 @@ class Inbox:
         kept = deque(d for d in self._waiting if d.connection.open)
         dropped = len(self._waiting) - len(kept)
         self._waiting = kept
+        self.size = sum(_size(d) for d in kept)
         return dropped
+
+
+def _size(delivery: Delivery) -> int:
+    payload = delivery.message.payload
+    return len(payload) if isinstance(payload, bytes) else 0

@@ -47,6 +47,9 @@ _SESSION_TAKEN_OVER: Final = 142  # MQTT 5 DISCONNECT reason code
 _STABLE_SECONDS: Final = 5.0  # a session shorter than this does not reset the backoff
 _SHORT_SESSIONS: Final = 3  # in a row, on 3.1.1: probably another client with our id
 _PACKET_HEADROOM: Final = 64 * 1024  # fixed header, topic and properties beside the payload
+# the broker drops packets above this multiple of max_payload_bytes; smaller ones that are
+# still too large reach the agent and are answered `payload_too_large`
+_PACKET_FACTOR: Final = 2
 _TRIM_ABOVE: Final = 1024 * 1024  # payload bytes after which freed memory is handed back
 _FINAL_FLUSH_SECONDS: Final = 3.0
 _HANDLER_GRACE_SECONDS: Final = 5.0  # for the command in hand when shutting down
@@ -124,10 +127,14 @@ class MqttLink:
         )
         self.connected = False
         self.stats = LinkStats()
-        # MQTT 5: the broker drops what the agent would refuse anyway, before it is sent
+        self._max_payload = max_payload_bytes
+        # MQTT 5: the broker drops what is far too large before it is sent to us
         self._max_packet = (
-            None if max_payload_bytes is None else max_payload_bytes + _PACKET_HEADROOM
+            None
+            if max_payload_bytes is None
+            else _PACKET_FACTOR * max_payload_bytes + _PACKET_HEADROOM
         )
+        self._paused: Callable[[], None] | None = None  # resumes reading the socket
         self._handling = anyio.Lock()  # held while a command is handled
         self._inbox = Inbox()
         self._connection: Connection | None = None
@@ -236,6 +243,7 @@ class MqttLink:
     async def _consume(self, handler: Handler) -> None:
         while True:
             delivery = await self._inbox.get()
+            self._resume_reading()
             with anyio.CancelScope(shield=True):
                 async with self._handling:
                     await handler(delivery.message)
@@ -266,6 +274,7 @@ class MqttLink:
                     self._refuse(delivery.message)
                     delivery.handled(self._events_queued)
             self._acknowledge()
+            self._resume_reading()  # the PUBACKs of the last events must still come in
         finally:
             self._handling.release()
 
@@ -394,7 +403,60 @@ class MqttLink:
 
         paho.on_connect = note_session
         _register_writers_safely(client)
+        self._read_while_room(client)
         return client
+
+    def _inbox_full(self) -> bool:
+        # not counting aiomqtt's queue: while we wait for a SUBACK it must go on reading
+        if len(self._inbox) >= self._settings.receive_maximum:
+            return True
+        return self._max_payload is not None and self._inbox.size >= self._max_payload
+
+    def _resume_reading(self) -> None:
+        resume, self._paused = self._paused, None
+        if resume is not None:
+            resume()
+
+    def _read_while_room(self, client: aiomqtt.Client) -> None:
+        """Read the socket only while the inbox has room; TCP holds back the rest.
+
+        The broker should stop at our Receive Maximum, but mosquitto 2.0.11 does not once
+        acknowledgements flow (measured: 151 unacknowledged with a Receive Maximum of 4),
+        and 3.1.1 has none: without this, a burst of large commands all sits in memory.
+        Reading pauses when `receive_maximum` commands or `max_payload_bytes` of payload
+        wait, and resumes as soon as the handler takes the next one. aiomqtt's reader is
+        replaced by one that does the same and checks first.
+        """
+        paho = client._client
+        loop = asyncio.get_running_loop()
+        on_open: Any = paho.on_socket_open  # aiomqtt's: registers its reader, starts loop_misc
+
+        def read() -> None:
+            sock = paho.socket()
+            if sock is None:
+                return
+            if self._inbox_full():
+                fd = sock.fileno()
+                loop.remove_reader(fd)
+                self._paused = lambda: add(sock)
+                return
+            try:
+                paho.loop_read()
+            except Exception as exc:  # noqa: BLE001  # a broken socket ends the session
+                disconnected = client._disconnected
+                if not disconnected.done():
+                    disconnected.set_exception(exc)
+
+        def add(sock: Any) -> None:
+            current: Any = paho.socket()
+            if current is not None and current is sock:  # still this connection's socket
+                loop.add_reader(current.fileno(), read)
+
+        def opened(paho_client: Any, userdata: Any, sock: Any) -> None:
+            on_open(paho_client, userdata, sock)
+            loop.call_soon_threadsafe(add, sock)  # queued after aiomqtt's: replaces its reader
+
+        paho.on_socket_open = opened
 
     async def _connect(self, stack: AsyncExitStack) -> aiomqtt.Client:
         client = self._client()
