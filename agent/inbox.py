@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import anyio
+import anyio.lowlevel
 
 if TYPE_CHECKING:
     import aiomqtt
@@ -94,6 +95,7 @@ class Inbox:
         self._arrived.set()
 
     async def get(self) -> Delivery:
+        await anyio.lowlevel.checkpoint()  # a cancelled consumer takes nothing more
         while not self._waiting:
             self._arrived = anyio.Event()
             await self._arrived.wait()

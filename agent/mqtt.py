@@ -89,6 +89,7 @@ class _Queued:
     topic: str
     payload: bytes
     reply: ReplyTo | None = None
+    handed_to: object = None  # the client whose paho holds it after a cancelled publish
 
 
 @dataclass(slots=True)
@@ -544,6 +545,13 @@ class MqttLink:
             return True
         if box.events:
             item = box.events[0]
+            if item.handed_to is client:
+                # a publish cut off by the shutdown: paho has it and sends it on this same
+                # connection before DISCONNECT; publishing it again would send it twice
+                box.events.popleft()
+                self.stats.events_sent += 1
+                self._event_done()
+                return True
             properties = None
             if item.reply is not None and item.reply.correlation_data is not None:
                 properties = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
@@ -555,6 +563,11 @@ class MqttLink:
             except ValueError as exc:  # paho refuses the topic: never let it end the session
                 log.error("event not publishable, dropped", topic=item.topic, error=str(exc))  # noqa: TRY400
                 self.stats.events_dropped += 1
+            except BaseException:
+                # aiomqtt hands it to paho before its first await; a new connection sends
+                # it again (paho's queue goes with the old client), this one need not
+                item.handed_to = client
+                raise
             else:
                 self.stats.events_sent += 1
             if box.events and box.events[0] is item:  # else the full queue dropped it meanwhile
