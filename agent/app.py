@@ -171,6 +171,7 @@ async def serve(
         subscriptions=subscriptions,
         event_queue_size=config.agent.event_queue_size,
         detection_queue_size=config.agent.detection_queue_size,
+        max_payload_bytes=config.agent.max_payload_bytes,
     )
     reporter = Reporter(link, topics)
     store = ModelStore(
@@ -219,7 +220,10 @@ async def serve(
             listener.publish_info()  # real cameras are known only once the backend ran
             if not backend.cameras:
                 log.warning("no cameras found yet; they are adopted when they appear")
-            await tg.start(partial(link.run, handler, refuse=handler.refuse), name="mqtt")
+            await tg.start(
+                partial(link.run, handler, refuse=handler.refuse, report=reporter.agent_error),
+                name="mqtt",
+            )
             log.info(
                 "agent started",
                 agent_id=config.agent.id,

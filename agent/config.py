@@ -69,6 +69,8 @@ class MqttSection(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     keepalive: Annotated[int, Meta(ge=5, le=3600)] = 30
     # MQTT 5 session expiry; commands sent while the agent is away wait this long
     session_expiry: Annotated[int, Meta(ge=0)] = 86_400
+    # MQTT 5 Receive Maximum: commands the broker may send before the agent acknowledged them
+    receive_maximum: Annotated[int, Meta(ge=1, le=65535)] = 8
     publish_timeout: Annotated[float, Meta(gt=0.0)] = 10.0
     reconnect_min: Annotated[float, Meta(gt=0.0)] = 1.0
     reconnect_max: Annotated[float, Meta(gt=0.0)] = 30.0

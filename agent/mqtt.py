@@ -13,11 +13,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import math
 import random
 import socket
+import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterator
+from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Final
 
@@ -29,9 +30,11 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
+from agent.heap import release_free_memory
+from agent.inbox import Connection, Inbox
+
 if TYPE_CHECKING:
     from anyio.abc import TaskStatus
-    from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
     from agent.config import MqttSection
 
@@ -40,6 +43,14 @@ __all__ = ["LinkStats", "MqttLink", "ReplyTo"]
 log = structlog.get_logger(__name__)
 
 _REFUSED_PROTOCOL: Final = frozenset({1, 132})  # 3.1.1 and MQTT 5 "unsupported protocol version"
+_SESSION_TAKEN_OVER: Final = 142  # MQTT 5 DISCONNECT reason code
+_STABLE_SECONDS: Final = 5.0  # a session shorter than this does not reset the backoff
+_SHORT_SESSIONS: Final = 3  # in a row, on 3.1.1: probably another client with our id
+_PACKET_HEADROOM: Final = 64 * 1024  # fixed header, topic and properties beside the payload
+# the broker drops packets above this multiple of max_payload_bytes; smaller ones that are
+# still too large reach the agent and are answered `payload_too_large`
+_PACKET_FACTOR: Final = 2
+_TRIM_ABOVE: Final = 1024 * 1024  # payload bytes after which freed memory is handed back
 _FINAL_FLUSH_SECONDS: Final = 3.0
 _HANDLER_GRACE_SECONDS: Final = 5.0  # for the command in hand when shutting down
 _DRAIN_POLL_SECONDS: Final = 0.005
@@ -47,6 +58,11 @@ _DETECTION_BATCH: Final = 256
 
 Handler = Callable[[aiomqtt.Message], Awaitable[None]]
 Refuse = Callable[[aiomqtt.Message], None]
+Report = Callable[[str, str], None]  # (code, message) of a problem of the agent itself
+
+
+class _NoConnack(aiomqtt.MqttError):
+    """The broker accepted the TCP connection but did not answer the CONNECT in time."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,6 +76,7 @@ class ReplyTo:
 @dataclass(slots=True)
 class LinkStats:
     connects: int = 0
+    commands_acknowledged: int = 0
     events_sent: int = 0
     events_dropped: int = 0
     detections_sent: int = 0
@@ -72,6 +89,7 @@ class _Queued:
     topic: str
     payload: bytes
     reply: ReplyTo | None = None
+    handed_to: object = None  # the client whose paho holds it after a cancelled publish
 
 
 @dataclass(slots=True)
@@ -93,6 +111,7 @@ class MqttLink:
         subscriptions: tuple[str, ...],
         event_queue_size: int = 10_000,
         detection_queue_size: int = 1024,
+        max_payload_bytes: int | None = None,
     ) -> None:
         self._settings = settings
         self._client_id = client_id
@@ -109,9 +128,24 @@ class MqttLink:
         )
         self.connected = False
         self.stats = LinkStats()
+        self._max_payload = max_payload_bytes
+        # MQTT 5: the broker drops what is far too large before it is sent to us
+        self._max_packet = (
+            None
+            if max_payload_bytes is None
+            else _PACKET_FACTOR * max_payload_bytes + _PACKET_HEADROOM
+        )
+        self._paused: Callable[[], None] | None = None  # resumes reading the socket
         self._handling = anyio.Lock()  # held while a command is handled
-        self._leftovers: MemoryObjectReceiveStream[aiomqtt.Message] | None = None
+        self._inbox = Inbox()
+        self._connection: Connection | None = None
+        self._session_present = False
+        self._takeover_reported = False
         self._refuse: Refuse | None = None
+        self._report: Report | None = None
+        # events that entered / left the queue (sent or dropped): acknowledgements wait on them
+        self._events_queued = 0
+        self._events_done = 0
 
     @property
     def protocol(self) -> str:
@@ -140,9 +174,22 @@ class MqttLink:
         if len(events) >= self._event_limit:
             events.popleft()
             self.stats.events_dropped += 1
+            self._event_done()
             log.error("event queue full, oldest event dropped", limit=self._event_limit)
         events.append(item)
+        self._events_queued += 1
         self._wakeup.set()
+
+    def _event_done(self) -> None:
+        self._events_done += 1
+        self._acknowledge()
+
+    def _acknowledge(self) -> None:
+        connection = self._connection
+        if connection is not None:
+            before = connection.acknowledged
+            connection.acknowledge(self._events_done)
+            self.stats.commands_acknowledged += connection.acknowledged - before
 
     @property
     def has_room_for_detections(self) -> bool:
@@ -171,32 +218,46 @@ class MqttLink:
     # --- the connection ------------------------------------------------------------------
 
     async def run(
-        self, handler: Handler, *, refuse: Refuse | None = None, task_status: TaskStatus[None]
+        self,
+        handler: Handler,
+        *,
+        refuse: Refuse | None = None,
+        report: Report | None = None,
+        task_status: TaskStatus[None],
     ) -> None:
         """Connect, serve, reconnect with backoff and jitter, until cancelled.
 
-        Commands are handled by one task that outlives every connection: a disconnect never
-        cuts a command off halfway (the broker has its PUBACK by then), and handling one
-        command is shielded. On shutdown the command in hand is finished first, commands
-        received but not yet handled are given to `refuse` (to be answered), and only then
-        are the last events and `offline` sent.
+        Commands are handled by one task that outlives every connection, one at a time and
+        shielded, and each is acknowledged only once handled (agent/inbox.py). On shutdown
+        the command in hand is finished first, commands received but not yet handled are
+        given to `refuse` (to be answered), the last events and acknowledgements go out and
+        then `offline`; what arrives after that stays unacknowledged, for the next start.
+        `report` is told about problems of the link itself (a session taken over).
         """
-        # unbounded: a received message is acknowledged already; it must not be dropped
-        inbox_in, inbox_out = anyio.create_memory_object_stream[aiomqtt.Message](math.inf)
-        self._leftovers, self._refuse = inbox_out, refuse
+        self._refuse, self._report = refuse, report
         task_status.started()
-        with self._detections_in, self._detections_out, inbox_in, inbox_out:
+        with self._detections_in, self._detections_out:
             async with anyio.create_task_group() as tg:
-                tg.start_soon(self._consume, inbox_out, handler, name="mqtt.commands")
-                await self._reconnect_forever(inbox_in)
+                tg.start_soon(self._consume, handler, name="mqtt.commands")
+                await self._reconnect_forever()
 
-    async def _consume(
-        self, inbox: MemoryObjectReceiveStream[aiomqtt.Message], handler: Handler
-    ) -> None:
-        async for message in inbox:
+    async def _consume(self, handler: Handler) -> None:
+        while True:
+            delivery = await self._inbox.get()
+            self._resume_reading()
             with anyio.CancelScope(shield=True):
                 async with self._handling:
-                    await handler(message)
+                    await handler(delivery.message)
+                    size = (
+                        len(delivery.message.payload)
+                        if isinstance(delivery.message.payload, bytes)
+                        else 0
+                    )
+                    delivery.handled(self._events_queued)
+                    del delivery  # the payload may be large: hold it no longer than needed
+                    self._acknowledge()
+                    if size > _TRIM_ABOVE:
+                        await anyio.to_thread.run_sync(release_free_memory)
 
     async def _finish_commands(self) -> None:
         """Wait for the command in hand; answer those not handled yet, without handling them."""
@@ -207,19 +268,26 @@ class MqttLink:
             return
         try:
             # the consumer is cancelled now: it takes no further message
-            with contextlib.suppress(anyio.WouldBlock, anyio.ClosedResourceError):
-                while self._leftovers is not None and self._refuse is not None:
-                    self._refuse(self._leftovers.receive_nowait())
+            for delivery in self._inbox.take_all():
+                # one from a connection that is gone cannot be acknowledged: the broker
+                # sends it again, and the next start handles it
+                if self._refuse is not None and delivery.connection.open:
+                    self._refuse(delivery.message)
+                    delivery.handled(self._events_queued)
+            self._acknowledge()
+            self._resume_reading()  # the PUBACKs of the last events must still come in
         finally:
             self._handling.release()
 
-    async def _reconnect_forever(self, inbox: MemoryObjectSendStream[aiomqtt.Message]) -> None:
+    async def _reconnect_forever(self) -> None:
         attempt = 0
+        short_sessions = 0
         while True:
             error: BaseException | None = None
+            started = time.monotonic()
             connects = self.stats.connects
             try:
-                await self._session(inbox)
+                await self._session()
             except* aiomqtt.MqttCodeError as group:
                 error = group.exceptions[0]
             except* aiomqtt.MqttError as group:
@@ -230,15 +298,16 @@ class MqttLink:
                 self.connected = False
                 self._drop_queued_detections()
             if self._should_fall_back(error):
-                log.warning(
-                    "broker refused MQTT 5, falling back to MQTT 3.1.1",
-                    host=self._settings.host,
-                    port=self._settings.port,
-                )
-                self._protocol = aiomqtt.ProtocolVersion.V311
                 continue
-            # back off from scratch after a session that got connected
-            attempt = 0 if self.stats.connects > connects else attempt + 1
+            connected = self.stats.connects > connects
+            lasted = time.monotonic() - started
+            if connected and lasted >= _STABLE_SECONDS:
+                attempt, short_sessions = 0, 0  # back off from scratch after a stable session
+                self._takeover_reported = False
+            else:
+                attempt += 1  # a session that ends right after it began is no reason to hurry
+                short_sessions += connected
+                self._check_takeover(error, short_sessions)
             delay = min(
                 self._settings.reconnect_max, self._settings.reconnect_min * 2 ** min(attempt, 16)
             ) * random.uniform(0.5, 1.0)  # noqa: S311  # jitter, not cryptography
@@ -246,6 +315,28 @@ class MqttLink:
                 "mqtt disconnected, reconnecting", error=str(error), retry_in=round(delay, 2)
             )
             await anyio.sleep(delay)
+
+    def _check_takeover(self, error: BaseException | None, short_sessions: int) -> None:
+        """Say once per streak of short sessions that another client seems to use our id."""
+        taken_over = _reason_code(error) == _SESSION_TAKEN_OVER  # MQTT 5 tells; 3.1.1 just closes
+        if self._takeover_reported or not (taken_over or short_sessions >= _SHORT_SESSIONS):
+            return
+        self._takeover_reported = True
+        agent_id = self._will_topic.rsplit("/", 2)[-2]  # {prefix}/{agent_id}/availability
+        if taken_over:
+            message = (
+                f"another client with client id {self._client_id} took over the session; "
+                f"is a second agent running with agent.id {agent_id}?"
+            )
+        else:
+            message = (
+                f"the broker closed {short_sessions} connections in a row within "
+                f"{_STABLE_SECONDS:g} s of connecting; is another client using client id "
+                f"{self._client_id} (a second agent with agent.id {agent_id})?"
+            )
+        log.error(message, client_id=self._client_id, code="session_taken_over")
+        if self._report is not None:
+            self._report("session_taken_over", message)
 
     def _drop_queued_detections(self) -> None:
         """Detections never wait for a reconnect: stale frames are worth less than none."""
@@ -255,13 +346,26 @@ class MqttLink:
                 self.stats.detections_dropped_disconnected += 1
 
     def _should_fall_back(self, error: BaseException | None) -> bool:
-        if self._protocol != aiomqtt.ProtocolVersion.V5:
+        """MQTT 5 refused, or a CONNECT left unanswered: use 3.1.1 from now on."""
+        if self._protocol != aiomqtt.ProtocolVersion.V5 or error is None:
             return False
-        if not isinstance(error, aiomqtt.MqttCodeError):
+        if isinstance(error, _NoConnack):
+            log.warning(
+                "broker did not answer an MQTT 5 CONNECT, falling back to MQTT 3.1.1",
+                host=self._settings.host,
+                port=self._settings.port,
+                waited=self._settings.publish_timeout,
+            )
+        elif isinstance(error, aiomqtt.MqttCodeError) and _reason_code(error) in _REFUSED_PROTOCOL:
+            log.warning(
+                "broker refused MQTT 5, falling back to MQTT 3.1.1",
+                host=self._settings.host,
+                port=self._settings.port,
+            )
+        else:
             return False
-        rc = error.rc
-        value = rc if isinstance(rc, int) else getattr(rc, "value", None)
-        return value in _REFUSED_PROTOCOL
+        self._protocol = aiomqtt.ProtocolVersion.V311
+        return True
 
     def _client(self) -> aiomqtt.Client:
         v5 = self._protocol == aiomqtt.ProtocolVersion.V5
@@ -269,6 +373,10 @@ class MqttLink:
         if v5:
             properties = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
             properties.SessionExpiryInterval = self._settings.session_expiry
+            # flow control: at most this many unacknowledged commands in flight to us
+            properties.ReceiveMaximum = self._settings.receive_maximum
+            if self._max_packet is not None:
+                properties.MaximumPacketSize = self._max_packet
         client = aiomqtt.Client(
             self._settings.host,
             self._settings.port,
@@ -286,12 +394,99 @@ class MqttLink:
             # without it every QoS 1 event waits ~40 ms on the broker's delayed ACK
             socket_options=((socket.IPPROTO_TCP, socket.TCP_NODELAY, 1),),
         )
+        paho = client._client  # aiomqtt offers neither manual acks nor the session flag
+        paho.manual_ack_set(True)
+        on_connect: Any = paho.on_connect
+
+        def note_session(*args: Any) -> None:
+            self._session_present = bool(args[2].session_present)  # (client, userdata, flags, ...)
+            on_connect(*args)
+
+        paho.on_connect = note_session
         _register_writers_safely(client)
+        self._read_while_room(client)
         return client
 
-    async def _session(self, inbox: MemoryObjectSendStream[aiomqtt.Message]) -> None:
-        async with self._client() as client:
+    def _inbox_full(self) -> bool:
+        # not counting aiomqtt's queue: while we wait for a SUBACK it must go on reading
+        if len(self._inbox) >= self._settings.receive_maximum:
+            return True
+        return self._max_payload is not None and self._inbox.size >= self._max_payload
+
+    def _resume_reading(self) -> None:
+        resume, self._paused = self._paused, None
+        if resume is not None:
+            resume()
+
+    def _read_while_room(self, client: aiomqtt.Client) -> None:
+        """Read the socket only while the inbox has room; TCP holds back the rest.
+
+        The broker should stop at our Receive Maximum, but mosquitto 2.0.11 does not once
+        acknowledgements flow (measured: 151 unacknowledged with a Receive Maximum of 4),
+        and 3.1.1 has none: without this, a burst of large commands all sits in memory.
+        Reading pauses when `receive_maximum` commands or `max_payload_bytes` of payload
+        wait, and resumes as soon as the handler takes the next one. aiomqtt's reader is
+        replaced by one that does the same and checks first.
+        """
+        paho = client._client
+        loop = asyncio.get_running_loop()
+        on_open: Any = paho.on_socket_open  # aiomqtt's: registers its reader, starts loop_misc
+
+        def read() -> None:
+            sock = paho.socket()
+            if sock is None:
+                return
+            if self._inbox_full():
+                fd = sock.fileno()
+                loop.remove_reader(fd)
+                self._paused = lambda: add(sock)
+                return
             try:
+                paho.loop_read()
+            except Exception as exc:  # noqa: BLE001  # a broken socket ends the session
+                disconnected = client._disconnected
+                if not disconnected.done():
+                    disconnected.set_exception(exc)
+
+        def add(sock: Any) -> None:
+            current: Any = paho.socket()
+            if current is not None and current is sock:  # still this connection's socket
+                loop.add_reader(current.fileno(), read)
+
+        def opened(paho_client: Any, userdata: Any, sock: Any) -> None:
+            on_open(paho_client, userdata, sock)
+            loop.call_soon_threadsafe(add, sock)  # queued after aiomqtt's: replaces its reader
+
+        paho.on_socket_open = opened
+
+    async def _connect(self, stack: AsyncExitStack) -> aiomqtt.Client:
+        client = self._client()
+        try:
+            await stack.enter_async_context(client)
+        except aiomqtt.MqttCodeError:
+            raise
+        except aiomqtt.MqttError as exc:
+            paho = client._client
+            if paho.socket() is None:  # no TCP connection: nothing to close, no answer expected
+                raise
+            # connected, CONNECT sent, no CONNACK: aiomqtt leaves that socket open
+            paho._sock_close()
+            raise _NoConnack(
+                f"no answer to CONNECT within {self._settings.publish_timeout:g} s"
+            ) from exc
+        return client
+
+    async def _session(self) -> None:
+        async with AsyncExitStack() as stack:
+            client = await self._connect(stack)
+            connection = Connection(client)
+            try:
+                self._connection = connection
+                if self._session_present:
+                    # unacknowledged commands of the last connection come again on this one
+                    resent = self._inbox.forget_closed()
+                    if resent:
+                        log.info("commands left from the last connection come again", count=resent)
                 await self._subscribe(client)
                 self.connected = True
                 self.stats.connects += 1
@@ -303,12 +498,13 @@ class MqttLink:
                     port=self._settings.port,
                     protocol=self.protocol,
                     client_id=self._client_id,
+                    session_present=self._session_present,
                 )
                 async with anyio.create_task_group() as tg:
                     tg.start_soon(self._send_loop, client, name="mqtt.send")
                     tg.start_soon(self._detection_loop, client, name="mqtt.detections")
                     async for message in client.messages:
-                        inbox.send_nowait(message)
+                        self._inbox.put(connection.receive(message))
                     tg.cancel_scope.cancel()
             except anyio.get_cancelled_exc_class():
                 limit = _HANDLER_GRACE_SECONDS + _FINAL_FLUSH_SECONDS
@@ -316,6 +512,11 @@ class MqttLink:
                     await self._finish_commands()
                     await self._farewell(client)
                 raise
+            finally:
+                unacknowledged = connection.close()
+                if unacknowledged:
+                    log.info("connection closed with commands unacknowledged", count=unacknowledged)
+                self._connection = None
 
     async def _subscribe(self, client: aiomqtt.Client) -> None:
         for topic in self._subscriptions:
@@ -344,6 +545,13 @@ class MqttLink:
             return True
         if box.events:
             item = box.events[0]
+            if item.handed_to is client:
+                # a publish cut off by the shutdown: paho has it and sends it on this same
+                # connection before DISCONNECT; publishing it again would send it twice
+                box.events.popleft()
+                self.stats.events_sent += 1
+                self._event_done()
+                return True
             properties = None
             if item.reply is not None and item.reply.correlation_data is not None:
                 properties = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
@@ -355,10 +563,16 @@ class MqttLink:
             except ValueError as exc:  # paho refuses the topic: never let it end the session
                 log.error("event not publishable, dropped", topic=item.topic, error=str(exc))  # noqa: TRY400
                 self.stats.events_dropped += 1
+            except BaseException:
+                # aiomqtt hands it to paho before its first await; a new connection sends
+                # it again (paho's queue goes with the old client), this one need not
+                item.handed_to = client
+                raise
             else:
                 self.stats.events_sent += 1
-            if box.events and box.events[0] is item:
+            if box.events and box.events[0] is item:  # else the full queue dropped it meanwhile
                 box.events.popleft()
+                self._event_done()
             return True
         return False
 
@@ -470,3 +684,16 @@ def _register_writers_safely(client: aiomqtt.Client) -> None:
         loop.call_soon_threadsafe(add, sock)
 
     paho.on_socket_register_write = register
+
+
+def _reason_code(error: BaseException | None) -> int | None:
+    """The MQTT reason code behind an error, following its causes (aiomqtt wraps them)."""
+    seen = 0
+    while error is not None and seen < 8:  # a bound, not a magic number
+        if isinstance(error, aiomqtt.MqttCodeError):
+            rc = error.rc
+            value = rc if isinstance(rc, int) else getattr(rc, "value", None)
+            return value if isinstance(value, int) else None
+        error = error.__cause__ or error.__context__
+        seen += 1
+    return None
