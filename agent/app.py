@@ -221,7 +221,13 @@ async def serve(
             if not backend.cameras:
                 log.warning("no cameras found yet; they are adopted when they appear")
             await tg.start(
-                partial(link.run, handler, refuse=handler.refuse, report=reporter.agent_error),
+                partial(
+                    link.run,
+                    handler,
+                    refuse=handler.refuse,
+                    report=reporter.agent_error,
+                    records=coordinator,
+                ),
                 name="mqtt",
             )
             log.info(

@@ -23,6 +23,8 @@ from agent.state import (
 from agent.worker import CameraWorker, error_info
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from anyio.abc import TaskGroup, TaskStatus
 
     from agent.cameras.base import Camera
@@ -79,6 +81,10 @@ class Coordinator:
         # events to publish once the next state write (which records them) is done
         self._held: list[tuple[Event, Request]] = []
         self._writing_held: list[tuple[Event, Request]] = []  # those of the write under way
+        # told once the next write / the write under way has recorded and answered its requests
+        self._after_next_write: list[Callable[[], None]] = []
+        self._after_this_write: list[Callable[[], None]] = []
+        self._closed = anyio.Event()  # set once the last write at shutdown is done
 
     # --- start-up ------------------------------------------------------------------------
 
@@ -219,6 +225,23 @@ class Coordinator:
         else:  # one write per command, the next command waiting for it: the old way
             await self.persist()
 
+    def when_recorded(self, then: Callable[[], None]) -> None:
+        """Call `then` once every request submitted so far is recorded (or refused) and answered.
+
+        The MQTT link acknowledges a command only then: a crash before the state write that
+        records it leaves the command unacknowledged, and the broker sends it again.
+        """
+        if any(worker.has_unwritten() for worker in self.workers.values()):
+            self._after_next_write.append(then)
+        elif any(worker.has_staged() for worker in self.workers.values()):
+            self._after_this_write.append(then)
+        else:
+            then()
+
+    async def closed(self) -> None:
+        """Return once the coordinator stopped and its last state write is done."""
+        await self._closed.wait()
+
     def _hold(self, event: Event, request: Request) -> None:
         self._held.append((event, request))
 
@@ -296,22 +319,30 @@ class Coordinator:
             prepared.extend(w for w in self.workers.values() if w.prepare())
             held.extend(self._held)  # what this snapshot records
             self._held.clear()
+            self._after_this_write, self._after_next_write = self._after_next_write, []
             return self.snapshot()
 
         try:
             await self._state.save(snapshot)
         except OSError as exc:
             self._write_failed(exc, prepared, held)
+            _tell(self._take_told())  # refused, and told so
             return
         finally:
             self._writing_held = []
+        told = self._take_told()
         for worker in prepared:
             worker.commit()
         for event, request in held:
             self._reporter.event(event, request.replies)
+        _tell(told)
         if self._write_failing:
             log.info("state write recovered", path=str(self._state.path))
             self._write_failing = False
+
+    def _take_told(self) -> list[Callable[[], None]]:
+        told, self._after_this_write = self._after_this_write, []
+        return told
 
     def _write_failed(
         self, exc: OSError, prepared: list[CameraWorker], held: list[tuple[Event, Request]]
@@ -347,12 +378,15 @@ class Coordinator:
 
     async def _final_write(self) -> None:
         """At shutdown: record what was staged or held as unfinished (`interrupted` later)."""
-        if not (self._held or any(w.has_staged() for w in self.workers.values())):
-            return
-        try:
-            await self._state.save(lambda: self.snapshot(final=True))
-        except OSError as exc:
-            log.error("state write failed at shutdown", error=str(exc))  # noqa: TRY400
+        told = [*self._after_this_write, *self._after_next_write]
+        self._after_this_write, self._after_next_write = [], []
+        if self._held or any(w.has_staged() for w in self.workers.values()):
+            try:
+                await self._state.save(lambda: self.snapshot(final=True))
+            except OSError as exc:
+                log.error("state write failed at shutdown", error=str(exc))  # noqa: TRY400
+                return  # untold: their commands stay unacknowledged, and come again
+        _tell(told)  # recorded as unfinished: answered `interrupted` after the restart
 
     async def _retry_writes(self) -> None:
         while True:
@@ -385,6 +419,12 @@ class Coordinator:
         finally:
             with anyio.move_on_after(_FINAL_WRITE_SECONDS, shield=True):
                 await self._final_write()
+            self._closed.set()
+
+
+def _tell(callbacks: list[Callable[[], None]]) -> None:
+    for then in callbacks:
+        then()
 
 
 def _unfinished(request: Request) -> StoredRequest:

@@ -21,7 +21,7 @@ import anyio.lowlevel
 if TYPE_CHECKING:
     import aiomqtt
 
-__all__ = ["Connection", "Delivery", "Inbox"]
+__all__ = ["Connection", "Delivery", "Inbox", "Settling"]
 
 
 @dataclass(eq=False, slots=True)
@@ -36,6 +36,21 @@ class Delivery:
 
     message: aiomqtt.Message
     connection: Connection
+    _ack: _Ack | None
+
+    def handled(self, events_queued: int) -> None:
+        """Acknowledge once the first `events_queued` events have reached the broker."""
+        self.settling().handled(events_queued)
+
+    def settling(self) -> Settling:
+        """The acknowledgement alone, to settle later without holding the payload."""
+        return Settling(self._ack)
+
+
+@dataclass(eq=False, slots=True)
+class Settling:
+    """A handled message's acknowledgement, waiting until the message is recorded."""
+
     _ack: _Ack | None
 
     def handled(self, events_queued: int) -> None:

@@ -20,7 +20,7 @@ from collections import deque
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any, Final, Protocol
 
 import aiomqtt
 import anyio
@@ -31,7 +31,7 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from agent.heap import release_free_memory
-from agent.inbox import Connection, Inbox
+from agent.inbox import Connection, Inbox, Settling
 
 if TYPE_CHECKING:
     from anyio.abc import TaskStatus
@@ -59,6 +59,16 @@ _DETECTION_BATCH: Final = 256
 Handler = Callable[[aiomqtt.Message], Awaitable[None]]
 Refuse = Callable[[aiomqtt.Message], None]
 Report = Callable[[str, str], None]  # (code, message) of a problem of the agent itself
+
+
+class Records(Protocol):
+    """Where handled commands are recorded: acknowledgements and shutdown wait on it."""
+
+    def when_recorded(self, then: Callable[[], None]) -> None:
+        """Call `then` once every command handled so far is recorded (or refused) and answered."""
+
+    async def closed(self) -> None:
+        """At shutdown: return once the records are final."""
 
 
 class _NoConnack(aiomqtt.MqttError):
@@ -143,6 +153,7 @@ class MqttLink:
         self._takeover_reported = False
         self._refuse: Refuse | None = None
         self._report: Report | None = None
+        self._records: Records | None = None
         # events that entered / left the queue (sent or dropped): acknowledgements wait on them
         self._events_queued = 0
         self._events_done = 0
@@ -223,6 +234,7 @@ class MqttLink:
         *,
         refuse: Refuse | None = None,
         report: Report | None = None,
+        records: Records | None = None,
         task_status: TaskStatus[None],
     ) -> None:
         """Connect, serve, reconnect with backoff and jitter, until cancelled.
@@ -233,8 +245,10 @@ class MqttLink:
         given to `refuse` (to be answered), the last events and acknowledgements go out and
         then `offline`; what arrives after that stays unacknowledged, for the next start.
         `report` is told about problems of the link itself (a session taken over).
+        `records`: a handled command is acknowledged only once it is recorded there, and a
+        shutdown sends its last acknowledgements once the records are final.
         """
-        self._refuse, self._report = refuse, report
+        self._refuse, self._report, self._records = refuse, report, records
         task_status.started()
         with self._detections_in, self._detections_out:
             async with anyio.create_task_group() as tg:
@@ -253,11 +267,23 @@ class MqttLink:
                         if isinstance(delivery.message.payload, bytes)
                         else 0
                     )
-                    delivery.handled(self._events_queued)
+                    self._settle(delivery.settling())
                     del delivery  # the payload may be large: hold it no longer than needed
-                    self._acknowledge()
                     if size > _TRIM_ABOVE:
                         await anyio.to_thread.run_sync(release_free_memory)
+
+    def _settle(self, settling: Settling) -> None:
+        """Acknowledge a handled command once it is recorded and its answers are out."""
+
+        def recorded() -> None:
+            # the answers handed over by now (`accepted` included) go first
+            settling.handled(self._events_queued)
+            self._acknowledge()
+
+        if self._records is None:
+            recorded()
+        else:
+            self._records.when_recorded(recorded)
 
     async def _finish_commands(self) -> None:
         """Wait for the command in hand; answer those not handled yet, without handling them."""
@@ -267,6 +293,12 @@ class MqttLink:
             log.error("shutting down with a command still being handled")
             return
         try:
+            if self._records is not None:
+                # its last write tells about the handled commands it records as unfinished
+                with anyio.move_on_after(_FINAL_FLUSH_SECONDS) as closing:
+                    await self._records.closed()
+                if closing.cancelled_caught:
+                    log.error("records not final in time; handled commands stay unacknowledged")
             # the consumer is cancelled now: it takes no further message
             for delivery in self._inbox.take_all():
                 # one from a connection that is gone cannot be acknowledged: the broker
@@ -507,7 +539,8 @@ class MqttLink:
                         self._inbox.put(connection.receive(message))
                     tg.cancel_scope.cancel()
             except anyio.get_cancelled_exc_class():
-                limit = _HANDLER_GRACE_SECONDS + _FINAL_FLUSH_SECONDS
+                # the command in hand, the records' last write, then events and `offline`
+                limit = _HANDLER_GRACE_SECONDS + 2 * _FINAL_FLUSH_SECONDS
                 with anyio.move_on_after(limit, shield=True):
                     await self._finish_commands()
                     await self._farewell(client)

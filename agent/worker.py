@@ -165,6 +165,10 @@ class CameraWorker:
         """Take a validated request in; nothing changes until a state write records it."""
         self._staged.append(request)
 
+    def has_unwritten(self) -> bool:
+        """True while a request waits for a state write that has not started yet."""
+        return bool(self._staged)
+
     def has_staged(self) -> bool:
         """True while a request waits for a state write, or is in the one under way."""
         return bool(self._staged or self._writing)
