@@ -10,8 +10,6 @@ import contextlib
 import hashlib
 import os
 import signal
-import subprocess
-import sys
 from typing import TYPE_CHECKING, Any
 
 import anyio
@@ -19,6 +17,7 @@ import msgspec
 import pytest
 
 from agent.topics import Topics
+from tests.agent_process import agent_process, write_config
 from tests.brokers import run_broker
 from tests.harness import (
     CAM1,
@@ -130,50 +129,6 @@ async def test_retained_state_is_republished_after_broker_loses_it(
                     assert obs.latest(topics.availability) == b"online"
 
 
-def _write_config(path: Path, broker: Broker, state_dir: Path, agent_id: str) -> None:
-    path.write_text(
-        f"""
-[agent]
-id = "{agent_id}"
-state_dir = "{state_dir}"
-
-[mqtt]
-host = "{broker.host}"
-port = {broker.port}
-prefix = "oaktest"
-protocol = "{broker.protocol}"
-reconnect_min = 0.1
-reconnect_max = 0.5
-
-[[simulator.cameras]]
-mxid = "{CAM1}"
-sensors = {{ CAM_A = "color", CAM_B = "mono", CAM_C = "mono" }}
-stereo = [["CAM_B", "CAM_C"]]
-boot_seconds = 2.0
-fps = 20
-"""
-    )
-
-
-@contextlib.contextmanager
-def _agent_process(config: Path) -> Iterator[subprocess.Popen[bytes]]:
-    process = subprocess.Popen(
-        [sys.executable, "-m", "agent.cli", "--log-format", "json", "run", "--config", str(config)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        yield process
-    finally:
-        if process.poll() is None:
-            process.terminate()
-            try:
-                process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait(timeout=5)
-
-
 async def test_sigkill_mid_apply_then_restart(
     broker: Broker, tmp_path: Path, own_blobs: dict[str, Path]
 ) -> None:
@@ -181,10 +136,10 @@ async def test_sigkill_mid_apply_then_restart(
     sha = hashlib.sha256(blob).hexdigest()
     config_path = tmp_path / "agent.toml"
     agent_id = f"kill-{os.getpid()}-{tmp_path.name[-6:]}"
-    _write_config(config_path, broker, tmp_path / "state", agent_id)
+    write_config(config_path, broker, tmp_path / "state", agent_id, boot_seconds=2.0)
     topics = Topics.for_agent("oaktest", agent_id)
     async with observe(broker, topics) as obs:
-        with _agent_process(config_path) as first:
+        with agent_process(config_path, tmp_path / "agent.log") as first:
             await obs.wait_for(lambda: obs.latest(topics.availability) == b"online")
             await obs.deploy(CAM1, "CAM_A", {"request_id": "cut", "nn_config": YOLO, "model": blob})
             await obs.wait_for(lambda: "applying" in obs.states("cut"))
@@ -192,7 +147,7 @@ async def test_sigkill_mid_apply_then_restart(
             first.wait(timeout=10)
         # the broker publishes the will
         await obs.wait_for(lambda: obs.latest(topics.availability) == b"offline")
-        with _agent_process(config_path):
+        with agent_process(config_path, tmp_path / "agent.log"):
             cut = await obs.outcome("cut")
             assert cut.state == "failed"
             assert cut.error is not None
@@ -236,11 +191,11 @@ async def test_no_answer_is_undone_by_a_crash_while_the_state_dir_is_unwritable(
     box = tmp_path / "box"
     config_path = tmp_path / "agent.toml"
     agent_id = f"undo-{os.getpid()}-{tmp_path.name[-6:]}"
-    _write_config(config_path, broker, box / "state", agent_id)
+    write_config(config_path, broker, box / "state", agent_id, boot_seconds=2.0)
     topics = Topics.for_agent("oaktest", agent_id)
     cam_a = topics.nn_status(CAM1, "CAM_A")
     async with observe(broker, topics) as obs:
-        with _agent_process(config_path) as first:
+        with agent_process(config_path, tmp_path / "agent.log") as first:
             await obs.wait_for(lambda: obs.latest(topics.availability) == b"online")
             for stream in ("CAM_A", "CAM_B"):
                 body = {"request_id": f"run-{stream}", "nn_config": YOLO, "model": blob}
@@ -268,7 +223,7 @@ async def test_no_answer_is_undone_by_a_crash_while_the_state_dir_is_unwritable(
             await obs.wait_for(lambda: obs.latest(topics.availability) == b"offline")
         seen_a = len(obs.detections(CAM1, "CAM_A"))
         seen_b = len(obs.detections(CAM1, "CAM_B"))
-        with _agent_process(config_path):
+        with agent_process(config_path, tmp_path / "agent.log"):
             gone = await obs.outcome("gone")
             assert gone.state == "failed"
             assert gone.error is not None
