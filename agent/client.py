@@ -467,7 +467,8 @@ def decode_event(payload: bytes) -> Event | None:
     """The request event in `payload`; None for anything else (never raises)."""
     try:
         return _event_decoder.decode(payload)
-    except (msgspec.DecodeError, UnicodeDecodeError):  # ValidationError too; bad UTF-8
+    # ValidationError is a DecodeError; bad UTF-8 and deep nesting raise their own errors
+    except (msgspec.DecodeError, UnicodeDecodeError, RecursionError):
         return None
 
 

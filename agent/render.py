@@ -58,11 +58,8 @@ def summary(payload: bytes) -> str:
     """One line for a binary payload: a MessagePack map's keys and value sizes, or a hex peek."""
     try:
         value = msgspec.msgpack.decode(payload)
-    except (
-        msgspec.DecodeError,
-        UnicodeDecodeError,
-        RecursionError,
-    ):  # a bad str: UnicodeDecodeError
+    # a bad str: UnicodeDecodeError; an unhashable map key (an Ext, a map): TypeError
+    except (msgspec.DecodeError, UnicodeDecodeError, RecursionError, TypeError):
         value = None
     if isinstance(value, dict):
         items = [f"{_plain(k)}={_brief(v)}" for k, v in list(value.items())[:_SUMMARY_KEYS]]

@@ -36,6 +36,7 @@ from agent.render import size
 from agent.topics import Topics
 from tests.brokers import Broker, free_port, mosquitto_path
 from tests.harness import CAM1, WAIT, Observer, observe
+from tests.strategies import hostile_payloads
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Callable
@@ -459,7 +460,7 @@ async def test_version_help_and_usage_errors() -> None:
     _no_traceback(bad)
 
 
-@given(st.binary(max_size=500))
+@given(st.binary(max_size=500) | hostile_payloads)
 def test_anything_on_the_events_topic_decodes_or_is_skipped(payload: bytes) -> None:
     event = decode_event(payload)
     assert event is None or isinstance(event, Event)

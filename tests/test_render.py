@@ -8,7 +8,7 @@ from typing import Any
 
 import msgspec
 import pytest
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
 
 from agent.render import Style, render, size, summary
@@ -26,6 +26,8 @@ json_values = st.recursive(
 
 
 @given(st.binary(max_size=2000), st.sampled_from(STYLES))
+# a MessagePack map keyed by an Ext: msgspec raises TypeError (found by this test in CI)
+@example(b"\xde\x00\x02\x00\x00\xd4\x00\x00\x00", "pretty")
 def test_any_bytes_render_without_control_bytes(payload: bytes, style: Style) -> None:
     shown = render(payload, style)
     assert not CONTROL.search(shown)
