@@ -12,6 +12,8 @@ from typing import Any, Literal
 
 import msgspec
 
+from agent.limits import json_problem
+
 __all__ = ["Style", "render", "size", "summary"]
 
 Style = Literal["pretty", "compact", "raw"]
@@ -22,6 +24,7 @@ _LONG_LIST = 50  # pretty: longer arrays show their first items and a count
 _SHOWN_ITEMS = 10
 _SHORT = 60  # summary: the longest value shown as is
 _SUMMARY_KEYS = 8
+_MAX_DEPTH = 64  # deeper JSON is shown as its text: printing it as a tree would recurse too far
 # C0 and C1 controls except tab, line feed and carriage return
 _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
 _BREAKS = re.compile(r"[\t\n\r]")
@@ -86,6 +89,8 @@ def _text(payload: bytes) -> str | None:
 def _json(text: str) -> Any:
     if text.lstrip()[:1] not in ("{", "["):
         return _NOT_JSON  # `online`, `42`: shown as the text they are
+    if json_problem(text.encode(), max_depth=_MAX_DEPTH) is not None:
+        return _NOT_JSON  # too deep to print as a tree: shown as its text
     try:
         return msgspec.json.decode(text)
     except msgspec.DecodeError:

@@ -12,6 +12,7 @@ from hypothesis import example, given
 from hypothesis import strategies as st
 
 from agent.render import Style, render, size, summary
+from tests.strategies import hostile_payloads
 
 STYLES: tuple[Style, ...] = ("pretty", "compact", "raw")
 CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
@@ -25,7 +26,7 @@ json_values = st.recursive(
 )
 
 
-@given(st.binary(max_size=2000), st.sampled_from(STYLES))
+@given(st.binary(max_size=2000) | hostile_payloads, st.sampled_from(STYLES))
 # a MessagePack map keyed by an Ext: msgspec raises TypeError (found by this test in CI)
 @example(b"\xde\x00\x02\x00\x00\xd4\x00\x00\x00", "pretty")
 def test_any_bytes_render_without_control_bytes(payload: bytes, style: Style) -> None:
