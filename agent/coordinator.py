@@ -9,7 +9,7 @@ import anyio
 import structlog
 
 from agent.cameras.base import Deployment
-from agent.errors import AgentError, Interrupted, StateWriteFailed
+from agent.errors import AgentError, Interrupted, ShuttingDown, StateWriteFailed
 from agent.messages import Event
 from agent.mqtt import ReplyTo
 from agent.requests import Request, RequestLog
@@ -84,6 +84,7 @@ class Coordinator:
         # told once the next write / the write under way has recorded and answered its requests
         self._after_next_write: list[Callable[[], None]] = []
         self._after_this_write: list[Callable[[], None]] = []
+        self._closing = False  # set when the coordinator stops: no more writes
         self._closed = anyio.Event()  # set once the last write at shutdown is done
 
     # --- start-up ------------------------------------------------------------------------
@@ -210,6 +211,8 @@ class Coordinator:
         is under way, and one write records every command staged meanwhile. A write that
         fails refuses them (`rejected`, `state_write_failed`) and changes nothing.
         """
+        if self._closing:  # no write would record it
+            raise ShuttingDown
         worker = self.workers[request.camera]
         # a request staged before the saved state is taken over would not be persisted
         await worker.restored.wait()
@@ -378,14 +381,22 @@ class Coordinator:
 
     async def _final_write(self) -> None:
         """At shutdown: record what was staged or held as unfinished (`interrupted` later)."""
-        told = [*self._after_this_write, *self._after_next_write]
-        self._after_this_write, self._after_next_write = [], []
+        told: list[Callable[[], None]] = []
+
+        def snapshot() -> StateDocument:
+            # taken with the snapshot: what it records is what is told
+            told.extend((*self._after_this_write, *self._after_next_write))
+            self._after_this_write, self._after_next_write = [], []
+            return self.snapshot(final=True)
+
         if self._held or any(w.has_staged() for w in self.workers.values()):
             try:
-                await self._state.save(lambda: self.snapshot(final=True))
+                await self._state.save(snapshot)
             except OSError as exc:
                 log.error("state write failed at shutdown", error=str(exc))  # noqa: TRY400
                 return  # untold: their commands stay unacknowledged, and come again
+        else:
+            snapshot()  # nothing to record: every command handled so far is answered
         _tell(told)  # recorded as unfinished: answered `interrupted` after the restart
 
     async def _retry_writes(self) -> None:
@@ -417,6 +428,7 @@ class Coordinator:
                     self._start(tg, worker)
                 task_status.started()
         finally:
+            self._closing = True  # a command handled from now on is refused
             with anyio.move_on_after(_FINAL_WRITE_SECONDS, shield=True):
                 await self._final_write()
             self._closed.set()

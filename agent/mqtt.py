@@ -298,7 +298,10 @@ class MqttLink:
                 with anyio.move_on_after(_FINAL_FLUSH_SECONDS) as closing:
                     await self._records.closed()
                 if closing.cancelled_caught:
-                    log.error("records not final in time; handled commands stay unacknowledged")
+                    # acknowledgements go in arrival order: those after it could not go either,
+                    # so the ones not handled are left unanswered too, for the broker to resend
+                    log.error("records not final in time; commands stay unacknowledged")
+                    return
             # the consumer is cancelled now: it takes no further message
             for delivery in self._inbox.take_all():
                 # one from a connection that is gone cannot be acknowledged: the broker
@@ -307,9 +310,9 @@ class MqttLink:
                     self._refuse(delivery.message)
                     delivery.handled(self._events_queued)
             self._acknowledge()
-            self._resume_reading()  # the PUBACKs of the last events must still come in
         finally:
             self._handling.release()
+            self._resume_reading()  # the PUBACKs of the last events must still come in
 
     async def _reconnect_forever(self) -> None:
         attempt = 0
