@@ -22,6 +22,7 @@ from agent.cameras.simulator import SimulatorBackend
 from agent.commands import CommandHandler
 from agent.config import Config, DepthaiSection
 from agent.coordinator import Coordinator
+from agent.errors import ModelWriteFailed
 from agent.messages import Info, InfoCamera
 from agent.models import ModelStore
 from agent.mqtt import MqttLink
@@ -176,7 +177,7 @@ async def serve(
     reporter = Reporter(link, topics)
     store = ModelStore(
         config.state_path / "models",
-        on_write_error=lambda problem: reporter.agent_error("model_write_failed", problem),
+        on_write_error=lambda problem: reporter.agent_error(ModelWriteFailed(problem)),
         # models uploaded but not (yet) referenced: a few of the largest commands
         unreferenced_bytes=4 * config.agent.max_payload_bytes,
     )

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 from typing import ClassVar
 
+import msgspec
+
 __all__ = [
     "AgentError",
     "CameraOffline",
     "ChecksumMismatch",
     "DeployFailed",
+    "ErrorInfo",
     "Expired",
     "IncompatibleModel",
     "Internal",
@@ -16,13 +19,18 @@ __all__ = [
     "InvalidModel",
     "InvalidPayload",
     "ModelNotFound",
+    "ModelWriteFailed",
     "PayloadTooLarge",
     "RetainedCommand",
+    "SessionTakenOver",
+    "ShuttingDown",
+    "StateUnreadable",
     "StateWriteFailed",
     "UnknownCamera",
     "UnknownStream",
     "clip",
     "echo",
+    "error_info",
 ]
 
 MAX_MESSAGE_CHARS = 1000
@@ -41,6 +49,13 @@ def echo(value: str, limit: int = 80) -> str:
     if len(value) <= limit:
         return repr(value)
     return f"{value[:limit]!r}… ({len(value)} chars)"
+
+
+class ErrorInfo(msgspec.Struct, frozen=True):
+    """An error as events and status carry it."""
+
+    code: str
+    message: str
 
 
 class AgentError(Exception):
@@ -172,3 +187,29 @@ class StateWriteFailed(AgentError):
 
 class Internal(AgentError):
     code = "internal"
+
+
+# --- problems of the agent itself, published on `{base}/errors` --------------------------
+
+
+class StateUnreadable(AgentError):
+    """The state file could not be read at start-up; it was moved aside."""
+
+    code = "state_unreadable"
+
+
+class ModelWriteFailed(AgentError):
+    """A model could not be written to the model store."""
+
+    code = "model_write_failed"
+
+
+class SessionTakenOver(AgentError):
+    """Another MQTT client seems to use the agent's client id."""
+
+    code = "session_taken_over"
+
+
+def error_info(exc: AgentError) -> ErrorInfo:
+    """What an event or status says about `exc`."""
+    return ErrorInfo(code=exc.code, message=exc.message)

@@ -8,13 +8,20 @@ New fields get defaults; nothing is renamed or retyped.
 from __future__ import annotations
 
 import re
-from typing import TYPE_CHECKING, Annotated, Any, Final, Literal, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, Final, TypeVar
 
 import msgspec
 from msgspec import Meta
 
-from agent.errors import AgentError, InvalidPayload, clip
+from agent.errors import AgentError, ErrorInfo, InvalidPayload, clip
 from agent.limits import json_problem, msgpack_problem, utf8_problem
+from agent.vocab import (
+    TERMINAL_STATES,
+    Action,
+    CameraStateName,
+    NNStateName,
+    RequestState,
+)
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -39,6 +46,7 @@ __all__ = [
     "NNConfig",
     "NNStatus",
     "NNSummary",
+    "ReplyTo",
     "Spatial",
     "YoloConfig",
     "YoloOptions",
@@ -65,10 +73,6 @@ Label = Annotated[str, Meta(max_length=256)]
 RequestId = Annotated[str, Meta(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9._:-]+$")]
 Sha256Hex = Annotated[str, Meta(pattern=r"^[0-9a-fA-F]{64}$")]
 Threads = Annotated[int, Meta(ge=0, le=2, description="0 lets the device choose")]
-
-Action = Literal["deploy", "delete"]
-RequestState = Literal["accepted", "applying", "succeeded", "failed", "superseded", "rejected"]
-TERMINAL_STATES: Final = frozenset({"succeeded", "failed", "superseded", "rejected"})
 
 
 # --- NNConfig: the REST API's config, one Struct per `type` ------------------------------
@@ -255,9 +259,11 @@ def salvage_request_id(payload: bytes) -> str | None:
 # --- events and status ---------------------------------------------------------------------
 
 
-class ErrorInfo(msgspec.Struct, frozen=True):
-    code: str
-    message: str
+class ReplyTo(msgspec.Struct, frozen=True):
+    """An MQTT 5 Response Topic with the Correlation Data to copy back with each event."""
+
+    topic: str
+    correlation_data: bytes | None = None
 
 
 class Event(msgspec.Struct, frozen=True, omit_defaults=True):
@@ -291,7 +297,7 @@ class ModelRef(msgspec.Struct, frozen=True, omit_defaults=True):
 
 
 class NNStatus(msgspec.Struct, frozen=True):
-    state: Literal["none", "deploying", "running", "failed"]
+    state: NNStateName
     model: ModelRef | None = None
     nn_config: NNConfig | None = None
     labels: tuple[str, ...] | None = None
@@ -301,14 +307,14 @@ class NNStatus(msgspec.Struct, frozen=True):
 
 
 class NNSummary(msgspec.Struct, frozen=True, omit_defaults=True):
-    state: Literal["none", "deploying", "running", "failed"]
+    state: NNStateName
     type: str | None = None
     model_sha256: str | None = None
     model_name: str | None = None
 
 
 class CameraStatus(msgspec.Struct, frozen=True):
-    state: Literal["online", "restarting", "offline"]
+    state: CameraStateName
     name: str
     streams: tuple[str, ...]
     nn: dict[str, NNSummary]

@@ -30,6 +30,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
+from agent.errors import AgentError, SessionTakenOver
 from agent.heap import release_free_memory
 from agent.inbox import Connection, Inbox, Settling
 
@@ -37,8 +38,9 @@ if TYPE_CHECKING:
     from anyio.abc import TaskStatus
 
     from agent.config import MqttSection
+    from agent.messages import ReplyTo
 
-__all__ = ["LinkStats", "MqttLink", "ReplyTo"]
+__all__ = ["LinkStats", "MqttLink"]
 
 log = structlog.get_logger(__name__)
 
@@ -58,7 +60,7 @@ _DETECTION_BATCH: Final = 256
 
 Handler = Callable[[aiomqtt.Message], Awaitable[None]]
 Refuse = Callable[[aiomqtt.Message], None]
-Report = Callable[[str, str], None]  # (code, message) of a problem of the agent itself
+Report = Callable[[AgentError], None]  # a problem of the agent itself
 
 
 class Records(Protocol):
@@ -73,14 +75,6 @@ class Records(Protocol):
 
 class _NoConnack(aiomqtt.MqttError):
     """The broker accepted the TCP connection but did not answer the CONNECT in time."""
-
-
-@dataclass(frozen=True, slots=True)
-class ReplyTo:
-    """An MQTT 5 Response Topic with the Correlation Data to copy back."""
-
-    topic: str
-    correlation_data: bytes | None = None
 
 
 @dataclass(slots=True)
@@ -371,7 +365,7 @@ class MqttLink:
             )
         log.error(message, client_id=self._client_id, code="session_taken_over")
         if self._report is not None:
-            self._report("session_taken_over", message)
+            self._report(SessionTakenOver(message))
 
     def _drop_queued_detections(self) -> None:
         """Detections never wait for a reconnect: stale frames are worth less than none."""

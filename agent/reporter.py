@@ -25,7 +25,9 @@ if TYPE_CHECKING:
     from collections.abc import Iterable
 
     from agent.cameras.base import Output
-    from agent.mqtt import MqttLink, ReplyTo
+    from agent.errors import AgentError
+    from agent.messages import ReplyTo
+    from agent.mqtt import MqttLink
     from agent.topics import Topics
 
 __all__ = ["Reporter", "Route"]
@@ -76,8 +78,10 @@ class Reporter:
         for reply in replies:
             self._link.send_reply(reply, payload)
 
-    def agent_error(self, code: str, message: str) -> None:
-        event = AgentErrorEvent(code=code, message=message, ts=time.time())
+    def agent_error(self, error: AgentError, *, context: str | None = None) -> None:
+        """Publish a problem of the agent itself (not of one request) on `{base}/errors`."""
+        message = f"{context}: {error.message}" if context else error.message
+        event = AgentErrorEvent(code=error.code, message=message, ts=time.time())
         self._link.send(self._topics.errors, encode_json(event))
 
     # --- detections ----------------------------------------------------------------------

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Final, Literal
+from typing import TYPE_CHECKING, Final
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
 
     from agent.cameras.base import Deployment
-    from agent.messages import Event
-    from agent.mqtt import ReplyTo
+    from agent.messages import Event, ReplyTo
+    from agent.vocab import Action
 
 __all__ = ["Request", "RequestLog"]
 
@@ -23,7 +23,7 @@ class Request:
     """One accepted command and everything said about it."""
 
     id: str
-    action: Literal["deploy", "delete"]
+    action: Action
     camera: str
     stream: str
     deployment: Deployment | None = None

@@ -20,7 +20,8 @@ import structlog
 
 from agent.errors import clip
 from agent.limits import json_problem
-from agent.messages import Event, NNConfig
+from agent.messages import Event, NNConfig, ReplyTo
+from agent.vocab import Action
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -31,7 +32,6 @@ __all__ = [
     "StateDocument",
     "StateFile",
     "StoredDeployment",
-    "StoredReply",
     "StoredRequest",
     "make_private_folder",
 ]
@@ -62,19 +62,14 @@ class StoredDeployment(msgspec.Struct, frozen=True):
     request_id: str = ""
 
 
-class StoredReply(msgspec.Struct, frozen=True):
-    topic: str
-    correlation_data: bytes | None = None
-
-
 class StoredRequest(msgspec.Struct, frozen=True):
     """A request that was accepted and had not finished when the document was written."""
 
     request_id: str
-    action: str
+    action: Action
     camera: str
     stream: str
-    replies: tuple[StoredReply, ...] = ()
+    replies: tuple[ReplyTo, ...] = ()
 
 
 class CameraState(msgspec.Struct, frozen=True):

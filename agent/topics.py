@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
+
+if TYPE_CHECKING:
+    from agent.vocab import Action
 
 __all__ = [
     "MXID_RE",
@@ -18,7 +21,6 @@ __all__ = [
 MXID_RE = re.compile(r"[A-Z0-9]{1,64}")
 STREAM_RE = re.compile(r"CAM_[A-H]|DEPTH_[A-H]_[A-H]")
 
-Action = Literal["deploy", "delete"]
 Fault = Literal["unplug", "replug", "fail_next_boot"]
 
 

@@ -9,21 +9,19 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Final, Literal, TypeVar
+from typing import TYPE_CHECKING, Final, TypeVar
 
 import anyio
 import msgspec
 import structlog
 
-from agent.errors import AgentError, CameraOffline, Internal
+from agent.errors import AgentError, CameraOffline, ErrorInfo, Internal, error_info
 from agent.messages import (
     CameraStatus,
-    ErrorInfo,
     Event,
     ModelRef,
     NNStatus,
     NNSummary,
-    RequestState,
 )
 from agent.reporter import Route
 
@@ -34,17 +32,14 @@ if TYPE_CHECKING:
     from agent.reporter import Reporter
     from agent.requests import Request
     from agent.topics import Topics
+    from agent.vocab import CameraStateName, NNStateName, RequestState
 
-__all__ = ["CameraWorker", "error_info"]
+__all__ = ["CameraWorker"]
 
 log = structlog.get_logger(__name__)
 
 _S = TypeVar("_S", NNStatus, CameraStatus)
 _RETRY_MAX: Final = 60.0
-
-
-def error_info(exc: AgentError) -> ErrorInfo:
-    return ErrorInfo(code=exc.code, message=exc.message)
 
 
 @dataclass(eq=False, slots=True)
@@ -86,7 +81,7 @@ class CameraWorker:
         self._failures: dict[str, tuple[Request, ErrorInfo]] = {}
         self._booted = False
         self._boot_failures = 0
-        self.state: Literal["online", "restarting", "offline"] = "offline"
+        self.state: CameraStateName = "offline"
         self.restarts = 0
         self._last_error: ErrorInfo | None = None
         self._wake = anyio.Event()
@@ -449,7 +444,7 @@ def _stamped(status: _S, now: float) -> _S:
 
 
 def _status(
-    state: Literal["deploying", "running", "failed"],
+    state: NNStateName,
     deployment: Deployment,
     request_id: str,
     error: ErrorInfo | None = None,
