@@ -8,35 +8,30 @@ from typing import TYPE_CHECKING
 
 import structlog
 
-from agent.cameras import preflight
 from agent.cameras.base import Deployment
-from agent.cameras.features import features_of
 from agent.errors import (
     AgentError,
-    CameraOffline,
     Expired,
     Internal,
     InvalidPayload,
     PayloadTooLarge,
     RetainedCommand,
     ShuttingDown,
-    UnknownCamera,
-    UnknownStream,
     clip,
     echo,
+    error_info,
 )
 from agent.messages import (
     DeleteCommand,
     DeployCommand,
     Event,
+    ReplyTo,
     decode_delete,
     decode_deploy,
     salvage_request_id,
 )
-from agent.mqtt import ReplyTo
 from agent.requests import Request
-from agent.topics import MXID_RE, STREAM_RE, CommandTopic, SimulatorTopic
-from agent.worker import error_info
+from agent.topics import CommandTopic, SimulatorTopic
 
 if TYPE_CHECKING:
     import aiomqtt
@@ -46,7 +41,6 @@ if TYPE_CHECKING:
     from agent.models import ModelStore
     from agent.reporter import Reporter
     from agent.topics import Topics
-    from agent.worker import CameraWorker
 
 __all__ = ["CommandHandler"]
 
@@ -145,25 +139,17 @@ class CommandHandler:
         )
         request_id = command.request_id or f"auto-{uuid.uuid4().hex}"
         structlog.contextvars.bind_contextvars(request_id=request_id)
-        if self._replay(request_id, reply):
+        if self._coordinator.replay(request_id, reply):
             return None
         now = time.time()
         if command.expires_at is not None and now > command.expires_at:
             raise Expired(expires_at=command.expires_at, now=now)
-        worker = self._worker(topic)
+        self._coordinator.check_target(topic.camera, topic.stream)
         deployment = None
         if isinstance(command, DeployCommand):
             deployment = await self._deployment(command, request_id)
             # refuse what cannot run before the camera is taken down for it
-            preflight.check(
-                features_of(worker.camera),
-                topic.stream,
-                deployment,
-                camera=topic.camera,
-                others=worker.running,
-            )
-        if not worker.camera.present:
-            raise CameraOffline(camera=topic.camera)
+            self._coordinator.check_runnable(topic.camera, topic.stream, deployment)
         return Request(
             id=request_id,
             action=topic.action,
@@ -172,15 +158,6 @@ class CommandHandler:
             deployment=deployment,
             replies=[reply] if reply else [],
         )
-
-    def _worker(self, topic: CommandTopic) -> CameraWorker:
-        if not MXID_RE.fullmatch(topic.camera) or topic.camera not in self._coordinator.workers:
-            raise UnknownCamera(camera=topic.camera)
-        worker = self._coordinator.workers[topic.camera]
-        streams = worker.camera.streams
-        if not STREAM_RE.fullmatch(topic.stream) or topic.stream not in streams:
-            raise UnknownStream(camera=topic.camera, stream=topic.stream, available=streams)
-        return worker
 
     async def _deployment(self, command: DeployCommand, request_id: str) -> Deployment:
         if command.model is not None:
@@ -196,19 +173,6 @@ class CommandHandler:
             model_name=command.model_name,
             request_id=request_id,
         )
-
-    def _replay(self, request_id: str, reply: ReplyTo | None) -> bool:
-        """Answer a repeated request_id from the record instead of running it again."""
-        known = self._coordinator.requests.get(request_id)
-        if known is None or known.last is None:
-            return False
-        log.info("duplicate request_id, replaying its outcome", state=known.last.state)
-        if reply is not None and reply not in known.replies:
-            known.replies.append(reply)
-        if self._coordinator.is_held(known.last):
-            return True  # goes out, to the new reply too, once the state file records it
-        self._reporter.event(known.last, [reply] if reply else [])
-        return True
 
     def _reject(
         self, topic: CommandTopic, payload: bytes, reply: ReplyTo | None, exc: AgentError

@@ -8,19 +8,29 @@ from typing import TYPE_CHECKING, Final
 import anyio
 import structlog
 
+from agent.cameras import preflight
 from agent.cameras.base import Deployment
-from agent.errors import AgentError, Interrupted, ShuttingDown, StateWriteFailed
+from agent.cameras.features import features_of
+from agent.errors import (
+    AgentError,
+    Interrupted,
+    ShuttingDown,
+    StateUnreadable,
+    StateWriteFailed,
+    UnknownCamera,
+    UnknownStream,
+    error_info,
+)
 from agent.messages import Event
-from agent.mqtt import ReplyTo
 from agent.requests import Request, RequestLog
 from agent.state import (
     CameraState,
     StateDocument,
     StoredDeployment,
-    StoredReply,
     StoredRequest,
 )
-from agent.worker import CameraWorker, error_info
+from agent.topics import MXID_RE, STREAM_RE
+from agent.worker import CameraWorker
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -28,6 +38,7 @@ if TYPE_CHECKING:
     from anyio.abc import TaskGroup, TaskStatus
 
     from agent.cameras.base import Camera
+    from agent.messages import ReplyTo
     from agent.models import ModelStore
     from agent.reporter import Reporter
     from agent.state import StateFile
@@ -94,7 +105,7 @@ class Coordinator:
         document, problem = self._state.load()
         if problem is not None:
             log.error("state file unusable, starting empty", problem=problem)
-            self._reporter.agent_error("state_unreadable", problem)
+            self._reporter.agent_error(StateUnreadable(problem))
         self._saved = dict(document.cameras)
         for outcome in document.outcomes:
             self.requests.add(self._recorded(outcome))
@@ -117,7 +128,7 @@ class Coordinator:
         )
         event = Event(
             request_id=stored.request_id,
-            action="deploy" if stored.action == "deploy" else "delete",
+            action=stored.action,
             camera=stored.camera,
             stream=stored.stream,
             state="failed",
@@ -125,7 +136,7 @@ class Coordinator:
             error=error_info(error),
         )
         request = self._recorded(event)
-        request.replies = [ReplyTo(r.topic, r.correlation_data) for r in stored.replies]
+        request.replies = list(stored.replies)
         log.warning("interrupted request answered", request_id=stored.request_id)
         self._hold(event, request)
         self.requests.add(request)
@@ -166,9 +177,8 @@ class Coordinator:
             try:
                 model = await self._store.get(item.sha256)
             except AgentError as exc:
-                message = f"cannot restore {camera}/{stream}: {exc.message}"
                 log.error("model missing from the store", camera=camera, stream=stream)  # noqa: TRY400
-                self._reporter.agent_error(exc.code, message)
+                self._reporter.agent_error(exc, context=f"cannot restore {camera}/{stream}")
                 continue
             resolved[stream] = Deployment(
                 model=model,
@@ -201,6 +211,41 @@ class Coordinator:
         finally:
             worker.restored.set()
         await worker.run()
+
+    # --- what the command boundary asks ----------------------------------------------------
+
+    def check_target(self, camera: str, stream: str) -> None:
+        """Raise UnknownCamera or UnknownStream unless `camera` has `stream`."""
+        worker = self.workers.get(camera) if MXID_RE.fullmatch(camera) else None
+        if worker is None:
+            raise UnknownCamera(camera=camera)
+        streams = worker.camera.streams
+        if not STREAM_RE.fullmatch(stream) or stream not in streams:
+            raise UnknownStream(camera=camera, stream=stream, available=streams)
+
+    def check_runnable(self, camera: str, stream: str, deployment: Deployment) -> None:
+        """Raise IncompatibleModel when `deployment` cannot run there beside what runs now."""
+        worker = self.workers[camera]
+        preflight.check(
+            features_of(worker.camera),
+            stream,
+            deployment,
+            camera=camera,
+            others=worker.running,
+        )
+
+    def replay(self, request_id: str, reply: ReplyTo | None) -> bool:
+        """Answer a repeated request_id from the record; False when it is new."""
+        known = self.requests.get(request_id)
+        if known is None or known.last is None:
+            return False
+        log.info("duplicate request_id, replaying its outcome", state=known.last.state)
+        if reply is not None and reply not in known.replies:
+            known.replies.append(reply)
+        if self.is_held(known.last):
+            return True  # goes out, to the new reply too, once the state file records it
+        self._reporter.event(known.last, [reply] if reply else [])
+        return True
 
     # --- requests ------------------------------------------------------------------------
 
@@ -359,9 +404,10 @@ class Coordinator:
                 "state write failed", error=reason, refused=len(refused), held=len(self._held)
             )
             self._reporter.agent_error(
-                "state_write_failed",
-                f"{reason}; commands are refused and {len(self._held)} answers wait "
-                f"until it can be written (retried every {_RETRY_WRITE_SECONDS:g} s)",
+                StateWriteFailed(
+                    f"{reason}; commands are refused and {len(self._held)} answers wait "
+                    f"until it can be written (retried every {_RETRY_WRITE_SECONDS:g} s)"
+                )
             )
         self._write_failing = True
         self._write_retry.set()
@@ -445,5 +491,5 @@ def _unfinished(request: Request) -> StoredRequest:
         action=request.action,
         camera=request.camera,
         stream=request.stream,
-        replies=tuple(StoredReply(x.topic, x.correlation_data) for x in request.replies),
+        replies=tuple(request.replies),
     )
