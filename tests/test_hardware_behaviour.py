@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 import msgspec
 import pytest
 
-from agent.cameras.depthai_config import DepthaiSection
+from agent.config import DepthaiSection
 from tests.hardware import DEVICES, NO_DEVICE
 from tests.harness import YOLO, agent_and_observer, make_config
 

@@ -35,7 +35,7 @@ import structlog
 from anyio.streams.buffered import BufferedByteReceiveStream
 
 from agent.cameras.base import Camera, Output, RawLayer
-from agent.cameras.features import CameraFeatures, Sensor, SensorKind
+from agent.cameras.features import CameraFeatures, Sensor
 from agent.cameras.pipeline import build_pipeline, stream_of, xlink_name
 from agent.errors import CameraOffline, DeployFailed
 
@@ -47,7 +47,7 @@ if TYPE_CHECKING:
     from anyio.streams.memory import MemoryObjectSendStream
 
     from agent.cameras.base import CameraListener, NNSet
-    from agent.cameras.depthai_config import DepthaiSection
+    from agent.config import DepthaiSection, SensorKind
 
 __all__ = ["DepthaiBackend", "DepthaiCamera", "read_layers"]
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING
 
 from agent.topics import is_depth_stream
 
@@ -11,10 +11,9 @@ if TYPE_CHECKING:
     from collections.abc import Mapping
 
     from agent.cameras.base import Camera
+    from agent.config import SensorKind
 
-__all__ = ["CameraFeatures", "Sensor", "SensorKind", "features_of"]
-
-SensorKind = Literal["color", "mono"]
+__all__ = ["CameraFeatures", "Sensor", "features_of"]
 
 
 @dataclass(frozen=True, slots=True)
