@@ -11,7 +11,7 @@ import anyio.to_thread
 import structlog
 
 from agent.cameras.depthai.camera import DepthaiCamera
-from agent.cameras.depthai.device import probe
+from agent.cameras.depthai.device import DeviceBusy, probe
 from agent.cameras.depthai.discovery import Found, discover_forever
 
 if TYPE_CHECKING:
@@ -95,7 +95,8 @@ class DepthaiBackend:
                     limiter=self._probe_limiter,
                     abandon_on_cancel=True,
                 )
-        except (RuntimeError, TimeoutError) as exc:
+        # RuntimeError: depthai could not open it (gone, booted by another host, ...)
+        except (DeviceBusy, RuntimeError, TimeoutError) as exc:
             delay = min(_PROBE_RETRY_MAX, self._settings.discovery_interval * 2.0**failures)
             self._retry_at[target] = (time.monotonic() + delay, failures + 1)
             log.warning("camera probe failed", target=target, error=str(exc), retry_in=delay)

@@ -8,11 +8,10 @@ from typing import TYPE_CHECKING, Any, Final
 
 import anyio
 import anyio.to_thread
-import depthai as dai
 import structlog
 
 from agent.cameras.base import Camera, Output
-from agent.cameras.depthai.device import CLOSE_TIMEOUT, Boot, Session, exclusive
+from agent.cameras.depthai.device import CLOSE_TIMEOUT, Boot, DeviceBusy, Session
 from agent.cameras.depthai.outputs import to_output
 from agent.cameras.pipeline import build_pipeline, stream_of
 from agent.errors import CameraOffline, DeployFailed
@@ -151,32 +150,22 @@ class DepthaiCamera(Camera):
         )
 
     async def _open(self, pipeline: Any, streams: list[str]) -> Session:
-        target = self.target
-        lock = self._device_lock
-        wait = self._settings.boot_timeout
-        boot = Boot()
-
-        def open_session() -> Session:
-            with exclusive(lock, wait):
-                if boot.abandoned:  # given up on while waiting for the device
-                    raise RuntimeError("boot abandoned before the device was free")
-                device = dai.Device(pipeline, dai.DeviceInfo(target))
-            try:
-                return Session(device, streams, lock)
-            except BaseException:
-                with exclusive(lock, CLOSE_TIMEOUT):
-                    device.close()
-                raise
-
+        boot = Boot(
+            pipeline,
+            target=self.target,
+            streams=streams,
+            device_lock=self._device_lock,
+            wait=self._settings.boot_timeout,
+        )
         try:
             with anyio.fail_after(self._settings.boot_timeout):
                 session = await anyio.to_thread.run_sync(
-                    boot.run, open_session, limiter=self._limiter, abandon_on_cancel=True
+                    boot.run, limiter=self._limiter, abandon_on_cancel=True
                 )
         except TimeoutError:
             await self._close_session(boot.abandon())
             raise DeployFailed(f"no boot within {self._settings.boot_timeout:g} s") from None
-        except RuntimeError as exc:
+        except (DeviceBusy, RuntimeError) as exc:  # RuntimeError: depthai failed to boot it
             raise DeployFailed(str(exc)) from exc
         except BaseException:
             await self._close_session(boot.abandon())
@@ -295,7 +284,7 @@ class DepthaiCamera(Camera):
                 await anyio.to_thread.run_sync(
                     session.close, limiter=self._limiter, abandon_on_cancel=True
                 )
-            except RuntimeError as exc:  # the device is busy, or depthai failed to close it
+            except (DeviceBusy, RuntimeError) as exc:  # RuntimeError: depthai failed to close it
                 log.error("camera close failed", camera=self._mxid, error=str(exc))  # noqa: TRY400
         if scope.cancelled_caught:
             log.error("camera close timed out", camera=self._mxid, timeout=CLOSE_TIMEOUT)

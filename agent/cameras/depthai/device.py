@@ -17,15 +17,16 @@ from agent.cameras.features import CameraFeatures, Sensor
 from agent.cameras.pipeline import xlink_name
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Iterator, Sequence
+    from collections.abc import Iterator, Sequence
 
     from agent.config import SensorKind
 
 __all__ = [
     "CLOSE_TIMEOUT",
     "Boot",
+    "BootAbandoned",
+    "DeviceBusy",
     "Session",
-    "exclusive",
     "probe",
 ]
 
@@ -36,6 +37,22 @@ _KINDS: Final[dict[Any, SensorKind]] = {
     dai.CameraSensorType.COLOR: "color",
     dai.CameraSensorType.MONO: "mono",
 }
+
+
+class DeviceBusy(Exception):
+    """A thread we gave up on (a boot, probe or close that timed out) still holds the device."""
+
+    def __init__(self, *, target: str) -> None:
+        super().__init__("the device is still busy with an earlier boot that timed out")
+        self.target = target
+
+
+class BootAbandoned(Exception):
+    """The boot was given up on while it waited for the device, so it must not open it."""
+
+    def __init__(self, *, target: str) -> None:
+        super().__init__("boot abandoned before the device was free")
+        self.target = target
 
 
 def _read_features(device: Any) -> CameraFeatures:
@@ -59,10 +76,10 @@ _probe_lock: Final = threading.Lock()
 
 
 @contextlib.contextmanager
-def exclusive(lock: threading.Lock, timeout: float) -> Iterator[None]:
-    """Hold `lock`, or fail like a device error when a thread we gave up on still holds it."""
+def _exclusive(lock: threading.Lock, timeout: float, *, target: str) -> Iterator[None]:
+    """Hold `lock`, or raise DeviceBusy when a thread we gave up on still holds it."""
     if not lock.acquire(timeout=timeout):
-        raise RuntimeError("the device is still busy with an earlier boot that timed out")
+        raise DeviceBusy(target=target)
     try:
         yield
     finally:
@@ -71,16 +88,22 @@ def exclusive(lock: threading.Lock, timeout: float) -> Iterator[None]:
 
 def probe(target: str, timeout: float) -> tuple[str, str, CameraFeatures]:
     """Boot a device without a pipeline; return its mxid, product name and features."""
-    with exclusive(_probe_lock, timeout), dai.Device(dai.DeviceInfo(target)) as device:
+    with (
+        _exclusive(_probe_lock, timeout, target=target),
+        dai.Device(dai.DeviceInfo(target)) as device,
+    ):
         return str(device.getMxId()), str(device.getProductName()), _read_features(device)
 
 
 class Session:
     """An open device and its output queues."""
 
-    def __init__(self, device: Any, streams: Sequence[str], lock: threading.Lock) -> None:
+    def __init__(
+        self, device: Any, streams: Sequence[str], lock: threading.Lock, *, target: str
+    ) -> None:
         self.device = device
         self._lock = lock
+        self._target = target
         self.queues = {
             xlink_name(s): device.getOutputQueue(xlink_name(s), _HOST_QUEUE, blocking=False)
             for s in streams
@@ -95,20 +118,39 @@ class Session:
 
     def close(self) -> None:
         self.stop.set()
-        with exclusive(self._lock, CLOSE_TIMEOUT):
+        with _exclusive(self._lock, CLOSE_TIMEOUT, target=self._target):
             self.device.close()
 
 
 class Boot:
-    """Opens a session in a worker thread; one that opens after we gave up is closed there."""
+    """Boots a device with a pipeline in a worker thread; one that opens after we gave up
+    is closed there.
 
-    def __init__(self) -> None:
+    `device_lock` is the device's own, held by the thread inside `dai.Device(...)` or
+    `close()`: a boot we abandoned keeps it until depthai returns.
+    """
+
+    def __init__(
+        self,
+        pipeline: Any,
+        *,
+        target: str,
+        streams: Sequence[str],
+        device_lock: threading.Lock,
+        wait: float,
+    ) -> None:
+        self._pipeline = pipeline
+        self._target = target
+        self._streams = streams
+        self._device_lock = device_lock
+        self._wait = wait
         self._lock = threading.Lock()
         self._abandoned = False
         self._session: Session | None = None
 
-    def run(self, open_session: Callable[[], Session]) -> Session | None:
-        session = open_session()
+    def run(self) -> Session | None:
+        """Open the device; None when the boot was abandoned meanwhile (it is closed again)."""
+        session = self._open()
         with self._lock:
             if not self._abandoned:
                 self._session = session
@@ -127,3 +169,16 @@ class Boot:
             self._abandoned = True
             session, self._session = self._session, None
         return session
+
+    def _open(self) -> Session:
+        target, lock = self._target, self._device_lock
+        with _exclusive(lock, self._wait, target=target):
+            if self.abandoned:  # given up on while waiting for the device
+                raise BootAbandoned(target=target)
+            device = dai.Device(self._pipeline, dai.DeviceInfo(target))
+        try:
+            return Session(device, self._streams, lock, target=target)
+        except BaseException:
+            with _exclusive(lock, CLOSE_TIMEOUT, target=target):
+                device.close()
+            raise
