@@ -10,7 +10,6 @@ import structlog
 
 from agent.cameras import preflight
 from agent.cameras.base import Deployment
-from agent.cameras.features import features_of
 from agent.errors import (
     AgentError,
     CameraOffline,
@@ -156,7 +155,7 @@ class CommandHandler:
             deployment = await self._deployment(command, request_id)
             # refuse what cannot run before the camera is taken down for it
             preflight.check(
-                features_of(worker.camera),
+                worker.camera.features,
                 topic.stream,
                 deployment,
                 camera=topic.camera,

@@ -11,6 +11,7 @@ if TYPE_CHECKING:
     import numpy.typing as npt
     from anyio.abc import TaskStatus
 
+    from agent.cameras.features import CameraFeatures
     from agent.messages import NNConfig
     from agent.models import StoredModel
 
@@ -89,7 +90,12 @@ class Camera(Protocol):
     def name(self) -> str: ...
 
     @property
-    def streams(self) -> tuple[str, ...]: ...
+    def features(self) -> CameraFeatures:
+        """The sensors and stereo pairs an NN can be fed from."""
+
+    @property
+    def streams(self) -> tuple[str, ...]:
+        """`features.streams`: the streams an NN can be deployed to."""
 
     @property
     def present(self) -> bool: ...

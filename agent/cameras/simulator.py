@@ -41,7 +41,7 @@ class SimulatedCamera(Camera):
 
     def __init__(self, spec: CameraSpec) -> None:
         self._spec = spec
-        self.features = _features(spec)
+        self._features = _features(spec)
         self._present = True
         self._running: dict[str, Deployment] = {}
         self._booting = False
@@ -60,8 +60,12 @@ class SimulatedCamera(Camera):
         return self._spec.name or self._spec.mxid
 
     @property
+    def features(self) -> CameraFeatures:
+        return self._features
+
+    @property
     def streams(self) -> tuple[str, ...]:
-        return self.features.streams
+        return self._features.streams
 
     @property
     def present(self) -> bool:

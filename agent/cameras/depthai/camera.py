@@ -48,7 +48,7 @@ class DepthaiCamera(Camera):
     ) -> None:
         self._mxid = mxid
         self._name = name
-        self.features = features
+        self._features = features
         self.target = target  # what `dai.DeviceInfo` opens: mxid (USB) or IP address (PoE)
         self.unicast = unicast  # found by address: broadcast discovery may never list it
         self._settings = settings
@@ -79,8 +79,12 @@ class DepthaiCamera(Camera):
         return self._name
 
     @property
+    def features(self) -> CameraFeatures:
+        return self._features
+
+    @property
     def streams(self) -> tuple[str, ...]:
-        return self.features.streams
+        return self._features.streams
 
     @property
     def present(self) -> bool:
@@ -118,7 +122,7 @@ class DepthaiCamera(Camera):
                 return  # a camera running nothing needs no boot
             try:
                 pipeline = await anyio.to_thread.run_sync(
-                    build_pipeline, self.features, nn_set, limiter=self._limiter
+                    build_pipeline, self._features, nn_set, limiter=self._limiter
                 )
             except (RuntimeError, ValueError, KeyError) as exc:
                 raise DeployFailed(f"cannot build the pipeline: {exc}") from exc
