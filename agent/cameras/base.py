@@ -12,7 +12,7 @@ if TYPE_CHECKING:
     from anyio.abc import TaskStatus
 
     from agent.cameras.features import CameraFeatures
-    from agent.messages import NNConfig
+    from agent.messages import CameraStats, NNConfig
     from agent.models import StoredModel
 
 __all__ = [
@@ -99,6 +99,10 @@ class Camera(Protocol):
 
     @property
     def present(self) -> bool: ...
+
+    @property
+    def stats(self) -> CameraStats:
+        """The camera's counters as they stand now (cheap: read on every status publish)."""
 
     async def apply(self, nn_set: NNSet) -> None:
         """Restart the camera running exactly `nn_set`.

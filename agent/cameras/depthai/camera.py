@@ -15,6 +15,7 @@ from agent.cameras.depthai.device import CLOSE_TIMEOUT, Boot, DeviceBusy, Sessio
 from agent.cameras.depthai.outputs import to_output
 from agent.cameras.pipeline import build_pipeline, stream_of
 from agent.errors import CameraOffline, DeployFailed
+from agent.messages import CameraStats
 
 if TYPE_CHECKING:
     from anyio.abc import TaskGroup, TaskStatus
@@ -66,8 +67,9 @@ class DepthaiCamera(Camera):
         self._lost_error: str | None = None
         self._send, self._receive = anyio.create_memory_object_stream[Output](_OUTPUT_BUFFER)
         self._tg: TaskGroup | None = None
-        self.dropped = 0
-        self.unreadable = 0
+        self._outputs = 0
+        self._dropped = 0
+        self._unreadable = 0  # counted in the reader thread
         self.boots = 0
 
     @property
@@ -89,6 +91,12 @@ class DepthaiCamera(Camera):
     @property
     def present(self) -> bool:
         return self._present
+
+    @property
+    def stats(self) -> CameraStats:
+        return CameraStats(
+            outputs=self._outputs, dropped=self._dropped, unreadable=self._unreadable
+        )
 
     # --- presence, driven by discovery and by the reader ---------------------------------
 
@@ -241,8 +249,8 @@ class DepthaiCamera(Camera):
         try:
             return to_output(self._mxid, stream_of(name), message)
         except Exception:
-            self.unreadable += 1
-            if self.unreadable & (self.unreadable - 1) == 0:  # log at powers of two
+            self._unreadable += 1
+            if self._unreadable & (self._unreadable - 1) == 0:  # log at powers of two
                 log.exception("camera output unreadable", camera=self._mxid, queue=name)
             return None
 
@@ -257,9 +265,9 @@ class DepthaiCamera(Camera):
             try:
                 self._send.send_nowait(output)
             except anyio.WouldBlock:
-                self.dropped += 1
-                if self.dropped & (self.dropped - 1) == 0:  # log at powers of two
-                    log.warning("camera outputs dropped", camera=self._mxid, dropped=self.dropped)
+                self._dropped += 1
+                if self._dropped & (self._dropped - 1) == 0:  # log at powers of two
+                    log.warning("camera outputs dropped", camera=self._mxid, dropped=self._dropped)
 
     # --- lifetime ------------------------------------------------------------------------
 
@@ -271,6 +279,7 @@ class DepthaiCamera(Camera):
                 task_status.started()
                 async for output in self._receive:
                     self._listener.on_output(output)
+                    self._outputs += 1
         finally:
             await self._close()  # shielded and time-bounded
 
