@@ -8,16 +8,15 @@ import time
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
 from functools import partial
+from importlib.metadata import version
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import anyio
-import depthai as dai
 import msgspec
 import structlog
 
 from agent import __version__
-from agent.cameras.depthai import DepthaiBackend
 from agent.cameras.simulator import SimulatorBackend
 from agent.commands import CommandHandler
 from agent.config import Config, DepthaiSection
@@ -83,6 +82,8 @@ class App:
 def _backend(config: Config) -> CameraBackend:
     if config.simulator is not None:
         return SimulatorBackend(config.simulator.cameras)
+    from agent.cameras.depthai import DepthaiBackend  # noqa: PLC0415  # only for real cameras
+
     return DepthaiBackend(config.depthai or DepthaiSection())
 
 
@@ -90,10 +91,10 @@ def _info(config: Config, backend: CameraBackend, started_at: float) -> Info:
     return Info(
         agent_id=config.agent.id,
         version=__version__,
-        depthai_version=dai.__version__,
+        depthai_version=version("depthai"),
         backend=backend.name,
         cameras=tuple(
-            InfoCamera(mxid=c.mxid, name=c.name, streams=c.streams)
+            InfoCamera(mxid=c.mxid, name=c.name, streams=c.streams, stats=c.stats)
             for c in backend.cameras.values()
         ),
         started_at=started_at,

@@ -11,7 +11,6 @@ from typing import Annotated, Literal
 import msgspec
 from msgspec import Meta
 
-from agent.cameras.depthai_config import DepthaiSection
 from agent.topics import MXID_RE
 
 __all__ = [
@@ -21,17 +20,21 @@ __all__ = [
     "ConfigError",
     "DepthaiSection",
     "MqttSection",
+    "SensorKind",
     "SimulatedCamera",
     "SimulatorSection",
     "load_config",
 ]
 
 AgentId = Annotated[str, Meta(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9._-]+$")]
-Mxid = Annotated[str, Meta(min_length=1, max_length=64, pattern=r"^[A-Z0-9]+$")]
+Mxid = Annotated[str, Meta(pattern=f"^{MXID_RE.pattern}$")]
 SensorSocket = Annotated[str, Meta(pattern=r"^CAM_[A-H]$")]
 TopicLevel = Annotated[str, Meta(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9._-]+$")]
 Port = Annotated[int, Meta(ge=1, le=65535)]
 Seconds = Annotated[float, Meta(ge=0.0, le=3600.0)]
+# how long to wait for something before giving up: never zero
+Timeout = Annotated[float, Meta(gt=0.0, le=3600.0)]
+SensorKind = Literal["color", "mono"]
 
 
 class ConfigError(Exception):
@@ -84,7 +87,7 @@ class BrokerSection(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 class SimulatedCamera(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     mxid: Mxid
     name: str = ""
-    sensors: dict[SensorSocket, Literal["color", "mono"]] = msgspec.field(
+    sensors: dict[SensorSocket, SensorKind] = msgspec.field(
         default_factory=lambda: {"CAM_A": "color", "CAM_B": "mono", "CAM_C": "mono"}
     )
     stereo: tuple[tuple[SensorSocket, SensorSocket], ...] = ()
@@ -96,6 +99,23 @@ class SimulatedCamera(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 
 class SimulatorSection(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     cameras: tuple[SimulatedCamera, ...] = ()
+
+
+class DepthaiSection(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    enabled: bool = True
+    # mxids to drive; empty drives every camera found
+    allow: tuple[Mxid, ...] = ()
+    # mxid -> display name
+    names: dict[Mxid, str] = {}
+    # PoE cameras outside the broadcast domain, probed by address
+    poe_addresses: tuple[str, ...] = ()
+    # one attempt to open the device with the pipeline
+    boot_timeout: Timeout = 30.0
+    # after booting, every NN must produce one output within this
+    first_output_timeout: Timeout = 20.0
+    boot_retries: Annotated[int, Meta(ge=1, le=20)] = 3
+    # seconds between discovery scans (each costs a ~0.5 s subprocess)
+    discovery_interval: Annotated[float, Meta(ge=1.0, le=3600.0)] = 5.0
 
 
 class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -125,8 +145,6 @@ def _check(config: Config) -> None:
         where = f"simulator.cameras[{camera.mxid}]"
         if camera.mxid in seen:
             raise ConfigError(f"{where}: duplicate mxid")
-        if not MXID_RE.fullmatch(camera.mxid):
-            raise ConfigError(f"{where}: mxid must match [A-Z0-9]{{1,64}}")
         seen.add(camera.mxid)
         if not camera.sensors:
             raise ConfigError(f"{where}.sensors: at least one sensor is required")

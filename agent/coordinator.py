@@ -10,7 +10,6 @@ import structlog
 
 from agent.cameras import preflight
 from agent.cameras.base import Deployment
-from agent.cameras.features import features_of
 from agent.errors import (
     AgentError,
     Interrupted,
@@ -227,7 +226,7 @@ class Coordinator:
         """Raise IncompatibleModel when `deployment` cannot run there beside what runs now."""
         worker = self.workers[camera]
         preflight.check(
-            features_of(worker.camera),
+            worker.camera.features,
             stream,
             deployment,
             camera=camera,

@@ -28,6 +28,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "AgentErrorEvent",
+    "CameraStats",
     "CameraStatus",
     "Command",
     "DeleteCommand",
@@ -313,6 +314,17 @@ class NNSummary(msgspec.Struct, frozen=True, omit_defaults=True):
     model_name: str | None = None
 
 
+class CameraStats(msgspec.Struct, frozen=True):
+    """A camera's counters since the agent started; published as they stood, never alone."""
+
+    # NN results the camera handed on to be published
+    outputs: int = 0
+    # results dropped before that because the agent fell behind reading them
+    dropped: int = 0
+    # device messages skipped because they could not be read as a result
+    unreadable: int = 0
+
+
 class CameraStatus(msgspec.Struct, frozen=True):
     state: CameraStateName
     name: str
@@ -321,12 +333,15 @@ class CameraStatus(msgspec.Struct, frozen=True):
     restarts: int
     last_error: ErrorInfo | None = None
     updated_at: float = 0.0
+    # filled when the status is published; a change of counters alone publishes nothing
+    stats: CameraStats = CameraStats()
 
 
 class InfoCamera(msgspec.Struct, frozen=True):
     mxid: str
     name: str
     streams: tuple[str, ...]
+    stats: CameraStats = CameraStats()
 
 
 class Info(msgspec.Struct, frozen=True):

@@ -423,7 +423,9 @@ class CameraWorker:
         )
         if camera != self._published_camera:
             self._published_camera = camera
-            self._reporter.camera_status(self.mxid, _stamped(camera, now))
+            self._reporter.camera_status(
+                self.mxid, msgspec.structs.replace(_stamped(camera, now), stats=self.camera.stats)
+            )
             self._reporter.camera_availability(self.mxid, self.state != "offline")
 
 

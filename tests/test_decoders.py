@@ -189,6 +189,23 @@ def test_config_unknown_key_is_named(tmp_path: Any) -> None:
         load_config(path)
 
 
+@pytest.mark.parametrize("mxid", ["abc", "", "A" * 65, "14442C10-D13"])
+def test_config_refuses_a_bad_mxid_wherever_one_is_given(tmp_path: Any, mxid: str) -> None:
+    # the Struct's pattern is the only check: MXID_RE, as the topics use it
+    path = tmp_path / "agent.toml"
+    path.write_text(f'[[simulator.cameras]]\nmxid = "{mxid}"\n')
+    with pytest.raises(ConfigError, match=r"simulator.cameras\[0\].mxid"):
+        load_config(path)
+    path.write_text(f'[depthai]\nallow = ["{mxid}"]\n')
+    with pytest.raises(ConfigError, match=r"depthai.allow\[0\]"):
+        load_config(path)
+    path.write_text(f'[depthai.names]\n"{mxid}" = "front"\n')
+    with pytest.raises(ConfigError, match=r"depthai.names"):
+        load_config(path)
+    path.write_text('[depthai]\nallow = ["14442C10D13EABCE00"]\n')
+    assert load_config(path).depthai is not None
+
+
 # --- hostile input (issue 15) ------------------------------------------------------------
 
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import hashlib
+import subprocess
+import sys
 from typing import TYPE_CHECKING, Any
 
 import pytest
@@ -92,6 +94,30 @@ async def test_deploy_follow_detect_delete(
         assert app.coordinator.workers[CAM2].restarts == 0
 
 
+async def test_camera_status_carries_the_counters_without_publishing_more(
+    broker: Broker, tmp_path: Path, own_blobs: dict[str, Path]
+) -> None:
+    config = make_config(broker, tmp_path)
+    async with agent_and_observer(broker, config) as (_, obs):
+        topic = obs.topics.camera_status(CAM1)
+        first = await obs.wait_for(lambda: obs.latest_json(topic))
+        assert first["stats"] == {"outputs": 0, "dropped": 0, "unreadable": 0}
+        await obs.deploy(CAM1, "CAM_A", _body("c1", own_blobs["ssd_tiny"], MOBILENET))
+        assert (await obs.outcome("c1")).state == "succeeded"
+        await obs.wait_for(lambda: obs.latest_json(topic)["state"] == "online")
+        published = len(obs.on(topic))
+        await obs.wait_for(lambda: len(obs.detections(CAM1, "CAM_A")) >= 10)
+        # a counter going up is no change: the status goes out when something else changes
+        assert len(obs.on(topic)) == published
+        seen = len(obs.detections(CAM1, "CAM_A"))
+        await obs.delete(CAM1, "CAM_A", {"request_id": "c2"})
+        assert (await obs.outcome("c2")).state == "succeeded"
+        await obs.wait_for(lambda: len(obs.on(topic)) > published)
+        stats = obs.latest_json(topic)["stats"]
+        assert stats["outputs"] >= seen > 0
+        assert (stats["dropped"], stats["unreadable"]) == (0, 0)
+
+
 async def test_deploy_on_wheel_blob_generic(
     broker: Broker, tmp_path: Path, wheel_blobs: dict[str, Path]
 ) -> None:
@@ -144,6 +170,20 @@ async def test_deploy_by_sha256_of_stored_model(
         assert app.coordinator.workers[CAM2].running["CAM_A"].model.sha256 == sha
 
 
+def test_the_agent_loads_the_depthai_backend_only_for_real_cameras() -> None:
+    # depthai itself stays loaded: agent.models parses blobs with it, for the simulator too
+    code = (
+        "import sys, agent.app\n"
+        "loaded = [m for m in sys.modules if m.startswith(('agent.cameras.depthai', "
+        "'agent.cameras.pipeline'))]\n"
+        "assert not loaded, loaded\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert result.returncode == 0, result.stderr
+
+
 async def test_agent_info_and_availability(broker: Broker, tmp_path: Path) -> None:
     config = make_config(broker, tmp_path)
     async with agent_and_observer(broker, config) as (_, obs):
@@ -152,6 +192,7 @@ async def test_agent_info_and_availability(broker: Broker, tmp_path: Path) -> No
         assert [c["mxid"] for c in info["cameras"]] == [CAM1, CAM2]
         assert info["cameras"][0]["streams"] == ["CAM_A", "CAM_B", "CAM_C", "DEPTH_B_C"]
         assert info["depthai_version"].startswith("2.")
+        assert info["cameras"][0]["stats"] == {"outputs": 0, "dropped": 0, "unreadable": 0}
         availability = [obs.topics.camera_availability(m) for m in (CAM1, CAM2)]
         await obs.wait_for(lambda: all(obs.latest(t) == b"online" for t in availability))
         retained = [m for m in obs.messages if m.topic == obs.topics.availability]

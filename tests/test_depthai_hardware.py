@@ -8,7 +8,7 @@ import pytest
 
 from agent.cameras.base import Deployment, Output
 from agent.cameras.depthai import DepthaiBackend
-from agent.cameras.depthai_config import DepthaiSection
+from agent.config import DepthaiSection
 from agent.messages import GenericConfig, YoloConfig, YoloOptions
 from tests.hardware import DEVICES, NO_DEVICE
 from tests.test_pipeline import YOLO_ANCHORS, YOLO_MASKS, model

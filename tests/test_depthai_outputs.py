@@ -9,7 +9,7 @@ import numpy as np
 
 from agent.cameras.base import Camera, CameraBackend
 from agent.cameras.depthai import DepthaiBackend, DepthaiCamera, read_layers
-from agent.cameras.depthai_config import DepthaiSection
+from agent.config import DepthaiSection
 
 if TYPE_CHECKING:
     from collections.abc import Mapping

@@ -335,4 +335,3 @@ def test_unknown_stream_is_a_key_error() -> None:
 
 def test_features_list_streams_like_the_simulator() -> None:
     assert OAK_D.streams == ("CAM_A", "CAM_B", "CAM_C", "DEPTH_B_C")
-    assert CameraFeatures.from_streams(OAK_D.streams).stereo == OAK_D.stereo

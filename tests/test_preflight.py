@@ -9,7 +9,7 @@ import depthai as dai
 import pytest
 
 from agent.cameras.base import Deployment
-from agent.cameras.features import CameraFeatures, features_of
+from agent.cameras.features import CameraFeatures, Sensor
 from agent.cameras.preflight import SUPPORTED_OPENVINO, blob_versions_compatible, check
 from agent.cameras.simulator import SimulatedCamera
 from agent.config import SimulatedCamera as CameraSpec
@@ -212,15 +212,15 @@ def test_version_compatibility_matches_depthai() -> None:
         assert blob_versions_compatible(*names) == expected, names
 
 
-def test_features_of_a_simulated_camera_come_from_its_streams() -> None:
-    camera = SimulatedCamera(CameraSpec(mxid="SIM1", stereo=(("CAM_B", "CAM_C"),)))
-    features = features_of(camera)
-    assert features.streams == camera.streams
-    check(features, "DEPTH_B_C", yolo())
-
-
-def test_from_streams_needs_no_sensor_kinds() -> None:
-    features = CameraFeatures.from_streams(("CAM_A",))
-    check(features, "CAM_A", generic())
+def test_a_simulated_camera_has_the_features_of_its_spec() -> None:
+    spec = CameraSpec(
+        mxid="SIM1", sensors={"CAM_A": "color", "CAM_B": "mono"}, stereo=(("CAM_A", "CAM_B"),)
+    )
+    features = SimulatedCamera(spec).features
+    assert features == CameraFeatures(
+        {"CAM_A": Sensor("color"), "CAM_B": Sensor("mono")}, (("CAM_A", "CAM_B"),)
+    )
+    assert features.streams == SimulatedCamera(spec).streams == ("CAM_A", "CAM_B", "DEPTH_A_B")
+    check(features, "DEPTH_A_B", yolo())
     with pytest.raises(UnknownStream):
-        check(features, "CAM_B", generic())
+        check(features, "CAM_C", generic())

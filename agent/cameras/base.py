@@ -11,7 +11,8 @@ if TYPE_CHECKING:
     import numpy.typing as npt
     from anyio.abc import TaskStatus
 
-    from agent.messages import NNConfig
+    from agent.cameras.features import CameraFeatures
+    from agent.messages import CameraStats, NNConfig
     from agent.models import StoredModel
 
 __all__ = [
@@ -89,10 +90,19 @@ class Camera(Protocol):
     def name(self) -> str: ...
 
     @property
-    def streams(self) -> tuple[str, ...]: ...
+    def features(self) -> CameraFeatures:
+        """The sensors and stereo pairs an NN can be fed from."""
+
+    @property
+    def streams(self) -> tuple[str, ...]:
+        """`features.streams`: the streams an NN can be deployed to."""
 
     @property
     def present(self) -> bool: ...
+
+    @property
+    def stats(self) -> CameraStats:
+        """The camera's counters as they stand now (cheap: read on every status publish)."""
 
     async def apply(self, nn_set: NNSet) -> None:
         """Restart the camera running exactly `nn_set`.

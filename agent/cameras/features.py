@@ -3,18 +3,16 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING
 
 from agent.topics import is_depth_stream
 
 if TYPE_CHECKING:
     from collections.abc import Mapping
 
-    from agent.cameras.base import Camera
+    from agent.config import SensorKind
 
-__all__ = ["CameraFeatures", "Sensor", "SensorKind", "features_of"]
-
-SensorKind = Literal["color", "mono"]
+__all__ = ["CameraFeatures", "Sensor"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,23 +45,3 @@ class CameraFeatures:
     def image_socket(self, stream: str) -> str:
         """The socket whose frames an NN on `stream` sees: the left one for DEPTH streams."""
         return self.pair(stream)[0] if is_depth_stream(stream) else stream
-
-    @classmethod
-    def from_streams(cls, streams: tuple[str, ...]) -> CameraFeatures:
-        """Features implied by stream names alone; sensor kinds are unknown and set to colour.
-
-        Enough for pre-flight checks, which do not depend on the sensor kind.
-        """
-        sensors = {s: Sensor("color") for s in streams if not is_depth_stream(s)}
-        stereo = tuple(
-            (f"CAM_{s[6]}", f"CAM_{s[8]}") for s in streams if is_depth_stream(s) and len(s) == 9
-        )
-        return cls(sensors, stereo)
-
-
-def features_of(camera: Camera) -> CameraFeatures:
-    """The camera's features when its backend knows them, else those its streams imply."""
-    features = getattr(camera, "features", None)
-    if isinstance(features, CameraFeatures):
-        return features
-    return CameraFeatures.from_streams(camera.streams)

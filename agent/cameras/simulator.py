@@ -14,7 +14,7 @@ import structlog
 from agent.cameras.base import Camera, CameraListener, Deployment, NNSet, Output, RawLayer
 from agent.cameras.features import CameraFeatures, Sensor
 from agent.errors import CameraOffline, DeployFailed
-from agent.messages import MobileNetConfig, YoloConfig
+from agent.messages import CameraStats, MobileNetConfig, YoloConfig
 from agent.topics import is_depth_stream
 
 if TYPE_CHECKING:
@@ -41,7 +41,7 @@ class SimulatedCamera(Camera):
 
     def __init__(self, spec: CameraSpec) -> None:
         self._spec = spec
-        self.features = _features(spec)
+        self._features = _features(spec)
         self._present = True
         self._running: dict[str, Deployment] = {}
         self._booting = False
@@ -49,6 +49,7 @@ class SimulatedCamera(Camera):
         self._changed = anyio.Event()
         self._unplugged = anyio.Event()
         self._listener: CameraListener | None = None
+        self._outputs = 0
         self.boots = 0
 
     @property
@@ -60,12 +61,20 @@ class SimulatedCamera(Camera):
         return self._spec.name or self._spec.mxid
 
     @property
+    def features(self) -> CameraFeatures:
+        return self._features
+
+    @property
     def streams(self) -> tuple[str, ...]:
-        return self.features.streams
+        return self._features.streams
 
     @property
     def present(self) -> bool:
         return self._present
+
+    @property
+    def stats(self) -> CameraStats:
+        return CameraStats(outputs=self._outputs)
 
     async def apply(self, nn_set: NNSet) -> None:
         if not self._present:
@@ -143,6 +152,7 @@ class SimulatedCamera(Camera):
         while True:
             seq += 1
             listener.on_output(make(seq, time.monotonic() - start))
+            self._outputs += 1
             delay = start + seq * period - time.monotonic()
             if delay > 0:
                 await anyio.sleep(delay)
