@@ -9,7 +9,6 @@ import anyio
 import structlog
 
 from agent.cameras import preflight
-from agent.cameras.base import Deployment
 from agent.errors import (
     AgentError,
     Interrupted,
@@ -22,12 +21,7 @@ from agent.errors import (
 )
 from agent.messages import Event
 from agent.requests import Request, RequestLog
-from agent.state import (
-    CameraState,
-    StateDocument,
-    StoredDeployment,
-    StoredRequest,
-)
+from agent.state import CameraState, StateDocument, StoredRequest
 from agent.topics import MXID_RE, STREAM_RE
 from agent.worker import CameraWorker
 
@@ -36,11 +30,11 @@ if TYPE_CHECKING:
 
     from anyio.abc import TaskGroup, TaskStatus
 
-    from agent.cameras.base import Camera
+    from agent.cameras.base import Camera, Deployment
     from agent.messages import ReplyTo
     from agent.models import ModelStore
     from agent.reporter import Reporter
-    from agent.state import StateFile
+    from agent.state import StateFile, StoredDeployment
     from agent.topics import Topics
 
 __all__ = ["Coordinator"]
@@ -50,17 +44,6 @@ log = structlog.get_logger(__name__)
 _RETRY_WRITE_SECONDS: Final = 5.0
 _FINAL_WRITE_SECONDS: Final = 3.0
 _PRUNE_EVERY_SECONDS: Final = 60.0
-
-
-def _stored(deployment: Deployment) -> StoredDeployment:
-    return StoredDeployment(
-        sha256=deployment.model.sha256,
-        size=deployment.model.size,
-        nn_config=deployment.nn_config,
-        labels=deployment.labels,
-        model_name=deployment.model_name,
-        request_id=deployment.request_id,
-    )
 
 
 class Coordinator:
@@ -179,13 +162,7 @@ class Coordinator:
                 log.error("model missing from the store", camera=camera, stream=stream)  # noqa: TRY400
                 self._reporter.agent_error(exc, context=f"cannot restore {camera}/{stream}")
                 continue
-            resolved[stream] = Deployment(
-                model=model,
-                nn_config=item.nn_config,
-                labels=item.labels,
-                model_name=item.model_name,
-                request_id=item.request_id,
-            )
+            resolved[stream] = item.deployment(model)
         return resolved
 
     # --- cameras -------------------------------------------------------------------------
@@ -305,10 +282,7 @@ class Coordinator:
         for mxid, worker in self.workers.items():
             if mxid in self._saved:  # not restored yet
                 continue
-            cameras[mxid] = CameraState(
-                desired={s: _stored(d) for s, d in worker.desired().items()},
-                last_good={s: _stored(d) for s, d in worker.last_good().items()},
-            )
+            cameras[mxid] = CameraState.of(worker.desired(), worker.last_good())
             in_flight.extend(worker.in_flight())
         outcomes = []
         for request in self.requests:
@@ -320,19 +294,14 @@ class Coordinator:
                 outcomes.append(request.last)
         return StateDocument(
             cameras=cameras,
-            in_flight=tuple(_unfinished(r) for r in in_flight),
+            in_flight=tuple(StoredRequest.of(r) for r in in_flight),
             outcomes=tuple(outcomes),
         )
 
     def referenced_models(self) -> set[str]:
         document = self.snapshot()
         staged = {d.model.sha256 for w in self.workers.values() for d in w.staged_deployments()}
-        return staged | {
-            item.sha256
-            for camera in document.cameras.values()
-            for items in (camera.desired, camera.last_good)
-            for item in items.values()
-        }
+        return staged | document.models()
 
     async def persist(self) -> None:
         """Have the state written; return once a write that starts after this call is done.
@@ -482,13 +451,3 @@ class Coordinator:
 def _tell(callbacks: list[Callable[[], None]]) -> None:
     for then in callbacks:
         then()
-
-
-def _unfinished(request: Request) -> StoredRequest:
-    return StoredRequest(
-        request_id=request.id,
-        action=request.action,
-        camera=request.camera,
-        stream=request.stream,
-        replies=tuple(request.replies),
-    )

@@ -18,14 +18,18 @@ import anyio
 import msgspec
 import structlog
 
+from agent.cameras.base import Deployment
 from agent.errors import clip
 from agent.limits import json_problem
 from agent.messages import Event, NNConfig, ReplyTo
 from agent.vocab import Action
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
+    from collections.abc import Callable, Mapping
     from pathlib import Path
+
+    from agent.models import StoredModel
+    from agent.requests import Request
 
 __all__ = [
     "CameraState",
@@ -54,12 +58,35 @@ def make_private_folder(folder: Path) -> None:
 
 
 class StoredDeployment(msgspec.Struct, frozen=True):
+    """A `Deployment` as stored: its model named by sha256 (the store has the blob)."""
+
     sha256: str
     size: int
     nn_config: NNConfig
     labels: tuple[str, ...] | None = None
     model_name: str | None = None
     request_id: str = ""
+
+    @classmethod
+    def of(cls, deployment: Deployment) -> StoredDeployment:
+        return cls(
+            sha256=deployment.model.sha256,
+            size=deployment.model.size,
+            nn_config=deployment.nn_config,
+            labels=deployment.labels,
+            model_name=deployment.model_name,
+            request_id=deployment.request_id,
+        )
+
+    def deployment(self, model: StoredModel) -> Deployment:
+        """The deployment again, with its model found in the store."""
+        return Deployment(
+            model=model,
+            nn_config=self.nn_config,
+            labels=self.labels,
+            model_name=self.model_name,
+            request_id=self.request_id,
+        )
 
 
 class StoredRequest(msgspec.Struct, frozen=True):
@@ -71,12 +98,31 @@ class StoredRequest(msgspec.Struct, frozen=True):
     stream: str
     replies: tuple[ReplyTo, ...] = ()
 
+    @classmethod
+    def of(cls, request: Request) -> StoredRequest:
+        return cls(
+            request_id=request.id,
+            action=request.action,
+            camera=request.camera,
+            stream=request.stream,
+            replies=tuple(request.replies),
+        )
+
 
 class CameraState(msgspec.Struct, frozen=True):
     # what the camera should run once every accepted request is applied
     desired: dict[str, StoredDeployment] = {}
     # what the camera last ran successfully: the fallback when applying `desired` fails
     last_good: dict[str, StoredDeployment] = {}
+
+    @classmethod
+    def of(
+        cls, desired: Mapping[str, Deployment], last_good: Mapping[str, Deployment]
+    ) -> CameraState:
+        return cls(
+            desired={s: StoredDeployment.of(d) for s, d in desired.items()},
+            last_good={s: StoredDeployment.of(d) for s, d in last_good.items()},
+        )
 
 
 class StateDocument(msgspec.Struct, frozen=True):
@@ -86,6 +132,15 @@ class StateDocument(msgspec.Struct, frozen=True):
     in_flight: tuple[StoredRequest, ...] = ()
     # terminal events of recent requests, oldest first: duplicate detection across restarts
     outcomes: tuple[Event, ...] = ()
+
+    def models(self) -> set[str]:
+        """The sha256 of every model a camera's desired or last-good set names."""
+        return {
+            item.sha256
+            for camera in self.cameras.values()
+            for items in (camera.desired, camera.last_good)
+            for item in items.values()
+        }
 
 
 _encoder: Final = msgspec.json.Encoder()
