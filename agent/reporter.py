@@ -50,7 +50,6 @@ class Reporter:
         self._link = link
         self._topics = topics
         self._routes: dict[tuple[str, str], Route] = {}
-        self.outputs_unrouted = 0
 
     # --- retained state ------------------------------------------------------------------
 
@@ -95,7 +94,6 @@ class Reporter:
     def on_output(self, output: Output) -> None:
         route = self._routes.get((output.camera, output.stream))
         if route is None:  # a stream that is restarting or was just removed
-            self.outputs_unrouted += 1
             return
         if not self._link.has_room_for_detections:  # drop before paying for the encoding
             self._link.count_dropped_detection()
