@@ -1,8 +1,12 @@
-"""All camera workers, the record of requests, and the desired state they persist."""
+"""All camera workers, the record of requests, and the state writes that record them.
+
+The one place that turns what the steps of a request's life say (`agent.lifecycle`) into
+state writes and published events: a request is `accepted`, and its terminal event goes out,
+only once a state write records it.
+"""
 
 from __future__ import annotations
 
-import time
 from typing import TYPE_CHECKING, Final
 
 import anyio
@@ -11,6 +15,7 @@ import structlog
 from agent.cameras import preflight
 from agent.errors import (
     AgentError,
+    CameraOffline,
     Interrupted,
     ShuttingDown,
     StateUnreadable,
@@ -19,8 +24,7 @@ from agent.errors import (
     UnknownStream,
     error_info,
 )
-from agent.messages import Event
-from agent.requests import Request, RequestLog
+from agent.requests import Phase, Request, RequestLog
 from agent.state import CameraState, StateDocument, StoredRequest
 from agent.topics import MXID_RE, STREAM_RE
 from agent.worker import CameraWorker
@@ -31,9 +35,10 @@ if TYPE_CHECKING:
     from anyio.abc import TaskGroup, TaskStatus
 
     from agent.cameras.base import Camera, Deployment
-    from agent.messages import ReplyTo
+    from agent.messages import Event, ReplyTo
     from agent.models import ModelStore
     from agent.reporter import Reporter
+    from agent.requests import Notice
     from agent.state import StateFile, StoredDeployment
     from agent.topics import Topics
 
@@ -64,6 +69,7 @@ class Coordinator:
         self.workers: dict[str, CameraWorker] = {}
         self.requests = RequestLog()
         self._saved: dict[str, CameraState] = {}  # cameras not (yet) present in this run
+        self._recorded = StateDocument()  # the document last written, or read at start-up
         self._task_group: TaskGroup | None = None
         # False: each submit waits for its own write (only to measure the old way)
         self._group_writes = group_writes
@@ -72,8 +78,8 @@ class Coordinator:
         self._write_failing = False
         self._write_retry = anyio.Event()
         # events to publish once the next state write (which records them) is done
-        self._held: list[tuple[Event, Request]] = []
-        self._writing_held: list[tuple[Event, Request]] = []  # those of the write under way
+        self._held: list[Notice] = []
+        self._writing_held: list[Notice] = []  # those of the write under way
         # told once the next write / the write under way has recorded and answered its requests
         self._after_next_write: list[Callable[[], None]] = []
         self._after_this_write: list[Callable[[], None]] = []
@@ -88,39 +94,37 @@ class Coordinator:
         if problem is not None:
             log.error("state file unusable, starting empty", problem=problem)
             self._reporter.agent_error(StateUnreadable(problem))
+        self._recorded = document
         self._saved = dict(document.cameras)
         for outcome in document.outcomes:
-            self.requests.add(self._recorded(outcome))
+            self.requests.add(
+                Request(
+                    id=outcome.request_id,
+                    action=outcome.action,
+                    camera=outcome.camera,
+                    stream=outcome.stream,
+                    events=[outcome],
+                    phase=Phase.DONE,
+                )
+            )
         for stored in document.in_flight:
             self._interrupted(stored)
 
-    def _recorded(self, outcome: Event) -> Request:
-        return Request(
-            id=outcome.request_id,
-            action=outcome.action,
-            camera=outcome.camera,
-            stream=outcome.stream,
-            events=[outcome],
-        )
-
     def _interrupted(self, stored: StoredRequest) -> None:
+        request = Request(
+            id=stored.request_id,
+            action=stored.action,
+            camera=stored.camera,
+            stream=stored.stream,
+            replies=list(stored.replies),
+            phase=Phase.DONE,
+        )
         error = Interrupted(
             "the agent stopped before this request finished; the camera "
             "is brought to the accepted desired state after the restart"
         )
-        event = Event(
-            request_id=stored.request_id,
-            action=stored.action,
-            camera=stored.camera,
-            stream=stored.stream,
-            state="failed",
-            ts=time.time(),
-            error=error_info(error),
-        )
-        request = self._recorded(event)
-        request.replies = list(stored.replies)
         log.warning("interrupted request answered", request_id=stored.request_id)
-        self._hold(event, request)
+        self._held += request.say("failed", error=error_info(error))
         self.requests.add(request)
 
     async def _restore(self, worker: CameraWorker) -> None:
@@ -171,7 +175,7 @@ class Coordinator:
         worker = self.workers.get(camera.mxid)
         if worker is None:
             worker = CameraWorker(
-                camera, self._reporter, self._topics, changed=self.persist, hold=self._hold
+                camera, self._reporter, self._topics, changed=self.persist, announce=self._announce
             )
             self.workers[camera.mxid] = worker
             if self._task_group is not None:
@@ -237,13 +241,14 @@ class Coordinator:
         worker = self.workers[request.camera]
         # a request staged before the saved state is taken over would not be persisted
         await worker.restored.wait()
-        worker.check_accepting()
+        if not worker.camera.present:
+            raise CameraOffline(camera=request.camera)
         known = self.requests.get(request.id)
-        if known is not None and not known.events:  # the same id, still waiting for the write
+        if known is not None and known.phase is Phase.STAGED:  # the same id, not yet written
             known.replies.extend(r for r in request.replies if r not in known.replies)
             return
         self.requests.add(request)
-        worker.stage(request)
+        worker.slots.stage(request)
         if self._group_writes:
             self._write_wanted.set()
         else:  # one write per command, the next command waiting for it: the old way
@@ -255,9 +260,9 @@ class Coordinator:
         The MQTT link acknowledges a command only then: a crash before the state write that
         records it leaves the command unacknowledged, and the broker sends it again.
         """
-        if any(worker.has_unwritten() for worker in self.workers.values()):
+        if any(worker.slots.has_unwritten() for worker in self.workers.values()):
             self._after_next_write.append(then)
-        elif any(worker.has_staged() for worker in self.workers.values()):
+        elif any(worker.slots.has_staged() for worker in self.workers.values()):
             self._after_this_write.append(then)
         else:
             then()
@@ -266,8 +271,13 @@ class Coordinator:
         """Return once the coordinator stopped and its last state write is done."""
         await self._closed.wait()
 
-    def _hold(self, event: Event, request: Request) -> None:
-        self._held.append((event, request))
+    def _announce(self, said: list[Notice]) -> None:
+        """Publish what a step said; answers go out once the next state write records them."""
+        for notice in said:
+            if notice.event.terminal:
+                self._held.append(notice)
+            else:
+                self._reporter.event(notice.event, notice.request.replies)
 
     def is_held(self, event: Event) -> bool:
         """True while `event` waits for the state write that records it."""
@@ -275,23 +285,24 @@ class Coordinator:
 
     # --- persistence ---------------------------------------------------------------------
 
-    def snapshot(self, *, final: bool = False) -> StateDocument:
+    def _document(self, *, final: bool = False) -> StateDocument:
         """The document to write; `final`: at shutdown, when held answers may not go out."""
         cameras = dict(self._saved)
         in_flight: list[Request] = []
         for mxid, worker in self.workers.items():
             if mxid in self._saved:  # not restored yet
                 continue
-            cameras[mxid] = CameraState.of(worker.desired(), worker.last_good())
-            in_flight.extend(worker.in_flight())
+            cameras[mxid] = CameraState.of(worker.slots.desired(), worker.slots.last_good())
+            in_flight.extend(worker.slots.in_flight())
         outcomes = []
         for request in self.requests:
-            if not request.done or request.last is None:
+            last = request.last
+            if last is None or not last.terminal:
                 continue
-            if final and self.is_held(request.last):
+            if final and self.is_held(last):
                 in_flight.append(request)  # answered `interrupted` after the restart
             else:
-                outcomes.append(request.last)
+                outcomes.append(last)
         return StateDocument(
             cameras=cameras,
             in_flight=tuple(StoredRequest.of(r) for r in in_flight),
@@ -299,9 +310,9 @@ class Coordinator:
         )
 
     def referenced_models(self) -> set[str]:
-        document = self.snapshot()
-        staged = {d.model.sha256 for w in self.workers.values() for d in w.staged_deployments()}
-        return staged | document.models()
+        """Models the state file names or a request holds: the store keeps them."""
+        held = (d for worker in self.workers.values() for d in worker.slots.deployments())
+        return self._recorded.models() | {d.model.sha256 for d in held}
 
     async def persist(self) -> None:
         """Have the state written; return once a write that starts after this call is done.
@@ -329,29 +340,36 @@ class Coordinator:
         wait (and are retried), so no answer is ever undone by a restart.
         """
         prepared: list[CameraWorker] = []
-        held = self._writing_held
+        accepted: list[Notice] = []  # what the requests this write takes in say
+        earlier: list[Notice] = []  # answers held for it
+        built: list[StateDocument] = []
 
-        def snapshot() -> StateDocument:
-            prepared.extend(w for w in self.workers.values() if w.prepare())
-            held.extend(self._held)  # what this snapshot records
+        def document() -> StateDocument:
+            for worker in self.workers.values():
+                accepted.extend(worker.slots.prepare())
+            prepared.extend(w for w in self.workers.values() if w.slots.in_write())
+            earlier.extend(self._held)
             self._held.clear()
+            self._writing_held = [*earlier, *accepted]  # what this document records
             self._after_this_write, self._after_next_write = self._after_next_write, []
-            return self.snapshot()
+            built.append(self._document())
+            return built[0]
 
         try:
-            await self._state.save(snapshot)
+            await self._state.save(document)
         except OSError as exc:
-            self._write_failed(exc, prepared, held)
-            _tell(self._take_told())  # refused, and told so
+            self._write_failed(exc, prepared, earlier)
+            _call(self._take_told())  # refused, and told so
             return
         finally:
             self._writing_held = []
+        self._recorded = built[0]
         told = self._take_told()
         for worker in prepared:
             worker.commit()
-        for event, request in held:
+        for event, request in (*earlier, *accepted):
             self._reporter.event(event, request.replies)
-        _tell(told)
+        _call(told)
         if self._write_failing:
             log.info("state write recovered", path=str(self._state.path))
             self._write_failing = False
@@ -360,12 +378,16 @@ class Coordinator:
         told, self._after_this_write = self._after_this_write, []
         return told
 
+    def _take_all_told(self) -> list[Callable[[], None]]:
+        told = [*self._after_this_write, *self._after_next_write]
+        self._after_this_write, self._after_next_write = [], []
+        return told
+
     def _write_failed(
-        self, exc: OSError, prepared: list[CameraWorker], held: list[tuple[Event, Request]]
+        self, exc: OSError, prepared: list[CameraWorker], earlier: list[Notice]
     ) -> None:
-        refused = [r for worker in prepared for r in worker.roll_back()]
-        # answers of finished requests wait for the next write that works
-        self._held[:0] = [(e, r) for e, r in held if any(x is e for x in r.events)]
+        refused = [r for worker in prepared for r in worker.slots.roll_back()]
+        self._held[:0] = earlier  # answers of finished requests wait for the next write that works
         reason = f"cannot write {self._state.path}: {exc.strerror or exc}"
         if not self._write_failing:  # once per spell; each refused command is told itself
             log.error(  # the reason is enough
@@ -382,36 +404,26 @@ class Coordinator:
         error = error_info(StateWriteFailed(f"{reason}; nothing was changed, send it again"))
         for request in refused:
             self.requests.discard(request)
-            event = Event(
-                request_id=request.id,
-                action=request.action,
-                camera=request.camera,
-                stream=request.stream,
-                state="rejected",
-                ts=time.time(),
-                error=error,
-            )
-            self._reporter.event(event, request.replies)
+            self._reporter.event(request.event("rejected", error=error), request.replies)
 
     async def _final_write(self) -> None:
         """At shutdown: record what was staged or held as unfinished (`interrupted` later)."""
         told: list[Callable[[], None]] = []
 
-        def snapshot() -> StateDocument:
-            # taken with the snapshot: what it records is what is told
-            told.extend((*self._after_this_write, *self._after_next_write))
-            self._after_this_write, self._after_next_write = [], []
-            return self.snapshot(final=True)
+        def document() -> StateDocument:
+            # taken with the document: what it records is what is told
+            told.extend(self._take_all_told())
+            return self._document(final=True)
 
-        if self._held or any(w.has_staged() for w in self.workers.values()):
+        if self._held or any(w.slots.has_staged() for w in self.workers.values()):
             try:
-                await self._state.save(snapshot)
+                await self._state.save(document)
             except OSError as exc:
                 log.error("state write failed at shutdown", error=str(exc))  # noqa: TRY400
                 return  # untold: their commands stay unacknowledged, and come again
-        else:
-            snapshot()  # nothing to record: every command handled so far is answered
-        _tell(told)  # recorded as unfinished: answered `interrupted` after the restart
+        else:  # nothing to record: every command handled so far is answered
+            told.extend(self._take_all_told())
+        _call(told)  # recorded as unfinished: answered `interrupted` after the restart
 
     async def _retry_writes(self) -> None:
         while True:
@@ -448,6 +460,6 @@ class Coordinator:
             self._closed.set()
 
 
-def _tell(callbacks: list[Callable[[], None]]) -> None:
+def _call(callbacks: list[Callable[[], None]]) -> None:
     for then in callbacks:
         then()

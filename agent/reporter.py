@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Final
 
 import numpy as np
@@ -22,34 +21,25 @@ from agent.messages import (
 )
 
 if TYPE_CHECKING:
-    from collections.abc import Iterable
+    from collections.abc import Iterable, Mapping
 
     from agent.cameras.base import Output
     from agent.errors import AgentError
     from agent.messages import ReplyTo
     from agent.mqtt import MqttLink
+    from agent.status import Route
     from agent.topics import Topics
 
-__all__ = ["Reporter", "Route"]
+__all__ = ["Reporter"]
 
 _SPATIAL_COLUMNS: Final = 9
-
-
-@dataclass(frozen=True, slots=True)
-class Route:
-    """Where and how the output of one running NN is published."""
-
-    topic: str
-    model_sha256: str
-    type: str
-    labels: tuple[str, ...] | None
 
 
 class Reporter:
     def __init__(self, link: MqttLink, topics: Topics) -> None:
         self._link = link
         self._topics = topics
-        self._routes: dict[tuple[str, str], Route] = {}
+        self._routes: dict[str, Mapping[str, Route]] = {}  # camera -> stream -> route
 
     # --- retained state ------------------------------------------------------------------
 
@@ -85,14 +75,13 @@ class Reporter:
 
     # --- detections ----------------------------------------------------------------------
 
-    def route(self, camera: str, stream: str, route: Route | None) -> None:
-        if route is None:
-            self._routes.pop((camera, stream), None)
-        else:
-            self._routes[(camera, stream)] = route
+    def routes(self, camera: str, routes: Mapping[str, Route]) -> None:
+        """Publish the output of `camera`'s streams as `routes` say; of the others, none."""
+        self._routes[camera] = routes
 
     def on_output(self, output: Output) -> None:
-        route = self._routes.get((output.camera, output.stream))
+        routes = self._routes.get(output.camera)
+        route = routes.get(output.stream) if routes is not None else None
         if route is None:  # a stream that is restarting or was just removed
             return
         if not self._link.has_room_for_detections:  # drop before paying for the encoding

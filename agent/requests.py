@@ -1,26 +1,48 @@
-"""Accepted requests and the bounded record of their outcomes."""
+"""A request, where it is in its life, what was said about it; and the bounded record of them."""
 
 from __future__ import annotations
 
+import enum
+import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING, Final, NamedTuple
+
+from agent.messages import Event
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
 
     from agent.cameras.base import Deployment
-    from agent.messages import Event, ReplyTo
-    from agent.vocab import Action
+    from agent.errors import ErrorInfo
+    from agent.messages import ReplyTo
+    from agent.vocab import Action, RequestState
 
-__all__ = ["Request", "RequestLog"]
+__all__ = ["Notice", "Phase", "Request", "RequestLog"]
 
 _SIZE: Final = 256
 
 
+class Phase(enum.Enum):
+    """Where a request is; `agent.lifecycle.Slots` moves it on, one phase at a time."""
+
+    STAGED = enum.auto()  # submitted: waits for the next state write
+    WRITING = enum.auto()  # in the state write under way, which is to record it
+    QUEUED = enum.auto()  # recorded: waits for the camera's next apply
+    APPLYING = enum.auto()  # in the camera's apply under way
+    DONE = enum.auto()  # finished, superseded or refused: nothing more happens to it
+
+
+class Notice(NamedTuple):
+    """An event to publish, and the request whose Response Topics it goes to as well."""
+
+    event: Event
+    request: Request
+
+
 @dataclass(eq=False)
 class Request:
-    """One accepted command and everything said about it."""
+    """One command for one stream and everything said about it."""
 
     id: str
     action: Action
@@ -31,6 +53,7 @@ class Request:
     events: list[Event] = field(default_factory=list)
     # restores an interrupted request's change after a restart; its answer was already sent
     silent: bool = False
+    phase: Phase = Phase.STAGED
 
     @property
     def last(self) -> Event | None:
@@ -39,6 +62,39 @@ class Request:
     @property
     def done(self) -> bool:
         return self.last is not None and self.last.terminal
+
+    def event(
+        self,
+        state: RequestState,
+        *,
+        error: ErrorInfo | None = None,
+        superseded_by: str | None = None,
+    ) -> Event:
+        """An event about this request, not recorded (see `say`)."""
+        return Event(
+            request_id=self.id,
+            action=self.action,
+            camera=self.camera,
+            stream=self.stream,
+            state=state,
+            ts=time.time(),
+            error=error,
+            superseded_by=superseded_by,
+        )
+
+    def say(
+        self,
+        state: RequestState,
+        *,
+        error: ErrorInfo | None = None,
+        superseded_by: str | None = None,
+    ) -> list[Notice]:
+        """Record the request's next event; return it to publish (nothing when silent)."""
+        if self.silent:
+            return []
+        event = self.event(state, error=error, superseded_by=superseded_by)
+        self.events.append(event)
+        return [Notice(event, self)]
 
 
 class RequestLog:

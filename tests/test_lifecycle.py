@@ -1,0 +1,283 @@
+"""The steps of a request's life on one camera's slots: pure, so without a camera or a loop."""
+
+from __future__ import annotations
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from agent.errors import CameraOffline, error_info
+from agent.lifecycle import Slots
+from agent.messages import YoloConfig, YoloOptions
+from agent.requests import Phase, Request
+from tests.requestgen import (
+    FAILED,
+    delete,
+    deploy,
+    deployment,
+    model,
+    running,
+    states,
+    written,
+)
+
+
+def test_a_deploy_is_accepted_by_the_write_then_applied() -> None:
+    slots = Slots()
+    slots.booted = True
+    request = deploy("r")
+    slots.stage(request)
+    phases = [request.phase]
+    assert (slots.has_unwritten(), slots.has_staged()) == (True, True)
+    assert slots.in_flight() == [request]  # only the last write at shutdown sees a staged one
+    assert states(slots.prepare()) == [("r", "accepted")]
+    phases.append(request.phase)
+    assert (slots.has_unwritten(), slots.in_write()) == (False, True)
+    assert slots.desired() == {"CAM_A": request.deployment}
+    assert slots.last_good() == {}
+    assert slots.commit()
+    phases.append(request.phase)
+    assert states(slots.start_apply()) == [("r", "applying")]
+    phases.append(request.phase)
+    assert slots.target() == {"CAM_A": request.deployment}
+    assert slots.running == {}
+    assert slots.in_flight() == [request]
+    assert states(slots.apply_succeeded()) == [("r", "succeeded")]
+    phases.append(request.phase)
+    assert phases == [Phase.STAGED, Phase.WRITING, Phase.QUEUED, Phase.APPLYING, Phase.DONE]
+    assert slots.running == {"CAM_A": request.deployment}
+    assert slots.in_flight() == []
+
+
+def test_labels_only_and_deleting_nothing_succeed_with_the_write() -> None:
+    slots = running()
+    relabel = deploy("relabel", labels=("person",))
+    nothing = delete("nothing", stream="CAM_B")
+    slots.stage(relabel)
+    slots.stage(nothing)
+    said = states(slots.prepare())
+    assert said == [
+        ("relabel", "accepted"),
+        ("relabel", "succeeded"),
+        ("nothing", "accepted"),
+        ("nothing", "succeeded"),
+    ]
+    assert slots.last_good() == {"CAM_A": relabel.deployment}  # recorded by the same write
+    assert slots.in_flight() == []
+    assert not slots.commit()  # nothing to apply
+    assert slots.running == {"CAM_A": relabel.deployment}
+    assert (relabel.phase, nothing.phase) == (Phase.DONE, Phase.DONE)
+
+
+def test_a_change_needs_an_apply_until_the_camera_booted_or_while_its_stream_applies() -> None:
+    slots = running()
+    slots.booted = False
+    assert written(slots, deploy("same")) == [("same", "accepted")]
+    slots.booted = True
+    slots.start_apply()
+    assert written(slots, deploy("again")) == [("again", "accepted")]  # waits for the apply
+
+
+def test_a_queued_request_is_superseded_by_a_later_one() -> None:
+    slots = running()
+    first, second = deploy("first", name="b"), deploy("second", name="c")
+    written(slots, first)
+    slots.stage(second)
+    said = slots.prepare()
+    assert states(said) == [("first", "superseded"), ("second", "accepted")]
+    assert said[0].event.superseded_by == "second"
+    assert first.phase is Phase.DONE
+    assert slots.desired() == {"CAM_A": second.deployment}
+    assert slots.in_flight() == [second]
+    slots.commit()
+    assert states(slots.start_apply()) == [("second", "applying")]
+
+
+def test_requests_for_one_stream_in_one_write_keep_the_last() -> None:
+    slots = running()
+    one, two = deploy("one", name="b"), deploy("two", name="c")
+    same = deploy("same", name="c")
+    said = written(slots, one, two)
+    assert said == [("one", "accepted"), ("one", "superseded"), ("two", "accepted")]
+    assert states(slots.start_apply()) == [("two", "applying")]
+    slots.apply_succeeded()
+    # back to what runs: the queued change is superseded and nothing restarts
+    written(slots, deploy("three", name="d"))
+    assert written(slots, same) == [
+        ("three", "superseded"),
+        ("same", "accepted"),
+        ("same", "succeeded"),
+    ]
+    assert not slots.has_queued()
+
+
+def test_an_apply_takes_the_queue_in_the_order_it_was_queued() -> None:
+    slots = running()
+    written(slots, deploy("b", stream="CAM_B"))
+    written(slots, deploy("a", name="b"))
+    written(slots, deploy("c", stream="CAM_C"))
+    written(slots, deploy("a2", name="c"))  # supersedes `a`: queued after `c`
+    assert states(slots.start_apply()) == [("b", "applying"), ("c", "applying"), ("a2", "applying")]
+    assert [r.id for r in slots.in_flight()] == ["b", "c", "a2"]
+    assert states(slots.apply_succeeded()) == [
+        ("b", "succeeded"),
+        ("c", "succeeded"),
+        ("a2", "succeeded"),
+    ]
+    # what runs keeps the order each stream started running in, as the state file lists it
+    assert list(slots.running) == ["CAM_A", "CAM_B", "CAM_C"]
+    written(slots, delete("gone"))
+    slots.start_apply()
+    slots.apply_succeeded()
+    written(slots, deploy("back"))
+    slots.start_apply()
+    slots.apply_succeeded()
+    assert list(slots.running) == ["CAM_B", "CAM_C", "CAM_A"]
+
+
+def test_a_failed_write_refuses_its_requests_and_queues_what_they_superseded() -> None:
+    slots = running()
+    queued = deploy("queued", name="b")
+    written(slots, queued)
+    later, settles = deploy("later", name="c"), deploy("settles", stream="CAM_B")
+    slots.stage(later)
+    slots.stage(deploy("last", name="d"))
+    slots.stage(settles)
+    slots.prepare()
+    refused = slots.roll_back()
+    assert [r.id for r in refused] == ["later", "last", "settles"]
+    assert all(r.events == [] and r.phase is Phase.DONE for r in refused)
+    assert [e.state for e in queued.events] == ["accepted"]  # its `superseded` never went out
+    assert queued.phase is Phase.QUEUED
+    assert slots.desired() == {"CAM_A": queued.deployment}
+    assert slots.in_flight() == [queued]
+    assert not slots.has_staged()
+
+
+def test_a_failed_apply_keeps_the_last_good_set() -> None:
+    slots = running()
+    bad = deploy("bad", name="b")
+    written(slots, bad)
+    slots.start_apply()
+    said = slots.apply_failed(FAILED)
+    assert states(said) == [("bad", "failed")]
+    assert said[0].event.error == FAILED
+    assert not slots.booted  # the camera runs nothing until the next apply
+    assert slots.running["CAM_A"].request_id == "old"  # what the rollback boots
+    slot = slots.get("CAM_A")
+    assert slot is not None
+    assert slot.failure is not None
+    assert slot.failure.request is bad
+    slots.start_apply()  # the rollback: nothing queued
+    assert slots.apply_succeeded() == []
+    assert slot.failure is not None  # until a request succeeds there
+
+
+def test_an_offline_camera_fails_what_is_queued() -> None:
+    slots = running()
+    queued = deploy("queued", name="b")
+    written(slots, queued)
+    offline = error_info(CameraOffline(camera="C"))
+    said = slots.fail_queued(offline)
+    assert states(said) == [("queued", "failed")]
+    assert said[0].event.error == offline
+    assert not slots.has_queued()
+
+
+def test_restored_changes_converge_silently() -> None:
+    slots = Slots()
+    old = deployment("old")
+    change = deploy("was-interrupted", name="b")
+    change.silent = True
+    slots.restore({"CAM_A": old}, [change])
+    assert slots.running == {"CAM_A": old}
+    assert slots.desired() == {"CAM_A": change.deployment}
+    assert slots.in_flight() == []  # already answered `interrupted`
+    assert slots.start_apply() == []
+    assert slots.apply_succeeded() == []
+    assert change.events == []
+    assert slots.running == {"CAM_A": change.deployment}
+
+
+def test_every_model_held_anywhere_is_named() -> None:
+    slots = running()
+    written(slots, deploy("applying", name="b"))
+    slots.start_apply()
+    written(slots, deploy("queued", name="c"))
+    slots.stage(deploy("writing", stream="CAM_B", name="d"))
+    slots.prepare()
+    slots.stage(deploy("staged", stream="CAM_C", name="e"))
+    names = {d.model.sha256 for d in slots.deployments()}
+    assert names == {model(m).sha256 for m in "abcde"}
+
+
+_streams = st.sampled_from(["CAM_A", "CAM_B"])
+_steps = st.lists(
+    st.one_of(
+        st.tuples(st.just("deploy"), _streams, st.sampled_from("abc")),
+        st.tuples(st.just("delete"), _streams, st.just("")),
+        st.tuples(st.sampled_from(["write", "fail_write", "apply", "fail_apply", "offline"])),
+    ),
+    max_size=30,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(_steps)
+def test_every_request_ends_once(steps: list[tuple[str, ...]]) -> None:
+    """Whatever happens, each request says at most one terminal event, and at most one
+    request waits per stream and phase; once written and applied, all have ended."""
+    slots = running()
+    requests: list[Request] = []
+    refused: set[str] = set()
+
+    def write(*, fail: bool = False) -> None:
+        slots.prepare()
+        if fail:
+            refused.update(r.id for r in slots.roll_back())
+        else:
+            slots.commit()
+
+    for n, (step, *args) in enumerate(steps):
+        match step:
+            case "deploy" | "delete":
+                stream, name = args
+                request = (
+                    deploy(f"r{n}", stream, name) if step == "deploy" else delete(f"r{n}", stream)
+                )
+                requests.append(request)
+                slots.stage(request)
+            case "write" | "fail_write":
+                write(fail=step == "fail_write")
+            case "apply":
+                slots.start_apply()
+                slots.apply_succeeded()
+                slots.booted = True
+            case "fail_apply":
+                slots.start_apply()
+                slots.apply_failed(FAILED)
+            case "offline":
+                slots.fail_queued(FAILED)
+        for request in requests:
+            assert len([e for e in request.events if e.terminal]) <= 1, request.events
+    write()
+    slots.booted = True
+    slots.start_apply()
+    slots.apply_succeeded()
+    for request in requests:
+        assert len([e for e in request.events if e.terminal]) <= 1, request.events
+        if request.id in refused:
+            assert request.events == []
+        else:
+            assert request.done, request.events
+            assert request.events[0].state == "accepted"
+            assert request.phase is Phase.DONE
+    assert slots.in_flight() == []
+    assert not slots.has_staged()
+
+
+def test_yolo_and_mobilenet_are_different_networks() -> None:
+    yolo = YoloConfig(nn_config=YoloOptions(num_classes=80))
+    slots = running()
+    request = deploy("yolo")
+    request.deployment = deployment("yolo", nn_config=yolo)
+    assert written(slots, request) == [("yolo", "accepted")]
