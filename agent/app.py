@@ -58,12 +58,9 @@ class _Listener:
         self._reporter.info(_info(self._config, self._backend, self._started_at))
 
     def on_presence(self, camera: str, present: bool) -> None:
-        worker = self._coordinator.workers.get(camera)
-        if worker is None:  # a camera that appeared while running
-            worker = self._coordinator.add_camera(self._backend.cameras[camera])
-            self.publish_info()
+        if self._coordinator.presence_changed(self._backend.cameras[camera]):
+            self.publish_info()  # a camera that appeared while running
         log.info("camera presence", camera=camera, present=present)
-        worker.presence_changed()
 
 
 @dataclass(frozen=True, slots=True)

@@ -182,6 +182,12 @@ class Coordinator:
                 self._start(self._task_group, worker)
         return worker
 
+    def presence_changed(self, camera: Camera) -> bool:
+        """The camera appeared or went away; True when it is new (adopted while running)."""
+        new = camera.mxid not in self.workers
+        self.add_camera(camera).presence_changed()
+        return new
+
     def _start(self, tg: TaskGroup, worker: CameraWorker) -> None:
         tg.start_soon(self._run_worker, worker, name=f"camera[{worker.mxid}].worker")
 
