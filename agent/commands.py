@@ -23,8 +23,10 @@ from agent.errors import (
 )
 from agent.messages import (
     DeleteCommand,
-    DeployCommand,
+    Deploy,
     Event,
+    ModelByHash,
+    ModelUpload,
     ReplyTo,
     decode_delete,
     decode_deploy,
@@ -38,7 +40,7 @@ if TYPE_CHECKING:
 
     from agent.cameras.simulator import SimulatorBackend
     from agent.coordinator import Coordinator
-    from agent.models import ModelStore
+    from agent.models import ModelStore, StoredModel
     from agent.reporter import Reporter
     from agent.topics import Topics
 
@@ -134,7 +136,7 @@ class CommandHandler:
             raise RetainedCommand
         if len(payload) > self._max_payload:
             raise PayloadTooLarge(size=len(payload), limit=self._max_payload)
-        command: DeployCommand | DeleteCommand = (
+        command: Deploy | DeleteCommand = (
             decode_deploy(payload) if topic.action == "deploy" else decode_delete(payload)
         )
         request_id = command.request_id or f"auto-{uuid.uuid4().hex}"
@@ -146,7 +148,7 @@ class CommandHandler:
             raise Expired(expires_at=command.expires_at, now=now)
         self._coordinator.check_target(topic.camera, topic.stream)
         deployment = None
-        if isinstance(command, DeployCommand):
+        if isinstance(command, Deploy):
             deployment = await self._deployment(command, request_id)
             # refuse what cannot run before the camera is taken down for it
             self._coordinator.check_runnable(topic.camera, topic.stream, deployment)
@@ -159,20 +161,22 @@ class CommandHandler:
             replies=[reply] if reply else [],
         )
 
-    async def _deployment(self, command: DeployCommand, request_id: str) -> Deployment:
-        if command.model is not None:
-            model = await self._store.put(command.model, expected_sha256=command.model_sha256)
-        else:
-            assert command.model_sha256 is not None  # decode_deploy guarantees one of them
-            model = await self._store.get(command.model_sha256)
-        assert not isinstance(command.nn_config, str)  # decode_deploy parsed it
+    async def _deployment(self, command: Deploy, request_id: str) -> Deployment:
         return Deployment(
-            model=model,
+            model=await self._model(command.model),
             nn_config=command.nn_config,
             labels=command.labels,
             model_name=command.model_name,
             request_id=request_id,
         )
+
+    async def _model(self, source: ModelUpload | ModelByHash) -> StoredModel:
+        """Hash, store and parse an uploaded model, or find a stored one."""
+        match source:
+            case ModelUpload(data=data, sha256=expected):
+                return await self._store.put(data, expected_sha256=expected)
+            case ModelByHash(sha256=sha256):
+                return await self._store.get(sha256)
 
     def _reject(
         self, topic: CommandTopic, payload: bytes, reply: ReplyTo | None, exc: AgentError
