@@ -23,6 +23,7 @@ from agent.commands import CommandHandler
 from agent.config import Config, DepthaiSection
 from agent.coordinator import Coordinator
 from agent.errors import ModelWriteFailed
+from agent.intake import Intake
 from agent.messages import Info, InfoCamera
 from agent.models import ModelStore
 from agent.mqtt import MqttLink
@@ -151,9 +152,15 @@ async def serve(
     *,
     source: Path | None = None,
     group_writes: bool = True,
+    concurrent_commands: bool = True,
     task_status: TaskStatus[App] = anyio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Run the agent until cancelled (`group_writes=False` only to benchmark the old way)."""
+    """Run the agent until cancelled.
+
+    `group_writes=False` (each command waits for its own state write) and
+    `concurrent_commands=False` (one command at a time, whatever its camera) only to
+    benchmark the old ways.
+    """
     topics = Topics.for_agent(config.mqtt.prefix, config.agent.id)
     backend = _backend(config)
     simulator = backend if isinstance(backend, SimulatorBackend) else None
@@ -199,6 +206,7 @@ async def serve(
         max_payload_bytes=config.agent.max_payload_bytes,
         simulator=simulator,
     )
+    intake = Intake(handler, coordinator, lanes=concurrent_commands)
     app = App(
         config,
         topics,
@@ -221,13 +229,10 @@ async def serve(
             listener.publish_info()  # real cameras are known only once the backend ran
             if not backend.cameras:
                 log.warning("no cameras found yet; they are adopted when they appear")
+            await tg.start(intake.run, name="commands")
             await tg.start(
                 partial(
-                    link.run,
-                    handler,
-                    refuse=handler.refuse,
-                    report=reporter.agent_error,
-                    records=coordinator,
+                    link.run, intake.receive, answered=intake.stopped, report=reporter.agent_error
                 ),
                 name="mqtt",
             )
