@@ -24,7 +24,7 @@ from agent.config import Config, DepthaiSection
 from agent.coordinator import Coordinator
 from agent.errors import ModelWriteFailed
 from agent.intake import Intake
-from agent.messages import Info, InfoCamera
+from agent.messages import Info, InfoCamera, LinkCounters
 from agent.models import ModelStore
 from agent.mqtt import MqttLink
 from agent.reporter import Reporter
@@ -32,6 +32,8 @@ from agent.state import StateFile
 from agent.topics import Topics
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from anyio.abc import TaskStatus
 
     from agent.cameras.base import CameraBackend, Output
@@ -45,19 +47,25 @@ class _Listener:
     """Routes what the camera backend reports to the reporter and the camera workers."""
 
     def __init__(
-        self, config: Config, backend: CameraBackend, coordinator: Coordinator, reporter: Reporter
+        self,
+        config: Config,
+        backend: CameraBackend,
+        coordinator: Coordinator,
+        reporter: Reporter,
+        link: Callable[[], LinkCounters],
     ) -> None:
         self._config = config
         self._backend = backend
         self._coordinator = coordinator
         self._reporter = reporter
+        self._link = link
         self._started_at = time.time()
 
     def on_output(self, output: Output) -> None:
         self._reporter.on_output(output)
 
     def publish_info(self) -> None:
-        self._reporter.info(_info(self._config, self._backend, self._started_at))
+        self._reporter.info(_info(self._config, self._backend, self._started_at, self._link()))
 
     def on_presence(self, camera: str, present: bool) -> None:
         worker = self._coordinator.workers.get(camera)
@@ -87,7 +95,7 @@ def _backend(config: Config) -> CameraBackend:
     return DepthaiBackend(config.depthai or DepthaiSection())
 
 
-def _info(config: Config, backend: CameraBackend, started_at: float) -> Info:
+def _info(config: Config, backend: CameraBackend, started_at: float, link: LinkCounters) -> Info:
     return Info(
         agent_id=config.agent.id,
         version=__version__,
@@ -98,6 +106,7 @@ def _info(config: Config, backend: CameraBackend, started_at: float) -> Info:
             for c in backend.cameras.values()
         ),
         started_at=started_at,
+        link=link,
     )
 
 
@@ -221,7 +230,7 @@ async def serve(
             from agent.broker import embedded_broker  # noqa: PLC0415  # amqtt only when used
 
             await stack.enter_async_context(embedded_broker(config.mqtt.host, config.mqtt.port))
-        listener = _Listener(config, backend, coordinator, reporter)
+        listener = _Listener(config, backend, coordinator, reporter, link.stats.counters)
         reporter.availability(True)
         async with anyio.create_task_group() as tg:
             await tg.start(coordinator.run, name="coordinator")

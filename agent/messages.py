@@ -40,6 +40,7 @@ __all__ = [
     "Info",
     "InfoCamera",
     "Layer",
+    "LinkCounters",
     "MobileNetConfig",
     "MobileNetOptions",
     "ModelByHash",
@@ -363,6 +364,18 @@ class InfoCamera(msgspec.Struct, frozen=True):
     streams: tuple[str, ...]
 
 
+class LinkCounters(msgspec.Struct, frozen=True):
+    """What the MQTT link counted since the agent started, as of the `info` it is part of."""
+
+    connects: int = 0
+    commands_acknowledged: int = 0
+    events_sent: int = 0
+    events_dropped: int = 0  # the event queue was full: the oldest went
+    detections_sent: int = 0
+    detections_dropped_disconnected: int = 0
+    detections_dropped_backpressure: int = 0
+
+
 class Info(msgspec.Struct, frozen=True):
     agent_id: str
     version: str
@@ -370,6 +383,8 @@ class Info(msgspec.Struct, frozen=True):
     backend: str
     cameras: tuple[InfoCamera, ...]
     started_at: float
+    # counted by the link; filled each time `info` is published (no publish of its own)
+    link: LinkCounters = LinkCounters()
 
 
 # --- detections ----------------------------------------------------------------------------

@@ -23,7 +23,7 @@ import time
 from collections import deque
 from collections.abc import Awaitable, Callable
 from contextlib import AsyncExitStack
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Final
 
 import aiomqtt
@@ -38,6 +38,7 @@ from agent import paho_fast
 from agent.acks import Connection
 from agent.errors import AgentError, SessionTakenOver
 from agent.inbox import Inbound
+from agent.messages import LinkCounters
 
 if TYPE_CHECKING:
     from anyio.abc import TaskStatus
@@ -89,6 +90,10 @@ class LinkStats:
     detections_sent: int = 0
     detections_dropped_disconnected: int = 0
     detections_dropped_backpressure: int = 0
+
+    def counters(self) -> LinkCounters:
+        """A copy for the retained `info`."""
+        return LinkCounters(**asdict(self))
 
 
 @dataclass(slots=True)

@@ -18,6 +18,8 @@ from agent.messages import (
     DeleteCommand,
     Deploy,
     Event,
+    Info,
+    LinkCounters,
     ModelByHash,
     ModelUpload,
     YoloConfig,
@@ -349,3 +351,18 @@ def test_payload_format_names_what_the_first_byte_opens(payload: bytes) -> None:
             msgspec.DecodeError, UnicodeDecodeError, RecursionError, TypeError
         ):
             assert not isinstance(msgspec.msgpack.decode(payload), dict | list)
+
+
+def test_info_without_link_counters_decodes_with_zeros() -> None:
+    """`link` is a new defaulted field: an `info` from an older agent still decodes."""
+    old = {
+        "agent_id": "a",
+        "version": "0",
+        "depthai_version": "2.33",
+        "backend": "simulator",
+        "cameras": [],
+        "started_at": 1.0,
+    }
+    info = msgspec.json.decode(msgspec.json.encode(old), type=Info)
+    assert info.link == LinkCounters()
+    assert msgspec.json.decode(msgspec.json.encode(info))["link"]["connects"] == 0
