@@ -124,6 +124,7 @@ class MqttLink:
         event_queue_size: int = 10_000,
         detection_queue_size: int = 1024,
         max_payload_bytes: int | None = None,
+        fast_path: bool = True,
     ) -> None:
         self._settings = settings
         self._client_id = client_id
@@ -162,7 +163,10 @@ class MqttLink:
         # events that entered / left the queue (sent or dropped): acknowledgements wait on them
         self._events_queued = 0
         self._events_done = 0
-        if not paho_fast.FAST_PATH:
+        # False: aiomqtt's public API only (agent/paho_fast.py), as with other versions
+        self._fast_path = fast_path
+        self._fast = False  # the fast path is used with the current client
+        if fast_path and not paho_fast.FAST_PATH:
             log.warning(
                 "paho fast path off: written for other versions; using aiomqtt's public API "
                 "(reading is not paused, detections are published one at a time)",
@@ -389,11 +393,12 @@ class MqttLink:
             socket_options=((socket.IPPROTO_TCP, socket.TCP_NODELAY, 1),),
         )
         ack = paho_fast.manual_acks(client, self._note_session)
-        paho_fast.register_writers_safely(client)
+        self._fast = fast = self._fast_path and paho_fast.fast_path_for(client)
+        paho_fast.register_writers_safely(client, fast=fast)
         # The broker should stop at our Receive Maximum, but mosquitto 2.0.11 does not once
         # acknowledgements flow (measured: 151 unacknowledged with a Receive Maximum of 4),
         # and 3.1.1 has none: without this, a burst of large commands all sits in memory.
-        self._gate = paho_fast.pause_reading_while(client, self._full)
+        self._gate = paho_fast.pause_reading_while(client, self._full, fast=fast)
         return client, ack
 
     def _note_session(self, present: bool) -> None:
@@ -417,7 +422,7 @@ class MqttLink:
         except aiomqtt.MqttError as exc:
             if not paho_fast.has_socket(client):  # no TCP connection: no answer expected
                 raise
-            paho_fast.close_unanswered(client)
+            paho_fast.close_unanswered(client, fast=self._fast)
             raise _NoConnack(
                 f"no answer to CONNECT within {self._settings.publish_timeout:g} s"
             ) from exc
@@ -571,7 +576,7 @@ class MqttLink:
                 while len(batch) < _DETECTION_BATCH:
                     batch.append(receive.receive_nowait())
             await paho_fast.publish_batch(
-                client, batch, stall_seconds=self._settings.publish_timeout
+                client, batch, stall_seconds=self._settings.publish_timeout, fast=self._fast
             )
             self.stats.detections_sent += len(batch)
 

@@ -6,8 +6,9 @@ through paho's public API on that client, and the link cannot work without it.
 
 The fast path proper also uses private attributes, of aiomqtt (`Client._disconnected`) and
 of paho (`_registered_write`, `_call_socket_register_write`, `_sock_close`). It is used
-only with the aiomqtt and paho versions it was written for (`FAST_PATH`); with others the
-link uses aiomqtt's public API instead, and logs once what it does without:
+only with the aiomqtt and paho versions it was written for (`FAST_PATH`, `fast_path_for`);
+with others the link uses aiomqtt's public API instead (each function's `fast=False`), and
+logs once what it does without:
 - `pause_reading_while`: aiomqtt reads the socket whenever it is readable and queues every
   message, unbounded; this reads only while the boundary holds fewer than its limit.
 - `register_writers_safely`: aiomqtt queues `add_writer(fd)` from paho's thread and runs it
@@ -36,6 +37,7 @@ __all__ = [
     "VERSIONS",
     "ReadGate",
     "close_unanswered",
+    "fast_path_for",
     "has_socket",
     "manual_acks",
     "pause_reading_while",
@@ -79,7 +81,8 @@ def _paho(client: aiomqtt.Client) -> mqtt.Client:
     return paho_client
 
 
-def _fast(client: aiomqtt.Client) -> bool:
+def fast_path_for(client: aiomqtt.Client) -> bool:
+    """Whether the fast path may be used with this client (FAST_PATH, and its internals)."""
     return (
         FAST_PATH
         and isinstance(getattr(client, "_disconnected", None), asyncio.Future)
@@ -130,14 +133,16 @@ class ReadGate:
             resume()
 
 
-def pause_reading_while(client: aiomqtt.Client, full: Callable[[], bool]) -> ReadGate:
+def pause_reading_while(
+    client: aiomqtt.Client, full: Callable[[], bool], *, fast: bool
+) -> ReadGate:
     """Read the socket only while `full()` is False; TCP holds back the rest.
 
     aiomqtt's reader is replaced by one that checks first; a paused reader is added back by
     the returned gate's `resume()`. Call before connecting. Without the fast path: no pause.
     """
     gate = ReadGate()
-    if not _fast(client):
+    if not fast:
         return gate
     paho = _paho(client)
     loop = asyncio.get_running_loop()
@@ -169,7 +174,7 @@ def pause_reading_while(client: aiomqtt.Client, full: Callable[[], bool]) -> Rea
     return gate
 
 
-def register_writers_safely(client: aiomqtt.Client) -> None:
+def register_writers_safely(client: aiomqtt.Client, *, fast: bool) -> None:
     """Register paho's socket writer only while that socket is still the client's.
 
     aiomqtt queues `add_writer(fd)` with `call_soon_threadsafe` (paho may ask from the
@@ -178,7 +183,7 @@ def register_writers_safely(client: aiomqtt.Client) -> None:
     (seen about once in twenty broker-restart tests under load). The queued call here checks
     first; the writer does what aiomqtt's does. Call before connecting.
     """
-    if not _fast(client):
+    if not fast:
         return
     paho = _paho(client)
     loop = asyncio.get_running_loop()
@@ -205,17 +210,17 @@ def has_socket(client: aiomqtt.Client) -> bool:
     return _paho(client).socket() is not None
 
 
-def close_unanswered(client: aiomqtt.Client) -> None:
+def close_unanswered(client: aiomqtt.Client, *, fast: bool) -> None:
     """Close the socket of a CONNECT that got no CONNACK (aiomqtt leaves it open).
 
     Without the fast path it stays open until the client is collected.
     """
-    if _fast(client):
+    if fast:
         _paho(client)._sock_close()  # private: guarded by FAST_PATH
 
 
 async def publish_batch(
-    client: aiomqtt.Client, batch: list[tuple[str, bytes]], *, stall_seconds: float
+    client: aiomqtt.Client, batch: list[tuple[str, bytes]], *, stall_seconds: float, fast: bool
 ) -> None:
     """Publish QoS 0 packets; return once the socket took them (or paho queued them).
 
@@ -223,7 +228,7 @@ async def publish_batch(
     `stall_seconds`.
     """
     timeout = stall_seconds
-    if not _fast(client):
+    if not fast:
         for topic, payload in batch:
             await client.publish(topic, payload, qos=0, timeout=timeout)
         return
