@@ -22,7 +22,8 @@ from agent.commands import CommandHandler
 from agent.config import Config, DepthaiSection
 from agent.coordinator import Coordinator
 from agent.errors import ModelWriteFailed
-from agent.messages import Info, InfoCamera
+from agent.intake import Intake
+from agent.messages import Info, InfoCamera, LinkCounters
 from agent.models import ModelStore
 from agent.mqtt import MqttLink
 from agent.reporter import Reporter
@@ -30,6 +31,8 @@ from agent.state import StateFile
 from agent.topics import Topics
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from anyio.abc import TaskStatus
 
     from agent.cameras.base import CameraBackend, Output
@@ -43,19 +46,25 @@ class _Listener:
     """Routes what the camera backend reports to the reporter and the camera workers."""
 
     def __init__(
-        self, config: Config, backend: CameraBackend, coordinator: Coordinator, reporter: Reporter
+        self,
+        config: Config,
+        backend: CameraBackend,
+        coordinator: Coordinator,
+        reporter: Reporter,
+        link: Callable[[], LinkCounters],
     ) -> None:
         self._config = config
         self._backend = backend
         self._coordinator = coordinator
         self._reporter = reporter
+        self._link = link
         self._started_at = time.time()
 
     def on_output(self, output: Output) -> None:
         self._reporter.on_output(output)
 
     def publish_info(self) -> None:
-        self._reporter.info(_info(self._config, self._backend, self._started_at))
+        self._reporter.info(_info(self._config, self._backend, self._started_at, self._link()))
 
     def on_presence(self, camera: str, present: bool) -> None:
         if self._coordinator.presence_changed(self._backend.cameras[camera]):
@@ -84,7 +93,7 @@ def _backend(config: Config) -> CameraBackend:
     return DepthaiBackend(config.depthai or DepthaiSection())
 
 
-def _info(config: Config, backend: CameraBackend, started_at: float) -> Info:
+def _info(config: Config, backend: CameraBackend, started_at: float, link: LinkCounters) -> Info:
     return Info(
         agent_id=config.agent.id,
         version=__version__,
@@ -95,6 +104,7 @@ def _info(config: Config, backend: CameraBackend, started_at: float) -> Info:
             for c in backend.cameras.values()
         ),
         started_at=started_at,
+        link=link,
     )
 
 
@@ -149,9 +159,15 @@ async def serve(
     *,
     source: Path | None = None,
     group_writes: bool = True,
+    concurrent_commands: bool = True,
     task_status: TaskStatus[App] = anyio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Run the agent until cancelled (`group_writes=False` only to benchmark the old way)."""
+    """Run the agent until cancelled.
+
+    `group_writes=False` (each command waits for its own state write) and
+    `concurrent_commands=False` (one command at a time, whatever its camera) only to
+    benchmark the old ways.
+    """
     topics = Topics.for_agent(config.mqtt.prefix, config.agent.id)
     backend = _backend(config)
     simulator = backend if isinstance(backend, SimulatorBackend) else None
@@ -197,6 +213,7 @@ async def serve(
         max_payload_bytes=config.agent.max_payload_bytes,
         simulator=simulator,
     )
+    intake = Intake(handler, coordinator, lanes=concurrent_commands)
     app = App(
         config,
         topics,
@@ -211,7 +228,7 @@ async def serve(
             from agent.broker import embedded_broker  # noqa: PLC0415  # amqtt only when used
 
             await stack.enter_async_context(embedded_broker(config.mqtt.host, config.mqtt.port))
-        listener = _Listener(config, backend, coordinator, reporter)
+        listener = _Listener(config, backend, coordinator, reporter, link.stats.counters)
         reporter.availability(True)
         async with anyio.create_task_group() as tg:
             await tg.start(coordinator.run, name="coordinator")
@@ -219,13 +236,10 @@ async def serve(
             listener.publish_info()  # real cameras are known only once the backend ran
             if not backend.cameras:
                 log.warning("no cameras found yet; they are adopted when they appear")
+            await tg.start(intake.run, name="commands")
             await tg.start(
                 partial(
-                    link.run,
-                    handler,
-                    refuse=handler.refuse,
-                    report=reporter.agent_error,
-                    records=coordinator,
+                    link.run, intake.receive, answered=intake.stopped, report=reporter.agent_error
                 ),
                 name="mqtt",
             )

@@ -27,6 +27,7 @@ import msgspec
 
 from agent.config import ConfigError, load_config
 from agent.messages import Event
+from agent.mqtt import payload_bytes
 from agent.render import Style, render
 from agent.topics import Topics
 
@@ -414,10 +415,6 @@ async def _connected(target: _Target) -> AsyncIterator[aiomqtt.Client]:
                 await client.__aexit__(None, None, None)
 
 
-def _payload(message: aiomqtt.Message) -> bytes:
-    return bytes(message.payload) if isinstance(message.payload, bytes | bytearray) else b""
-
-
 async def _request(target: _Target, args: argparse.Namespace, body: dict[str, Any]) -> int:
     """Publish one command, print its events; the exit code of its final state."""
     request_id = body["request_id"]
@@ -434,7 +431,7 @@ async def _request(target: _Target, args: argparse.Namespace, body: dict[str, An
                     # events are never retained: a retained one is stale or someone else's
                     if message.retain or not message.topic.matches(topics.events):
                         continue
-                    payload = _payload(message)
+                    payload = payload_bytes(message)
                     event = decode_event(payload)
                     if event is None or event.request_id != request_id:
                         continue
@@ -494,7 +491,7 @@ async def _watch(target: _Target, args: argparse.Namespace) -> int:
             async for message in client.messages:
                 if not message.topic.matches(wanted):
                     continue
-                topic, payload = message.topic.value, _payload(message)
+                topic, payload = message.topic.value, payload_bytes(message)
                 if message.retain:
                     # amqtt can send a retained message both on connect and on subscribe
                     if args.no_retained or retained.get(topic) == payload:

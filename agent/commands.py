@@ -1,4 +1,8 @@
-"""The command boundary: MQTT message in, a validated request or a `rejected` event out."""
+"""The command boundary: a received message in, a validated request or a `rejected` event out.
+
+Transport-neutral: messages come as `agent.inbox.Inbound`, from `agent.intake.Intake`, which
+runs each camera's messages in arrival order (`lane`) and different cameras concurrently.
+"""
 
 from __future__ import annotations
 
@@ -23,8 +27,10 @@ from agent.errors import (
 )
 from agent.messages import (
     DeleteCommand,
-    DeployCommand,
+    Deploy,
     Event,
+    ModelByHash,
+    ModelUpload,
     ReplyTo,
     decode_delete,
     decode_deploy,
@@ -34,11 +40,10 @@ from agent.requests import Request
 from agent.topics import CommandTopic, SimulatorTopic
 
 if TYPE_CHECKING:
-    import aiomqtt
-
     from agent.cameras.simulator import SimulatorBackend
     from agent.coordinator import Coordinator
-    from agent.models import ModelStore
+    from agent.inbox import Inbound
+    from agent.models import ModelStore, StoredModel
     from agent.reporter import Reporter
     from agent.topics import Topics
 
@@ -47,14 +52,9 @@ __all__ = ["CommandHandler"]
 log = structlog.get_logger(__name__)
 
 
-def _payload(message: aiomqtt.Message) -> bytes:
-    return message.payload if isinstance(message.payload, bytes) else b""
-
-
-def _reply_to(message: aiomqtt.Message, topics: Topics) -> ReplyTo | None:
+def _reply_to(message: Inbound, topics: Topics) -> ReplyTo | None:
     """The MQTT 5 Response Topic to copy events to; raise InvalidPayload for an unusable one."""
-    properties = message.properties
-    topic = getattr(properties, "ResponseTopic", None) if properties else None
+    topic = message.response_topic
     if not topic:
         return None
     if "+" in topic or "#" in topic or "\0" in topic:
@@ -65,12 +65,11 @@ def _reply_to(message: aiomqtt.Message, topics: Topics) -> ReplyTo | None:
             f"Response Topic {echo(topic)} must not be under {topics.prefix}/: "
             "replies go outside the agents' topics"
         )
-    data = getattr(properties, "CorrelationData", None)
-    return ReplyTo(topic=topic, correlation_data=bytes(data) if data is not None else None)
+    return ReplyTo(topic=topic, correlation_data=message.correlation_data)
 
 
 class CommandHandler:
-    """Validates commands in arrival order and hands them to the coordinator."""
+    """Validates each camera's commands in arrival order and hands them to the coordinator."""
 
     def __init__(
         self,
@@ -88,30 +87,38 @@ class CommandHandler:
         self._reporter = reporter
         self._max_payload = max_payload_bytes
         self._simulator = simulator
-        self.handled = 0
 
-    async def __call__(self, message: aiomqtt.Message) -> None:
-        parsed = self._topics.parse(message.topic.value)
+    def lane(self, message: Inbound) -> str:
+        """A camera's commands (and simulator knobs) go in one lane: the camera's id."""
+        parsed = self._topics.parse(message.topic)
+        if isinstance(parsed, CommandTopic | SimulatorTopic):
+            return parsed.camera
+        return ""  # ignored by `handle`
+
+    async def handle(self, message: Inbound) -> bool:
+        """Handle one message; True when it is answered already (rejected, or no command),
+        False when its answer waits for the state write (submitted, or a replay)."""
+        parsed = self._topics.parse(message.topic)
         if isinstance(parsed, CommandTopic):
-            await self._command(parsed, message)
-        elif isinstance(parsed, SimulatorTopic):
+            return await self._command(parsed, message)
+        if isinstance(parsed, SimulatorTopic):
             self._fault(parsed, message)
+        return True
 
-    def refuse(self, message: aiomqtt.Message) -> None:
+    def refuse(self, message: Inbound) -> None:
         """Answer a command received too late to be handled: the agent is stopping."""
-        topic = self._topics.parse(message.topic.value)
+        topic = self._topics.parse(message.topic)
         if not isinstance(topic, CommandTopic):
             return
         try:
             reply = _reply_to(message, self._topics)
         except AgentError:
             reply = None
-        self._reject(topic, _payload(message), reply, ShuttingDown())
+        self._reject(topic, message.payload, reply, ShuttingDown())
 
-    async def _command(self, topic: CommandTopic, message: aiomqtt.Message) -> None:
-        payload = _payload(message)
+    async def _command(self, topic: CommandTopic, message: Inbound) -> bool:
+        payload = message.payload
         reply = None
-        self.handled += 1
         structlog.contextvars.bind_contextvars(camera=clip(topic.camera), stream=clip(topic.stream))
         try:
             reply = _reply_to(message, self._topics)
@@ -123,8 +130,11 @@ class CommandHandler:
         except Exception as exc:
             log.exception("command failed unexpectedly")
             self._reject(topic, payload, reply, Internal(f"{type(exc).__name__}: {exc}"))
+        else:
+            return False
         finally:
             structlog.contextvars.unbind_contextvars("camera", "stream", "request_id")
+        return True
 
     async def _validate(
         self, topic: CommandTopic, retain: bool, payload: bytes, reply: ReplyTo | None
@@ -134,7 +144,7 @@ class CommandHandler:
             raise RetainedCommand
         if len(payload) > self._max_payload:
             raise PayloadTooLarge(size=len(payload), limit=self._max_payload)
-        command: DeployCommand | DeleteCommand = (
+        command: Deploy | DeleteCommand = (
             decode_deploy(payload) if topic.action == "deploy" else decode_delete(payload)
         )
         request_id = command.request_id or f"auto-{uuid.uuid4().hex}"
@@ -146,7 +156,7 @@ class CommandHandler:
             raise Expired(expires_at=command.expires_at, now=now)
         self._coordinator.check_target(topic.camera, topic.stream)
         deployment = None
-        if isinstance(command, DeployCommand):
+        if isinstance(command, Deploy):
             deployment = await self._deployment(command, request_id)
             # refuse what cannot run before the camera is taken down for it
             self._coordinator.check_runnable(topic.camera, topic.stream, deployment)
@@ -159,20 +169,22 @@ class CommandHandler:
             replies=[reply] if reply else [],
         )
 
-    async def _deployment(self, command: DeployCommand, request_id: str) -> Deployment:
-        if command.model is not None:
-            model = await self._store.put(command.model, expected_sha256=command.model_sha256)
-        else:
-            assert command.model_sha256 is not None  # decode_deploy guarantees one of them
-            model = await self._store.get(command.model_sha256)
-        assert not isinstance(command.nn_config, str)  # decode_deploy parsed it
+    async def _deployment(self, command: Deploy, request_id: str) -> Deployment:
         return Deployment(
-            model=model,
+            model=await self._model(command.model),
             nn_config=command.nn_config,
             labels=command.labels,
             model_name=command.model_name,
             request_id=request_id,
         )
+
+    async def _model(self, source: ModelUpload | ModelByHash) -> StoredModel:
+        """Hash, store and parse an uploaded model, or find a stored one."""
+        match source:
+            case ModelUpload(data=data, sha256=expected):
+                return await self._store.put(data, expected_sha256=expected)
+            case ModelByHash(sha256=sha256):
+                return await self._store.get(sha256)
 
     def _reject(
         self, topic: CommandTopic, payload: bytes, reply: ReplyTo | None, exc: AgentError
@@ -197,7 +209,7 @@ class CommandHandler:
             log.exception("request_id not recoverable from a rejected payload")
             return None
 
-    def _fault(self, topic: SimulatorTopic, message: aiomqtt.Message) -> None:
+    def _fault(self, topic: SimulatorTopic, message: Inbound) -> None:
         if self._simulator is None:
             return
         if message.retain:

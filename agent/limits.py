@@ -6,16 +6,27 @@ These checks bound the nesting (and, for MessagePack, the number of items) first
 linear in the payload: JSON with bytes.translate and numpy in 1 MiB chunks, MessagePack by
 walking the item headers (never the bin and str contents). Each returns why the bytes are
 refused, or None; a malformed payload that nests shallowly passes, for the decoder to report.
+`payload_format` is the one place that tells JSON from MessagePack by the first byte.
 """
 
 from __future__ import annotations
 
 import struct
-from typing import Final
+from typing import Final, Literal
 
 import numpy as np
 
-__all__ = ["MAX_DEPTH", "MAX_MSGPACK_ITEMS", "json_problem", "msgpack_problem", "utf8_problem"]
+__all__ = [
+    "MAX_DEPTH",
+    "MAX_MSGPACK_ITEMS",
+    "PayloadFormat",
+    "json_problem",
+    "msgpack_problem",
+    "payload_format",
+    "utf8_problem",
+]
+
+PayloadFormat = Literal["json_object", "json_array", "msgpack_map", "msgpack_array"]
 
 MAX_DEPTH: Final = 32
 """Deepest nesting of arrays and objects accepted; the schema itself needs 5."""
@@ -32,6 +43,22 @@ _STEP[list(b"[{")] = 1
 _STEP[list(b"]}")] = -1
 _QUOTE: Final = ord('"')
 _CHUNK: Final = 1 << 20
+
+
+def payload_format(payload: bytes) -> PayloadFormat | None:
+    """What a payload opens with: a JSON object or array (after whitespace), a MessagePack
+    map or array header; None for anything else (a scalar, text, empty)."""
+    opener = payload.lstrip()[:1]
+    if opener == b"{":
+        return "json_object"
+    if opener == b"[":
+        return "json_array"
+    first = payload[0] if payload else -1
+    if 0x80 <= first <= 0x8F or first in (0xDE, 0xDF):
+        return "msgpack_map"
+    if 0x90 <= first <= 0x9F or first in (0xDC, 0xDD):
+        return "msgpack_array"
+    return None
 
 
 def _too_deep(max_depth: int) -> str:

@@ -14,7 +14,7 @@ import msgspec
 from msgspec import Meta
 
 from agent.errors import AgentError, ErrorInfo, InvalidPayload, clip
-from agent.limits import json_problem, msgpack_problem, utf8_problem
+from agent.limits import json_problem, msgpack_problem, payload_format, utf8_problem
 from agent.vocab import (
     TERMINAL_STATES,
     Action,
@@ -30,8 +30,8 @@ __all__ = [
     "AgentErrorEvent",
     "CameraStats",
     "CameraStatus",
-    "Command",
     "DeleteCommand",
+    "Deploy",
     "DeployCommand",
     "Detection",
     "DetectionsMessage",
@@ -41,9 +41,12 @@ __all__ = [
     "Info",
     "InfoCamera",
     "Layer",
+    "LinkCounters",
     "MobileNetConfig",
     "MobileNetOptions",
+    "ModelByHash",
     "ModelRef",
+    "ModelUpload",
     "NNConfig",
     "NNStatus",
     "NNSummary",
@@ -141,7 +144,30 @@ class _RequestIdOnly(msgspec.Struct, frozen=True):
     request_id: Annotated[str, Meta(min_length=1, max_length=128)] | None = None
 
 
-Command = DeployCommand | DeleteCommand
+class ModelUpload(msgspec.Struct, frozen=True):
+    """A model sent inline, with the sender's sha256 to check it against, if given."""
+
+    data: bytes  # never empty
+    sha256: str | None = None  # lower case
+
+
+class ModelByHash(msgspec.Struct, frozen=True):
+    """A model already in the store, named by its sha256."""
+
+    sha256: str  # lower case
+
+
+class Deploy(msgspec.Struct, frozen=True, kw_only=True):
+    """A deploy command as `decode_deploy` returns it: nn_config parsed, the model's source
+    named; the types say what the decoder checked."""
+
+    nn_config: NNConfig
+    model: ModelUpload | ModelByHash
+    request_id: str | None = None
+    model_name: str | None = None
+    labels: tuple[str, ...] | None = None
+    expires_at: float | None = None
+
 
 _json_deploy: Final = msgspec.json.Decoder(DeployCommand)
 _msgpack_deploy: Final = msgspec.msgpack.Decoder(DeployCommand)
@@ -152,19 +178,15 @@ _json_request_id: Final = msgspec.json.Decoder(_RequestIdOnly)
 _msgpack_request_id: Final = msgspec.msgpack.Decoder(_RequestIdOnly)
 
 
-def _is_json(payload: bytes) -> bool:
-    return payload.lstrip()[:1] == b"{"
-
-
-def _is_msgpack_map(payload: bytes) -> bool:
-    return bool(payload) and (0x80 <= payload[0] <= 0x8F or payload[0] in (0xDE, 0xDF))
-
-
 _WHERE = re.compile(r" - at (`key` in )?`(\$[^`]*)`$")
 
 
 def _invalid(exc: msgspec.MsgspecError, *, under: str = "") -> InvalidPayload:
-    """Turn a msgspec error into InvalidPayload carrying the failing field's path."""
+    """Turn a msgspec error into InvalidPayload carrying the failing field's path.
+
+    msgspec 0.19 gives the path only inside the message text (` - at `$.a.b``; no attribute,
+    msgspec issue #264 is still open), so this is the one place that reads it from the text.
+    """
     text = str(exc)
     match = _WHERE.search(text)
     if match is None:
@@ -179,9 +201,10 @@ def _invalid(exc: msgspec.MsgspecError, *, under: str = "") -> InvalidPayload:
 
 def _decode(payload: bytes, json: msgspec.json.Decoder[_T], mp: msgspec.msgpack.Decoder[_T]) -> _T:
     """Decode untrusted bytes; whatever they hold, only InvalidPayload comes out."""
-    msgpack = _is_msgpack_map(payload)
+    kind = payload_format(payload)
+    msgpack = kind == "msgpack_map"
     decoder: Callable[[bytes], _T]
-    if _is_json(payload):
+    if kind == "json_object":
         problem, decoder = json_problem(payload), json.decode
     elif msgpack:
         problem, decoder = msgpack_problem(payload), mp.decode
@@ -219,24 +242,36 @@ def _nn_config(text: str) -> NNConfig:
     return nn_config
 
 
-def decode_deploy(payload: bytes) -> DeployCommand:
+def decode_deploy(payload: bytes) -> Deploy:
     """Decode a deploy command (JSON object or MessagePack map); raise InvalidPayload."""
     command = _decode(payload, _json_deploy, _msgpack_deploy)
-    if isinstance(command.nn_config, str):
-        command = msgspec.structs.replace(command, nn_config=_nn_config(command.nn_config))
-    if command.model is None and command.model_sha256 is None:
+    nn_config = command.nn_config
+    if isinstance(nn_config, str):
+        nn_config = _nn_config(nn_config)
+    sha256 = command.model_sha256.lower() if command.model_sha256 is not None else None
+    model: ModelUpload | ModelByHash
+    if command.model is not None:
+        if not command.model:
+            raise InvalidPayload("model is empty", path="$.model")
+        model = ModelUpload(command.model, sha256)
+    elif sha256 is not None:
+        model = ModelByHash(sha256)
+    else:
         raise InvalidPayload("either model or model_sha256 is required", path="$.model")
-    if command.model is not None and not command.model:
-        raise InvalidPayload("model is empty", path="$.model")
     if command.labels:
         total = sum(len(label.encode()) for label in command.labels)
         if total > MAX_LABEL_BYTES:
             raise InvalidPayload(
                 f"labels hold {total} bytes in total; at most {MAX_LABEL_BYTES}", path="$.labels"
             )
-    if command.model_sha256 is not None:
-        command = msgspec.structs.replace(command, model_sha256=command.model_sha256.lower())
-    return command
+    return Deploy(
+        nn_config=nn_config,
+        model=model,
+        request_id=command.request_id,
+        model_name=command.model_name,
+        labels=command.labels,
+        expires_at=command.expires_at,
+    )
 
 
 def decode_delete(payload: bytes) -> DeleteCommand:
@@ -344,6 +379,18 @@ class InfoCamera(msgspec.Struct, frozen=True):
     stats: CameraStats = CameraStats()
 
 
+class LinkCounters(msgspec.Struct, frozen=True):
+    """What the MQTT link counted since the agent started, as of the `info` it is part of."""
+
+    connects: int = 0
+    commands_acknowledged: int = 0
+    events_sent: int = 0
+    events_dropped: int = 0  # the event queue was full: the oldest went
+    detections_sent: int = 0
+    detections_dropped_disconnected: int = 0
+    detections_dropped_backpressure: int = 0
+
+
 class Info(msgspec.Struct, frozen=True):
     agent_id: str
     version: str
@@ -351,6 +398,8 @@ class Info(msgspec.Struct, frozen=True):
     backend: str
     cameras: tuple[InfoCamera, ...]
     started_at: float
+    # counted by the link; filled each time `info` is published (no publish of its own)
+    link: LinkCounters = LinkCounters()
 
 
 # --- detections ----------------------------------------------------------------------------

@@ -90,8 +90,12 @@ def parse_blob(path: Path) -> BlobInfo:
     )
 
 
-def _write_parsed(folder: Path, sha256: str, data: bytes) -> tuple[Path, BlobInfo]:
-    """Write `data` as `<sha256>.blob` atomically, parsing it before it is renamed in place."""
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _write_parsed(folder: Path, data: bytes) -> tuple[Path, BlobInfo]:
+    """Write `data` to a temp file in `folder`, fsynced, and parse it; the temp file's path."""
     folder.mkdir(mode=0o700, parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(dir=folder, prefix=_TMP_PREFIX, suffix=_TMP_SUFFIX)
     tmp = Path(tmp_name)
@@ -101,13 +105,15 @@ def _write_parsed(folder: Path, sha256: str, data: bytes) -> tuple[Path, BlobInf
             f.flush()
             os.fsync(f.fileno())
         info = parse_blob(tmp)
-        final = folder / f"{sha256}.blob"
-        tmp.replace(final)
-        _fsync_dir(folder)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
-    return final, info
+    except BaseException:
+        _remove(tmp)
+        raise
+    return tmp, info
+
+
+def _remove(tmp: Path) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        tmp.unlink()
 
 
 def _touch(path: Path) -> bool:
@@ -146,6 +152,8 @@ class ModelStore:
         self._on_write_error = on_write_error
         self._unreferenced_bytes = unreferenced_bytes
         self._known: dict[str, StoredModel] = {}
+        # held to look up, install, load and prune; hashing, writing and parsing an upload
+        # run beside it, so that one large upload holds up no other command
         self._limiter = anyio.CapacityLimiter(1)
         self._referenced: Callable[[], set[str]] = set
 
@@ -171,9 +179,7 @@ class ModelStore:
         """Verify, parse and store a blob; raise ChecksumMismatch, InvalidModel or
         StateWriteFailed (the store cannot be written: the command is refused)."""
         try:
-            model, added = await anyio.to_thread.run_sync(
-                self._put, data, expected_sha256, limiter=self._limiter
-            )
+            model, added = await self._put(data, expected_sha256)
         except OSError as exc:
             problem = f"cannot store model in {self.root}: {exc.strerror or exc}"
             self._on_write_error(problem)  # reported here, on the event loop
@@ -215,18 +221,33 @@ class ModelStore:
             log.info("unreferenced models removed", models=removed)
         return removed
 
-    def _put(self, data: bytes, expected: str | None) -> tuple[StoredModel, bool]:
+    async def _put(self, data: bytes, expected: str | None) -> tuple[StoredModel, bool]:
         """The stored model, and whether it was added now."""
-        sha256 = hashlib.sha256(data).hexdigest()
+        # in threads of their own (the caller bounds how many): no lock of the store
+        sha256 = await anyio.to_thread.run_sync(_sha256, data)
         if expected is not None and expected != sha256:
             raise ChecksumMismatch(expected=expected, actual=sha256)
-        known = self._fresh(sha256)
+        known = await anyio.to_thread.run_sync(self._fresh, sha256, limiter=self._limiter)
         if known is not None:
             return known, False
-        final, info = _write_parsed(self.root, sha256, data)
-        model = StoredModel(sha256=sha256, size=len(data), path=final, info=info)
-        self._known[sha256] = model
+        tmp, info = await anyio.to_thread.run_sync(_write_parsed, self.root, data)
+        try:
+            model = await anyio.to_thread.run_sync(
+                self._install, tmp, sha256, len(data), info, limiter=self._limiter
+            )
+        except BaseException:
+            _remove(tmp)
+            raise
         return model, True
+
+    def _install(self, tmp: Path, sha256: str, size: int, info: BlobInfo) -> StoredModel:
+        """Rename a written and parsed upload to `<sha256>.blob`, atomically."""
+        final = self.path(sha256)
+        tmp.replace(final)
+        _fsync_dir(self.root)
+        model = StoredModel(sha256=sha256, size=size, path=final, info=info)
+        self._known[sha256] = model
+        return model
 
     def _get(self, sha256: str) -> StoredModel:
         return self._fresh(sha256) or self._load(sha256)

@@ -1,5 +1,10 @@
 """The only owner of aiomqtt.Client: connect, will, subscriptions, reconnect, outbound queues.
 
+Inbound, the link only transports: each message received goes, as an `agent.inbox.Inbound`
+with its receipt (`agent.acks`), to the receiver given to `run` (the command intake), which
+owns its handling. The link reads the socket only while the receiver holds fewer than
+`receive_maximum` messages and `max_payload_bytes` of payload (TCP holds back the rest).
+
 Outbound traffic has three lanes with different promises:
 - retained state (availability, info, status): the latest payload per topic is kept and
   republished after every reconnect, so a broker restart never leaves stale state;
@@ -11,36 +16,38 @@ Outbound traffic has three lanes with different promises:
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import random
 import socket
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from contextlib import AsyncExitStack
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Final, Protocol
+from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING, Final
 
 import aiomqtt
 import anyio
 import structlog
-from paho.mqtt.client import MQTT_CLEAN_START_FIRST_ONLY, MQTT_ERR_SUCCESS
+from paho.mqtt.client import MQTT_CLEAN_START_FIRST_ONLY
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
+from agent import paho_fast
+from agent.acks import Connection
 from agent.errors import AgentError, SessionTakenOver
-from agent.heap import release_free_memory
-from agent.inbox import Connection, Inbox, Settling
+from agent.inbox import Inbound
+from agent.messages import LinkCounters
 
 if TYPE_CHECKING:
     from anyio.abc import TaskStatus
 
     from agent.config import MqttSection
+    from agent.inbox import Receipt
     from agent.messages import ReplyTo
 
-__all__ = ["LinkStats", "MqttLink"]
+__all__ = ["LinkStats", "MqttLink", "payload_bytes"]
 
 log = structlog.get_logger(__name__)
 
@@ -52,25 +59,22 @@ _PACKET_HEADROOM: Final = 64 * 1024  # fixed header, topic and properties beside
 # the broker drops packets above this multiple of max_payload_bytes; smaller ones that are
 # still too large reach the agent and are answered `payload_too_large`
 _PACKET_FACTOR: Final = 2
-_TRIM_ABOVE: Final = 1024 * 1024  # payload bytes after which freed memory is handed back
 _FINAL_FLUSH_SECONDS: Final = 3.0
-_HANDLER_GRACE_SECONDS: Final = 5.0  # for the command in hand when shutting down
-_DRAIN_POLL_SECONDS: Final = 0.005
+# at shutdown: the receiver's last answers (its grace for the commands in hand and the
+# records' last write), then the last events and `offline`
+_SHUTDOWN_SECONDS: Final = 5.0 + 2 * _FINAL_FLUSH_SECONDS
 _DETECTION_BATCH: Final = 256
 
-Handler = Callable[[aiomqtt.Message], Awaitable[None]]
-Refuse = Callable[[aiomqtt.Message], None]
+Receive = Callable[[Inbound, "Receipt"], None]  # never blocks
 Report = Callable[[AgentError], None]  # a problem of the agent itself
 
 
-class Records(Protocol):
-    """Where handled commands are recorded: acknowledgements and shutdown wait on it."""
-
-    def when_recorded(self, then: Callable[[], None]) -> None:
-        """Call `then` once every command handled so far is recorded (or refused) and answered."""
-
-    async def closed(self) -> None:
-        """At shutdown: return once the records are final."""
+def payload_bytes(message: aiomqtt.Message) -> bytes:
+    """A received message's payload as bytes (paho delivers bytes; aiomqtt types it wider)."""
+    payload = message.payload
+    if isinstance(payload, bytes):
+        return payload
+    return bytes(payload) if isinstance(payload, bytearray) else b""
 
 
 class _NoConnack(aiomqtt.MqttError):
@@ -86,6 +90,10 @@ class LinkStats:
     detections_sent: int = 0
     detections_dropped_disconnected: int = 0
     detections_dropped_backpressure: int = 0
+
+    def counters(self) -> LinkCounters:
+        """A copy for the retained `info`."""
+        return LinkCounters(**asdict(self))
 
 
 @dataclass(slots=True)
@@ -116,6 +124,7 @@ class MqttLink:
         event_queue_size: int = 10_000,
         detection_queue_size: int = 1024,
         max_payload_bytes: int | None = None,
+        fast_path: bool = True,
     ) -> None:
         self._settings = settings
         self._client_id = client_id
@@ -139,18 +148,30 @@ class MqttLink:
             if max_payload_bytes is None
             else _PACKET_FACTOR * max_payload_bytes + _PACKET_HEADROOM
         )
-        self._paused: Callable[[], None] | None = None  # resumes reading the socket
-        self._handling = anyio.Lock()  # held while a command is handled
-        self._inbox = Inbox()
+        self._gate = paho_fast.ReadGate()  # resumes reading the socket
+        # messages handed to the receiver and not released yet, and their payload bytes
+        self._held = 0
+        self._held_bytes = 0
+        self._closing = False  # at shutdown: read on, for the PUBACKs of the last events
         self._connection: Connection | None = None
+        self._closed: list[Connection] = []  # closed with messages the receiver still holds
         self._session_present = False
         self._takeover_reported = False
-        self._refuse: Refuse | None = None
+        self._receive: Receive | None = None
+        self._answered: Callable[[], Awaitable[None]] | None = None
         self._report: Report | None = None
-        self._records: Records | None = None
         # events that entered / left the queue (sent or dropped): acknowledgements wait on them
         self._events_queued = 0
         self._events_done = 0
+        # False: aiomqtt's public API only (agent/paho_fast.py), as with other versions
+        self._fast_path = fast_path
+        self._fast = False  # the fast path is used with the current client
+        if fast_path and not paho_fast.FAST_PATH:
+            log.warning(
+                "paho fast path off: written for other versions; using aiomqtt's public API "
+                "(reading is not paused, detections are published one at a time)",
+                versions=paho_fast.VERSIONS,
+            )
 
     @property
     def protocol(self) -> str:
@@ -187,14 +208,26 @@ class MqttLink:
 
     def _event_done(self) -> None:
         self._events_done += 1
-        self._acknowledge()
+        self.acknowledge()
 
-    def _acknowledge(self) -> None:
+    # --- for the receipts (agent.acks.Ledger) ----------------------------------------------
+
+    @property
+    def events_queued(self) -> int:
+        return self._events_queued
+
+    def acknowledge(self) -> None:
+        """PUBACK, on the current connection, what is handled and answered by now."""
         connection = self._connection
         if connection is not None:
             before = connection.acknowledged
             connection.acknowledge(self._events_done)
             self.stats.commands_acknowledged += connection.acknowledged - before
+
+    def released(self, size: int) -> None:
+        self._held -= 1
+        self._held_bytes -= size
+        self._gate.resume()  # the reader checks for room itself
 
     @property
     def has_room_for_detections(self) -> bool:
@@ -224,89 +257,25 @@ class MqttLink:
 
     async def run(
         self,
-        handler: Handler,
+        receive: Receive,
         *,
-        refuse: Refuse | None = None,
+        answered: Callable[[], Awaitable[None]] | None = None,
         report: Report | None = None,
-        records: Records | None = None,
         task_status: TaskStatus[None],
     ) -> None:
         """Connect, serve, reconnect with backoff and jitter, until cancelled.
 
-        Commands are handled by one task that outlives every connection, one at a time and
-        shielded, and each is acknowledged only once handled (agent/inbox.py). On shutdown
-        the command in hand is finished first, commands received but not yet handled are
-        given to `refuse` (to be answered), the last events and acknowledgements go out and
-        then `offline`; what arrives after that stays unacknowledged, for the next start.
-        `report` is told about problems of the link itself (a session taken over).
-        `records`: a handled command is acknowledged only once it is recorded there, and a
-        shutdown sends its last acknowledgements once the records are final.
+        Each message received goes to `receive` with its receipt; it is acknowledged once
+        the receiver settles the receipt and the events queued by then reached the broker.
+        On shutdown `answered` is awaited first (the receiver's last answers), then the last
+        events and acknowledgements go out and then `offline`; what arrives after that
+        stays unacknowledged, for the next start. `report` is told about problems of the
+        link itself (a session taken over).
         """
-        self._refuse, self._report, self._records = refuse, report, records
+        self._receive, self._answered, self._report = receive, answered, report
         task_status.started()
         with self._detections_in, self._detections_out:
-            async with anyio.create_task_group() as tg:
-                tg.start_soon(self._consume, handler, name="mqtt.commands")
-                await self._reconnect_forever()
-
-    async def _consume(self, handler: Handler) -> None:
-        while True:
-            delivery = await self._inbox.get()
-            self._resume_reading()
-            with anyio.CancelScope(shield=True):
-                async with self._handling:
-                    await handler(delivery.message)
-                    size = (
-                        len(delivery.message.payload)
-                        if isinstance(delivery.message.payload, bytes)
-                        else 0
-                    )
-                    self._settle(delivery.settling())
-                    del delivery  # the payload may be large: hold it no longer than needed
-                    if size > _TRIM_ABOVE:
-                        await anyio.to_thread.run_sync(release_free_memory)
-
-    def _settle(self, settling: Settling) -> None:
-        """Acknowledge a handled command once it is recorded and its answers are out."""
-
-        def recorded() -> None:
-            # the answers handed over by now (`accepted` included) go first
-            settling.handled(self._events_queued)
-            self._acknowledge()
-
-        if self._records is None:
-            recorded()
-        else:
-            self._records.when_recorded(recorded)
-
-    async def _finish_commands(self) -> None:
-        """Wait for the command in hand; answer those not handled yet, without handling them."""
-        with anyio.move_on_after(_HANDLER_GRACE_SECONDS) as scope:
-            await self._handling.acquire()
-        if scope.cancelled_caught:
-            log.error("shutting down with a command still being handled")
-            return
-        try:
-            if self._records is not None:
-                # its last write tells about the handled commands it records as unfinished
-                with anyio.move_on_after(_FINAL_FLUSH_SECONDS) as closing:
-                    await self._records.closed()
-                if closing.cancelled_caught:
-                    # acknowledgements go in arrival order: those after it could not go either,
-                    # so the ones not handled are left unanswered too, for the broker to resend
-                    log.error("records not final in time; commands stay unacknowledged")
-                    return
-            # the consumer is cancelled now: it takes no further message
-            for delivery in self._inbox.take_all():
-                # one from a connection that is gone cannot be acknowledged: the broker
-                # sends it again, and the next start handles it
-                if self._refuse is not None and delivery.connection.open:
-                    self._refuse(delivery.message)
-                    delivery.handled(self._events_queued)
-            self._acknowledge()
-        finally:
-            self._handling.release()
-            self._resume_reading()  # the PUBACKs of the last events must still come in
+            await self._reconnect_forever()
 
     async def _reconnect_forever(self) -> None:
         attempt = 0
@@ -396,7 +365,7 @@ class MqttLink:
         self._protocol = aiomqtt.ProtocolVersion.V311
         return True
 
-    def _client(self) -> aiomqtt.Client:
+    def _client(self) -> tuple[aiomqtt.Client, Callable[[int], None]]:
         v5 = self._protocol == aiomqtt.ProtocolVersion.V5
         properties = None
         if v5:
@@ -423,99 +392,79 @@ class MqttLink:
             # without it every QoS 1 event waits ~40 ms on the broker's delayed ACK
             socket_options=((socket.IPPROTO_TCP, socket.TCP_NODELAY, 1),),
         )
-        paho = client._client  # aiomqtt offers neither manual acks nor the session flag
-        paho.manual_ack_set(True)
-        on_connect: Any = paho.on_connect
+        ack = paho_fast.manual_acks(client, self._note_session)
+        self._fast = fast = self._fast_path and paho_fast.fast_path_for(client)
+        paho_fast.register_writers_safely(client, fast=fast)
+        # The broker should stop at our Receive Maximum, but mosquitto 2.0.11 does not once
+        # acknowledgements flow (measured: 151 unacknowledged with a Receive Maximum of 4),
+        # and 3.1.1 has none: without this, a burst of large commands all sits in memory.
+        self._gate = paho_fast.pause_reading_while(client, self._full, fast=fast)
+        return client, ack
 
-        def note_session(*args: Any) -> None:
-            self._session_present = bool(args[2].session_present)  # (client, userdata, flags, ...)
-            on_connect(*args)
+    def _note_session(self, present: bool) -> None:
+        self._session_present = present
 
-        paho.on_connect = note_session
-        _register_writers_safely(client)
-        self._read_while_room(client)
-        return client
-
-    def _inbox_full(self) -> bool:
+    def _full(self) -> bool:
+        """Whether the receiver holds as much as it may: then the socket is not read."""
+        if self._closing:
+            return False
         # not counting aiomqtt's queue: while we wait for a SUBACK it must go on reading
-        if len(self._inbox) >= self._settings.receive_maximum:
+        if self._held >= self._settings.receive_maximum:
             return True
-        return self._max_payload is not None and self._inbox.size >= self._max_payload
+        return self._max_payload is not None and self._held_bytes >= self._max_payload
 
-    def _resume_reading(self) -> None:
-        resume, self._paused = self._paused, None
-        if resume is not None:
-            resume()
-
-    def _read_while_room(self, client: aiomqtt.Client) -> None:
-        """Read the socket only while the inbox has room; TCP holds back the rest.
-
-        The broker should stop at our Receive Maximum, but mosquitto 2.0.11 does not once
-        acknowledgements flow (measured: 151 unacknowledged with a Receive Maximum of 4),
-        and 3.1.1 has none: without this, a burst of large commands all sits in memory.
-        Reading pauses when `receive_maximum` commands or `max_payload_bytes` of payload
-        wait, and resumes as soon as the handler takes the next one. aiomqtt's reader is
-        replaced by one that does the same and checks first.
-        """
-        paho = client._client
-        loop = asyncio.get_running_loop()
-        on_open: Any = paho.on_socket_open  # aiomqtt's: registers its reader, starts loop_misc
-
-        def read() -> None:
-            sock = paho.socket()
-            if sock is None:
-                return
-            if self._inbox_full():
-                fd = sock.fileno()
-                loop.remove_reader(fd)
-                self._paused = lambda: add(sock)
-                return
-            try:
-                paho.loop_read()
-            except Exception as exc:  # noqa: BLE001  # a broken socket ends the session
-                disconnected = client._disconnected
-                if not disconnected.done():
-                    disconnected.set_exception(exc)
-
-        def add(sock: Any) -> None:
-            current: Any = paho.socket()
-            if current is not None and current is sock:  # still this connection's socket
-                loop.add_reader(current.fileno(), read)
-
-        def opened(paho_client: Any, userdata: Any, sock: Any) -> None:
-            on_open(paho_client, userdata, sock)
-            loop.call_soon_threadsafe(add, sock)  # queued after aiomqtt's: replaces its reader
-
-        paho.on_socket_open = opened
-
-    async def _connect(self, stack: AsyncExitStack) -> aiomqtt.Client:
-        client = self._client()
+    async def _connect(self, stack: AsyncExitStack) -> tuple[aiomqtt.Client, Callable[[int], None]]:
+        client, ack = self._client()
         try:
             await stack.enter_async_context(client)
         except aiomqtt.MqttCodeError:
             raise
         except aiomqtt.MqttError as exc:
-            paho = client._client
-            if paho.socket() is None:  # no TCP connection: nothing to close, no answer expected
+            if not paho_fast.has_socket(client):  # no TCP connection: no answer expected
                 raise
-            # connected, CONNECT sent, no CONNACK: aiomqtt leaves that socket open
-            paho._sock_close()
+            paho_fast.close_unanswered(client, fast=self._fast)
             raise _NoConnack(
                 f"no answer to CONNECT within {self._settings.publish_timeout:g} s"
             ) from exc
-        return client
+        return client, ack
+
+    def _deliver(self, connection: Connection, message: aiomqtt.Message) -> None:
+        payload = payload_bytes(message)
+        properties = message.properties
+        data = getattr(properties, "CorrelationData", None) if properties else None
+        inbound = Inbound(
+            topic=message.topic.value,
+            payload=payload,
+            retain=message.retain,
+            response_topic=(getattr(properties, "ResponseTopic", None) if properties else None),
+            correlation_data=bytes(data) if data is not None else None,
+        )
+        receipt = connection.receive(self, message.mid, message.qos, len(payload))
+        self._held += 1
+        self._held_bytes += len(payload)
+        if self._receive is None:  # nobody to hand it to: never acknowledged
+            receipt.release()
+            return
+        self._receive(inbound, receipt)
+
+    def _forget_closed(self) -> None:
+        """A CONNACK said the session was kept: what closed connections left comes again."""
+        closed, self._closed = [c for c in self._closed if c.held], []
+        if not self._session_present:
+            return  # not sent again: the receiver handles what it holds
+        for connection in closed:
+            connection.resent = True
+        resent = sum(c.held for c in closed)
+        if resent:
+            log.info("commands left from the last connection come again", count=resent)
 
     async def _session(self) -> None:
         async with AsyncExitStack() as stack:
-            client = await self._connect(stack)
-            connection = Connection(client)
+            client, ack = await self._connect(stack)
+            connection = Connection(ack)
             try:
                 self._connection = connection
-                if self._session_present:
-                    # unacknowledged commands of the last connection come again on this one
-                    resent = self._inbox.forget_closed()
-                    if resent:
-                        log.info("commands left from the last connection come again", count=resent)
+                self._forget_closed()
                 await self._subscribe(client)
                 self.connected = True
                 self.stats.connects += 1
@@ -533,19 +482,24 @@ class MqttLink:
                     tg.start_soon(self._send_loop, client, name="mqtt.send")
                     tg.start_soon(self._detection_loop, client, name="mqtt.detections")
                     async for message in client.messages:
-                        self._inbox.put(connection.receive(message))
+                        self._deliver(connection, message)
+                        del message  # the payload may be large: the receiver decides how long
                     tg.cancel_scope.cancel()
             except anyio.get_cancelled_exc_class():
-                # the command in hand, the records' last write, then events and `offline`
-                limit = _HANDLER_GRACE_SECONDS + 2 * _FINAL_FLUSH_SECONDS
-                with anyio.move_on_after(limit, shield=True):
-                    await self._finish_commands()
+                # the receiver's last answers, then events, acknowledgements and `offline`
+                with anyio.move_on_after(_SHUTDOWN_SECONDS, shield=True):
+                    if self._answered is not None:
+                        await self._answered()
+                    self._closing = True
+                    self._gate.resume()  # the PUBACKs of the last events must still come in
                     await self._farewell(client)
                 raise
             finally:
                 unacknowledged = connection.close()
                 if unacknowledged:
                     log.info("connection closed with commands unacknowledged", count=unacknowledged)
+                if connection.held:
+                    self._closed.append(connection)
                 self._connection = None
 
     async def _subscribe(self, client: aiomqtt.Client) -> None:
@@ -621,26 +575,10 @@ class MqttLink:
             with contextlib.suppress(anyio.WouldBlock):
                 while len(batch) < _DETECTION_BATCH:
                     batch.append(receive.receive_nowait())
-            paho = client._client
-            with _writing_directly(client):
-                for topic, payload in batch:
-                    info = paho.publish(topic, payload, 0)
-                    if info.rc != MQTT_ERR_SUCCESS:
-                        raise aiomqtt.MqttCodeError(info.rc, "Could not publish a detection")
+            await paho_fast.publish_batch(
+                client, batch, stall_seconds=self._settings.publish_timeout, fast=self._fast
+            )
             self.stats.detections_sent += len(batch)
-            if paho.want_write():
-                # the socket did not take it all: wait for it to drain, so that detections
-                # queue (and are dropped, counted) in our bounded stream, not in paho
-                await self._drained(paho)
-
-    async def _drained(self, paho: Any) -> None:
-        timeout = self._settings.publish_timeout
-        with anyio.move_on_after(timeout):
-            # paho signals a drained socket only through aiomqtt's callbacks: poll, rarely
-            while paho.want_write():  # noqa: ASYNC110
-                await anyio.sleep(_DRAIN_POLL_SECONDS)
-            return
-        raise aiomqtt.MqttError(f"the broker took no data for {timeout:g} s")
 
     async def _farewell(self, client: aiomqtt.Client) -> None:
         """On clean shutdown: flush queued state and events, then say `offline` ourselves."""
@@ -655,65 +593,6 @@ class MqttLink:
             self.retain(self._will_topic, b"offline")  # retained state goes first
             while await self._publish_next(client):
                 pass
-
-
-@contextlib.contextmanager
-def _writing_directly(client: aiomqtt.Client) -> Iterator[None]:
-    """Let paho write QoS 0 packets to the socket at once, inside the calling task.
-
-    Through aiomqtt every publish costs a cross-thread wakeup (`call_soon_threadsafe` of
-    `add_writer`), a writer callback and, for QoS 0, a suspension until that callback ran:
-    about three event-loop passes per detection. With no write callback registered, paho
-    writes from `publish` itself. Afterwards the callback is restored and, if the socket
-    took only part of the data, the writer is registered as usual.
-
-    Only while no writer is registered or pending: writing then could unregister a writer
-    whose `add_writer` aiomqtt has queued but not run, and that writer would spin.
-    """
-    paho = client._client  # aiomqtt exposes no batch publish
-    if paho._registered_write:
-        yield  # paho queues; the registered writer sends it all on the next pass
-        return
-    register = paho.on_socket_register_write
-    paho.on_socket_register_write = None
-    try:
-        yield
-    finally:
-        paho.on_socket_register_write = register
-        if paho.want_write():
-            paho._registered_write = False  # set while no callback was there
-            paho._call_socket_register_write()
-
-
-def _register_writers_safely(client: aiomqtt.Client) -> None:
-    """Register paho's socket writer only while that socket is still the client's.
-
-    aiomqtt queues `add_writer(fd)` with `call_soon_threadsafe` (paho may ask from the
-    connect thread). When the broker drops the connection before the queued call runs, paho
-    has closed the socket and `add_writer` fails on a dead descriptor inside the event loop
-    (seen about once in twenty broker-restart tests under load). The queued call here checks
-    first; the writer does what aiomqtt's does.
-    """
-    paho = client._client
-    loop = asyncio.get_running_loop()
-
-    def write() -> None:
-        try:
-            paho.loop_write()
-        except Exception as exc:  # noqa: BLE001  # a broken pipe ends the session, as in aiomqtt
-            disconnected = client._disconnected
-            if not disconnected.done():
-                disconnected.set_exception(exc)
-
-    def add(sock: Any) -> None:
-        current = paho.socket()
-        if current is not None and current is sock:  # paho forgets a socket before closing it
-            loop.add_writer(current.fileno(), write)
-
-    def register(_client: Any, _userdata: Any, sock: Any) -> None:
-        loop.call_soon_threadsafe(add, sock)
-
-    paho.on_socket_register_write = register
 
 
 def _reason_code(error: BaseException | None) -> int | None:

@@ -12,7 +12,7 @@ from typing import Any, Literal
 
 import msgspec
 
-from agent.limits import json_problem
+from agent.limits import json_problem, payload_format
 
 __all__ = ["Style", "render", "size", "summary"]
 
@@ -29,6 +29,8 @@ _MAX_DEPTH = 64  # deeper JSON is shown as its text: printing it as a tree would
 _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
 _BREAKS = re.compile(r"[\t\n\r]")
 _ESCAPES = {"\t": "\\t", "\n": "\\n", "\r": "\\r"}
+_JSON = ("json_object", "json_array")  # shown as JSON when they decode
+_MSGPACK = ("msgpack_map", "msgpack_array")  # summarised by their items
 
 
 def size(n: int) -> str:
@@ -49,7 +51,7 @@ def render(payload: bytes, style: Style) -> str:
         return summary(payload)
     if style == "raw":
         return text
-    value = _json(text)
+    value = _json(text) if payload_format(payload) in _JSON else _NOT_JSON
     if value is _NOT_JSON:
         return text if style == "pretty" else _BREAKS.sub(_escape, text)
     if style == "pretty":
@@ -59,11 +61,13 @@ def render(payload: bytes, style: Style) -> str:
 
 def summary(payload: bytes) -> str:
     """One line for a binary payload: a MessagePack map's keys and value sizes, or a hex peek."""
-    try:
-        value = msgspec.msgpack.decode(payload)
-    # a bad str: UnicodeDecodeError; an unhashable map key (an Ext, a map): TypeError
-    except (msgspec.DecodeError, UnicodeDecodeError, RecursionError, TypeError):
-        value = None
+    value = None
+    if payload_format(payload) in _MSGPACK:
+        try:
+            value = msgspec.msgpack.decode(payload)
+        # a bad str: UnicodeDecodeError; an unhashable map key (an Ext, a map): TypeError
+        except (msgspec.DecodeError, UnicodeDecodeError, RecursionError, TypeError):
+            value = None
     if isinstance(value, dict):
         items = [f"{_plain(k)}={_brief(v)}" for k, v in list(value.items())[:_SUMMARY_KEYS]]
         if len(value) > _SUMMARY_KEYS:
@@ -87,8 +91,7 @@ def _text(payload: bytes) -> str | None:
 
 
 def _json(text: str) -> Any:
-    if text.lstrip()[:1] not in ("{", "["):
-        return _NOT_JSON  # `online`, `42`: shown as the text they are
+    """An object or array decoded; `online`, `42` and the like are shown as the text they are."""
     if json_problem(text.encode(), max_depth=_MAX_DEPTH) is not None:
         return _NOT_JSON  # too deep to print as a tree: shown as its text
     try:

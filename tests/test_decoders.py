@@ -13,11 +13,15 @@ from hypothesis import strategies as st
 
 from agent.config import Config, ConfigError, load_config
 from agent.errors import InvalidPayload
-from agent.limits import MAX_DEPTH, json_problem, msgpack_problem
+from agent.limits import MAX_DEPTH, json_problem, msgpack_problem, payload_format
 from agent.messages import (
     DeleteCommand,
-    DeployCommand,
+    Deploy,
     Event,
+    Info,
+    LinkCounters,
+    ModelByHash,
+    ModelUpload,
     YoloConfig,
     decode_delete,
     decode_deploy,
@@ -102,9 +106,17 @@ def test_structured_deploys_decode_or_name_the_field(body: dict[str, Any], encod
         return
     command = _decodes_or_invalid(decode_deploy, payload)
     if command is not None:
-        assert isinstance(command, DeployCommand)
+        assert isinstance(command, Deploy)
         assert not isinstance(command.nn_config, str)
-        assert command.model is not None or command.model_sha256 is not None
+        match command.model:
+            case ModelUpload(data=data, sha256=sha256):
+                assert data
+                if isinstance(body["model"], bytes):
+                    assert data == body["model"]
+                assert sha256 == (body["model_sha256"].lower() if "model_sha256" in body else None)
+            case ModelByHash(sha256=sha256):
+                assert "model" not in body or body["model"] is None
+                assert sha256 == body["model_sha256"].lower()
 
 
 @given(
@@ -133,7 +145,7 @@ def test_valid_yolo_round_trips(
         assert isinstance(command.nn_config, YoloConfig)
         assert command.nn_config.nn_config.num_classes == classes
         assert command.nn_config.nn_config.anchors == tuple(anchors)
-        assert command.model == b"blob"
+        assert command.model == ModelUpload(b"blob")
 
 
 def test_delete_payloads() -> None:
@@ -273,7 +285,7 @@ def test_non_finite_expires_at_is_refused() -> None:
 
 
 def test_label_bounds() -> None:
-    def deploy(labels: list[str]) -> DeployCommand:
+    def deploy(labels: list[str]) -> Deploy:
         return decode_deploy(msgspec.json.encode({**_GENERIC, "labels": labels}))
 
     assert deploy(["x" * 256] * 256).labels == ("x" * 256,) * 256  # exactly 64 KiB
@@ -333,3 +345,41 @@ def test_state_file_loads_or_is_kept_aside(tmp_path_factory: Any, raw: bytes) ->
         assert "kept as state.json.unreadable-" in problem
         assert len(problem) < 1000
         assert not (folder / "state.json").exists()
+
+
+@given(st.binary(max_size=64) | hostile_payloads)
+def test_payload_format_names_what_the_first_byte_opens(payload: bytes) -> None:
+    kind = payload_format(payload)
+    stripped = payload.lstrip()
+    if kind in ("json_object", "json_array"):
+        assert stripped[:1] == (b"{" if kind == "json_object" else b"[")
+    elif kind is not None:
+        value: object = None
+        with contextlib.suppress(
+            msgspec.DecodeError, UnicodeDecodeError, RecursionError, TypeError
+        ):
+            value = msgspec.msgpack.decode(payload)
+        # what decodes is of the kind named
+        if value is not None:
+            assert isinstance(value, dict if kind == "msgpack_map" else list)
+    else:
+        assert stripped[:1] not in (b"{", b"[")
+        with contextlib.suppress(
+            msgspec.DecodeError, UnicodeDecodeError, RecursionError, TypeError
+        ):
+            assert not isinstance(msgspec.msgpack.decode(payload), dict | list)
+
+
+def test_info_without_link_counters_decodes_with_zeros() -> None:
+    """`link` is a new defaulted field: an `info` from an older agent still decodes."""
+    old = {
+        "agent_id": "a",
+        "version": "0",
+        "depthai_version": "2.33",
+        "backend": "simulator",
+        "cameras": [],
+        "started_at": 1.0,
+    }
+    info = msgspec.json.decode(msgspec.json.encode(old), type=Info)
+    assert info.link == LinkCounters()
+    assert msgspec.json.decode(msgspec.json.encode(info))["link"]["connects"] == 0

@@ -193,6 +193,17 @@ async def test_agent_info_and_availability(broker: Broker, tmp_path: Path) -> No
         assert info["cameras"][0]["streams"] == ["CAM_A", "CAM_B", "CAM_C", "DEPTH_B_C"]
         assert info["depthai_version"].startswith("2.")
         assert info["cameras"][0]["stats"] == {"outputs": 0, "dropped": 0, "unreadable": 0}
+        # the link's counters as of this publish (at start-up: before the first connect)
+        assert set(info["link"]) == {
+            "connects",
+            "commands_acknowledged",
+            "events_sent",
+            "events_dropped",
+            "detections_sent",
+            "detections_dropped_disconnected",
+            "detections_dropped_backpressure",
+        }
+        assert all(isinstance(n, int) and n >= 0 for n in info["link"].values())
         availability = [obs.topics.camera_availability(m) for m in (CAM1, CAM2)]
         await obs.wait_for(lambda: all(obs.latest(t) == b"online" for t in availability))
         retained = [m for m in obs.messages if m.topic == obs.topics.availability]
