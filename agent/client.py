@@ -19,13 +19,14 @@ import sys
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import aiomqtt
 import anyio
 import msgspec
 
-from agent.config import ConfigError, load_config
+from agent.config import ConfigError, MqttSection, load_config
+from agent.connect import BrokerOptions, broker_options, connect_problem
 from agent.messages import Event
 from agent.mqtt import payload_bytes
 from agent.render import Style, render
@@ -92,16 +93,13 @@ class ClientExit(Exception):
 
 @dataclass(frozen=True, slots=True)
 class _Target:
-    host: str
-    port: int
+    broker: BrokerOptions
     topics: Topics
     agent: str
-    username: str | None
-    password: str | None
 
     @property
     def where(self) -> str:
-        return f"{self.host}:{self.port}"
+        return self.broker.where
 
 
 # --- arguments ----------------------------------------------------------------------------
@@ -307,22 +305,21 @@ def _target(args: argparse.Namespace) -> _Target:
     if agent is None:
         raise ClientExit(EXIT_USAGE, "--agent is required without --config")
     prefix = args.prefix or (config.mqtt.prefix if config else DEFAULT_PREFIX)
-    password = config.mqtt.password if config else None
-    if args.password_file is not None:
-        try:
-            password = args.password_file.read_text().splitlines()[0]
-        except (OSError, IndexError, UnicodeDecodeError) as exc:
-            raise ClientExit(
-                EXIT_USAGE, f"cannot read a password from {args.password_file}"
-            ) from exc
-    return _Target(
-        host=args.host or (config.mqtt.host if config else DEFAULT_HOST),
-        port=args.port or (config.mqtt.port if config else DEFAULT_PORT),
-        topics=Topics.for_agent(prefix, agent),
-        agent=agent,
-        username=args.username or (config.mqtt.username if config else None),
-        password=password,
+    # the agent's own connection settings (TLS, credentials, transport), flags on top
+    mqtt = config.mqtt if config else MqttSection(host=DEFAULT_HOST, port=DEFAULT_PORT)
+    mqtt = msgspec.structs.replace(
+        mqtt,
+        host=args.host or mqtt.host,
+        port=args.port or mqtt.port,
+        username=args.username or mqtt.username,
     )
+    if args.password_file is not None:
+        mqtt = msgspec.structs.replace(mqtt, password=None, password_file=str(args.password_file))
+    try:
+        broker = broker_options(mqtt)
+    except ConfigError as exc:
+        raise ClientExit(EXIT_USAGE, str(exc)) from None
+    return _Target(broker=broker, topics=Topics.for_agent(prefix, agent), agent=agent)
 
 
 def _body(args: argparse.Namespace) -> dict[str, Any]:
@@ -382,29 +379,18 @@ def _quiet_stdout() -> None:
 async def _connected(target: _Target) -> AsyncIterator[aiomqtt.Client]:
     """A connected client; broker problems become a `ClientExit` naming host:port."""
     client = aiomqtt.Client(
-        target.host,
-        target.port,
-        username=target.username,
-        password=target.password,
+        **target.broker.client_kwargs(),
         identifier=f"oak-agent-cli-{uuid.uuid4().hex[:12]}",
         protocol=aiomqtt.ProtocolVersion.V311,
         timeout=_CONNECT_TIMEOUT,
     )
     try:
         await client.__aenter__()
-    except aiomqtt.MqttCodeError as exc:  # a CONNACK refusal
-        reason = _REFUSALS.get(exc.rc, f"code {exc.rc}") if isinstance(exc.rc, int) else exc.rc
-        raise ClientExit(
-            EXIT_BROKER, f"the broker at {target.where} refused the connection: {reason}"
-        ) from None
     except aiomqtt.MqttError as exc:
-        if str(exc) == "Operation timed out":  # aiomqtt's wording for a missing CONNACK
-            what = f"no answer within {_CONNECT_TIMEOUT:g} s"
-        else:
-            what = str(exc)
-        raise ClientExit(
-            EXIT_BROKER, f"cannot connect to the MQTT broker at {target.where}: {what}"
-        ) from None
+        problem = connect_problem(exc, target.broker)
+        if problem is None:
+            _refused(exc, target)
+        raise ClientExit(EXIT_BROKER, problem.message) from None
     try:
         yield client
     except aiomqtt.MqttError as exc:
@@ -413,6 +399,22 @@ async def _connected(target: _Target) -> AsyncIterator[aiomqtt.Client]:
         with anyio.move_on_after(2, shield=True):
             with contextlib.suppress(aiomqtt.MqttError):  # already gone: nothing to close
                 await client.__aexit__(None, None, None)
+
+
+def _refused(exc: aiomqtt.MqttError, target: _Target) -> NoReturn:
+    """Raise the ClientExit for a connect that failed for a reason other than TLS or login."""
+    if isinstance(exc, aiomqtt.MqttCodeError):  # a CONNACK refusal
+        reason = _REFUSALS.get(exc.rc, f"code {exc.rc}") if isinstance(exc.rc, int) else exc.rc
+        raise ClientExit(
+            EXIT_BROKER, f"the broker at {target.where} refused the connection: {reason}"
+        ) from None
+    if str(exc) == "Operation timed out":  # aiomqtt's wording for a missing CONNACK
+        what = f"no answer within {_CONNECT_TIMEOUT:g} s"
+    else:
+        what = str(exc)
+    raise ClientExit(
+        EXIT_BROKER, f"cannot connect to the MQTT broker at {target.where}: {what}"
+    ) from None
 
 
 async def _request(target: _Target, args: argparse.Namespace, body: dict[str, Any]) -> int:

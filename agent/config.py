@@ -23,7 +23,10 @@ __all__ = [
     "SensorKind",
     "SimulatedCamera",
     "SimulatorSection",
+    "TlsSection",
     "load_config",
+    "locate",
+    "with_located_files",
 ]
 
 AgentId = Annotated[str, Meta(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9._-]+$")]
@@ -61,6 +64,20 @@ class AgentSection(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     detection_queue_size: Annotated[int, Meta(ge=1)] = 1024
 
 
+class TlsSection(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """`[mqtt.tls]`: its presence turns TLS on."""
+
+    # CA certificates to trust; the system trust store when unset
+    ca_file: str | None = None
+    # client certificate and key for mutual TLS: both or neither
+    cert_file: str | None = None
+    key_file: str | None = None
+    # the name checked in the broker's certificate; [mqtt] host when unset
+    server_name: str | None = None
+    # testing only: accept any certificate (logged at every connect)
+    insecure_skip_verify: bool = False
+
+
 class MqttSection(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     host: str = "127.0.0.1"
     port: Port = 1883
@@ -69,6 +86,12 @@ class MqttSection(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     client_id: str | None = None
     username: str | None = None
     password: str | None = None
+    # read at start: its first line, without the newline (instead of `password`)
+    password_file: str | None = None
+    # "websockets" for brokers that only expose MQTT over WebSockets (often on 443)
+    transport: Literal["tcp", "websockets"] = "tcp"
+    ws_path: Annotated[str, Meta(pattern=r"^/")] = "/mqtt"
+    tls: TlsSection | None = None
     keepalive: Annotated[int, Meta(ge=5, le=3600)] = 30
     # MQTT 5 session expiry; commands sent while the agent is away wait this long
     session_expiry: Annotated[int, Meta(ge=0)] = 86_400
@@ -136,6 +159,11 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 
 
 def _check(config: Config) -> None:
+    mqtt = config.mqtt
+    if mqtt.password is not None and mqtt.password_file is not None:
+        raise ConfigError("mqtt: set password or password_file, not both")
+    if mqtt.tls is not None and (mqtt.tls.cert_file is None) != (mqtt.tls.key_file is None):
+        raise ConfigError("mqtt.tls: set both cert_file and key_file (mutual TLS), or neither")
     if config.simulator is not None and config.depthai is not None:
         raise ConfigError("[simulator] and [depthai] exclude each other: choose one backend")
     if config.simulator is None:
@@ -156,6 +184,40 @@ def _check(config: Config) -> None:
                 raise ConfigError(f"{where}.stereo: a pair needs two different sensors")
 
 
+def locate(name: str, *, base: Path, credential: bool) -> str:
+    """The file a relative path in the config means: in `$CREDENTIALS_DIRECTORY` first when it
+    is a credential (systemd `LoadCredential=`), else in `base` (the config file's folder)."""
+    path = Path(name)
+    if path.is_absolute():
+        return name
+    credentials = os.environ.get("CREDENTIALS_DIRECTORY")
+    if credential and credentials and (Path(credentials) / path).is_file():
+        return str(Path(credentials) / path)
+    return str(base / path)
+
+
+def with_located_files(mqtt: MqttSection, base: Path) -> MqttSection:
+    """`mqtt` with every file it names made absolute (see `locate`)."""
+    password_file = mqtt.password_file
+    if password_file is not None:
+        password_file = locate(password_file, base=base, credential=True)
+    tls = mqtt.tls
+    if tls is not None:
+        tls = msgspec.structs.replace(
+            tls,
+            ca_file=None
+            if tls.ca_file is None
+            else locate(tls.ca_file, base=base, credential=False),
+            cert_file=None
+            if tls.cert_file is None
+            else locate(tls.cert_file, base=base, credential=True),
+            key_file=None
+            if tls.key_file is None
+            else locate(tls.key_file, base=base, credential=True),
+        )
+    return msgspec.structs.replace(mqtt, password_file=password_file, tls=tls)
+
+
 def load_config(path: Path) -> Config:
     """Read and validate a TOML config; relative state_dir is taken from the file's folder."""
     try:
@@ -169,6 +231,7 @@ def load_config(path: Path) -> Config:
     except (msgspec.DecodeError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from exc
     _check(config)
+    config = msgspec.structs.replace(config, mqtt=with_located_files(config.mqtt, path.parent))
     state_dir = Path(config.agent.state_dir)
     if not state_dir.is_absolute():
         state_dir = (path.parent / state_dir).resolve()

@@ -75,14 +75,16 @@ def _stop(process: subprocess.Popen[bytes]) -> None:
             process.wait(timeout=5)
 
 
-def _mosquitto_command(workdir: Path, port: int, persistence: bool) -> list[str]:
+def _mosquitto_command(
+    workdir: Path, port: int, persistence: bool, settings: tuple[str, ...] | None
+) -> list[str]:
     binary = mosquitto_path()
     if binary is None:
         raise BrokerUnavailable("mosquitto is not installed")
     conf = workdir / "mosquitto.conf"
     lines = [
         f"listener {port} 127.0.0.1",
-        "allow_anonymous true",
+        *(settings if settings is not None else ("allow_anonymous true",)),
         "set_tcp_nodelay true",  # no Nagle stalls with many QoS 1 publishes
         "max_queued_messages 100000",
         "max_inflight_messages 0",
@@ -115,12 +117,19 @@ def run_broker(
     *,
     port: int | None = None,
     persistence: bool = False,
+    settings: tuple[str, ...] | None = None,
 ) -> Iterator[Broker]:
-    """Start a broker process on 127.0.0.1 and stop it (by PID) on exit."""
+    """Start a broker process on 127.0.0.1 and stop it (by PID) on exit.
+
+    `settings` (mosquitto only): config lines for its listener instead of `allow_anonymous
+    true`, e.g. TLS files, `protocol websockets`, a password file and an ACL.
+    """
     port = port or free_port()
     workdir.mkdir(parents=True, exist_ok=True)
     if kind == "mosquitto":
-        command = _mosquitto_command(workdir, port, persistence)
+        command = _mosquitto_command(workdir, port, persistence, settings)
+    elif settings is not None:
+        raise BrokerUnavailable("listener settings need mosquitto")
     else:
         command = _amqtt_command(port)
     process = subprocess.Popen(

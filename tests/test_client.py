@@ -432,8 +432,10 @@ async def test_refused_login_is_one_line(tmp_path: Path) -> None:
             await process.wait()
     assert result.code == 4, result
     assert result.err.splitlines() == [
-        f"oak-agent watch: the broker at 127.0.0.1:{port} refused the connection: Not authorized"
+        f"oak-agent watch: the broker at 127.0.0.1:{port} refused the credentials "
+        f"(username 'someone', the password from {secret}): [code:135] Not authorized"
     ]
+    assert "wrong" not in result.err  # the password itself is never shown
 
 
 async def test_version_help_and_usage_errors() -> None:
