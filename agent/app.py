@@ -36,6 +36,7 @@ if TYPE_CHECKING:
     from anyio.abc import TaskStatus
 
     from agent.cameras.base import CameraBackend, Output
+    from agent.connect import BrokerOptions
 
 __all__ = ["App", "serve"]
 
@@ -159,6 +160,7 @@ async def serve(
     *,
     source: Path | None = None,
     group_writes: bool = True,
+    broker: BrokerOptions | None = None,
     concurrent_commands: bool = True,
     task_status: TaskStatus[App] = anyio.TASK_STATUS_IGNORED,
 ) -> None:
@@ -187,6 +189,7 @@ async def serve(
         event_queue_size=config.agent.event_queue_size,
         detection_queue_size=config.agent.detection_queue_size,
         max_payload_bytes=config.agent.max_payload_bytes,
+        broker=broker,
     )
     reporter = Reporter(link, topics)
     store = ModelStore(

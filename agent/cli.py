@@ -61,10 +61,12 @@ def _show_hints(hints: dict[str, str]) -> None:
 
 async def _run_until_signalled(config_path: Path) -> None:
     from agent.app import serve  # noqa: PLC0415  # keep `oak-agent --help` fast
+    from agent.connect import broker_options  # noqa: PLC0415
 
     config = load_config(config_path)
+    broker = broker_options(config.mqtt)  # reads the password and TLS files: a ConfigError here
     async with anyio.create_task_group() as tg:
-        app = await tg.start(partial(serve, config, source=config_path))
+        app = await tg.start(partial(serve, config, source=config_path, broker=broker))
         _show_hints(app.hints)
         with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
             async for signum in signals:

@@ -219,7 +219,7 @@ def _verify_problem(exc: ssl.SSLCertVerificationError, options: BrokerOptions) -
     name = (tls.server_name if tls is not None else None) or options.host
     detail = exc.verify_message or _reason(exc)
     code = exc.verify_code
-    if code == 62:  # X509_V_ERR_HOSTNAME_MISMATCH
+    if code in (62, 64):  # X509_V_ERR_HOSTNAME_MISMATCH, X509_V_ERR_IP_ADDRESS_MISMATCH
         message = (
             f"TLS: the certificate of the broker at {options.where} is not valid for the name "
             f"{name!r} ({detail}); set mqtt.tls.server_name to a name it holds"

@@ -36,6 +36,7 @@ from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from agent import paho_fast
 from agent.acks import Connection
+from agent.connect import BrokerOptions, broker_options, connect_problem
 from agent.errors import AgentError, SessionTakenOver
 from agent.inbox import Inbound
 from agent.messages import LinkCounters
@@ -125,8 +126,12 @@ class MqttLink:
         detection_queue_size: int = 1024,
         max_payload_bytes: int | None = None,
         fast_path: bool = True,
+        broker: BrokerOptions | None = None,
     ) -> None:
         self._settings = settings
+        # how to reach the broker (TLS, credentials, transport); read from `settings` if not given
+        self._broker = broker if broker is not None else broker_options(settings)
+        self._problems_reported: set[str] = set()  # TLS and login problems, told once each
         self._client_id = client_id
         self._will_topic = will_topic
         self._subscriptions = subscriptions
@@ -295,13 +300,18 @@ class MqttLink:
             finally:
                 self.connected = False
                 self._drop_queued_detections()
-            if self._should_fall_back(error):
+            problem = connect_problem(error, self._broker)
+            if problem is None and self._should_fall_back(error):
                 continue
+            if problem is not None and problem.cause not in self._problems_reported:
+                self._problems_reported.add(problem.cause)  # once per distinct cause
+                log.error(problem.message, broker=self._broker.where, cause=problem.cause)
             connected = self.stats.connects > connects
             lasted = time.monotonic() - started
             if connected and lasted >= _STABLE_SECONDS:
                 attempt, short_sessions = 0, 0  # back off from scratch after a stable session
                 self._takeover_reported = False
+                self._problems_reported.clear()
             else:
                 attempt += 1  # a session that ends right after it began is no reason to hurry
                 short_sessions += connected
@@ -375,12 +385,14 @@ class MqttLink:
             properties.ReceiveMaximum = self._settings.receive_maximum
             if self._max_packet is not None:
                 properties.MaximumPacketSize = self._max_packet
+        if self._broker.insecure:
+            log.warning(
+                "TLS certificate checks are off (mqtt.tls.insecure_skip_verify): for tests only",
+                broker=self._broker.where,
+            )
         client = aiomqtt.Client(
-            self._settings.host,
-            self._settings.port,
+            **self._broker.client_kwargs(),
             identifier=self._client_id,
-            username=self._settings.username,
-            password=self._settings.password,
             protocol=self._protocol,
             will=aiomqtt.Will(self._will_topic, b"offline", qos=1, retain=True),
             # a persistent session: commands sent while we are away wait for us
@@ -474,6 +486,7 @@ class MqttLink:
                     "mqtt connected",
                     host=self._settings.host,
                     port=self._settings.port,
+                    broker=self._broker.where,
                     protocol=self.protocol,
                     client_id=self._client_id,
                     session_present=self._session_present,

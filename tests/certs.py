@@ -33,6 +33,10 @@ class Pki:
     client_name: str
     stranger_cert: Path  # a client certificate from `other_ca`
     stranger_key: Path
+    impostor_cert: Path  # a broker certificate (localhost, 127.0.0.1) from `other_ca`
+    impostor_key: Path
+    misnamed_cert: Path  # a broker certificate from `ca` for another name only
+    misnamed_key: Path
 
 
 def _name(common_name: str) -> x509.Name:
@@ -94,6 +98,7 @@ def _leaf(
     ca_cert: x509.Certificate,
     *,
     server: bool,
+    names: tuple[str, ...] = ("localhost", "127.0.0.1"),
 ) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
     key = ec.generate_private_key(ec.SECP256R1())
     now = datetime.datetime.now(datetime.UTC)
@@ -115,12 +120,17 @@ def _leaf(
     )
     if server:
         builder = builder.add_extension(
-            x509.SubjectAlternativeName(
-                [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
-            ),
+            x509.SubjectAlternativeName([_alt_name(name) for name in names]),
             critical=False,
         )
     return key, builder.sign(ca_key, hashes.SHA256())
+
+
+def _alt_name(name: str) -> x509.GeneralName:
+    try:
+        return x509.IPAddress(ipaddress.ip_address(name))
+    except ValueError:
+        return x509.DNSName(name)
 
 
 def make_pki(folder: Path, *, client_name: str = "oak-agent-test") -> Pki:
@@ -131,6 +141,10 @@ def make_pki(folder: Path, *, client_name: str = "oak-agent-test") -> Pki:
     broker_key, broker_cert = _leaf("localhost", ca_key, ca_cert, server=True)
     client_key, client_cert = _leaf(client_name, ca_key, ca_cert, server=False)
     stranger_key, stranger_cert = _leaf(client_name, other_key, other_cert, server=False)
+    impostor_key, impostor_cert = _leaf("localhost", other_key, other_cert, server=True)
+    misnamed_key, misnamed_cert = _leaf(
+        "broker.invalid", ca_key, ca_cert, server=True, names=("broker.invalid",)
+    )
     return Pki(
         ca=_write_cert(ca_cert, folder / "ca.pem"),
         other_ca=_write_cert(other_cert, folder / "other-ca.pem"),
@@ -141,4 +155,8 @@ def make_pki(folder: Path, *, client_name: str = "oak-agent-test") -> Pki:
         client_name=client_name,
         stranger_cert=_write_cert(stranger_cert, folder / "stranger.crt"),
         stranger_key=_write_key(stranger_key, folder / "stranger.key"),
+        impostor_cert=_write_cert(impostor_cert, folder / "impostor.crt"),
+        impostor_key=_write_key(impostor_key, folder / "impostor.key"),
+        misnamed_cert=_write_cert(misnamed_cert, folder / "misnamed.crt"),
+        misnamed_key=_write_key(misnamed_key, folder / "misnamed.key"),
     )
