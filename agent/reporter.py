@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING, Final, Protocol
 
 import numpy as np
 
@@ -26,17 +26,39 @@ if TYPE_CHECKING:
     from agent.cameras.base import Output
     from agent.errors import AgentError
     from agent.messages import ReplyTo
-    from agent.mqtt import MqttLink
     from agent.status import Route
     from agent.topics import Topics
 
-__all__ = ["Reporter"]
+__all__ = ["Publisher", "Reporter"]
 
 _SPATIAL_COLUMNS: Final = 9
 
 
+class Publisher(Protocol):
+    """What the reporter publishes through: the MQTT link (agent/mqtt.py) implements it."""
+
+    def retain(self, topic: str, payload: bytes) -> None:
+        """Set the retained state of `topic`; the latest value wins."""
+
+    def send(self, topic: str, payload: bytes) -> None:
+        """Queue an event: never dropped while the queue has room."""
+
+    def send_reply(self, reply: ReplyTo, payload: bytes) -> None:
+        """Queue a copy of an event to a Response Topic."""
+
+    @property
+    def has_room_for_detections(self) -> bool:
+        """False when a detection offered now would be dropped."""
+
+    def count_dropped_detection(self) -> None:
+        """Count a detection dropped before it was built."""
+
+    def offer(self, topic: str, payload: bytes) -> None:
+        """Publish a detection now if it can go; else drop and count it."""
+
+
 class Reporter:
-    def __init__(self, link: MqttLink, topics: Topics) -> None:
+    def __init__(self, link: Publisher, topics: Topics) -> None:
         self._link = link
         self._topics = topics
         self._routes: dict[str, Mapping[str, Route]] = {}  # camera -> stream -> route
