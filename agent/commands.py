@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import time
 import uuid
+from functools import partial
 from typing import TYPE_CHECKING
 
 import structlog
@@ -40,6 +41,8 @@ from agent.requests import Request
 from agent.topics import CommandTopic, SimulatorTopic
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from agent.cameras.simulator import SimulatorBackend
     from agent.coordinator import Coordinator
     from agent.inbox import Inbound
@@ -48,6 +51,11 @@ if TYPE_CHECKING:
     from agent.topics import Topics
 
 __all__ = ["CommandHandler"]
+
+
+def _nothing() -> None:
+    """Nothing to say: another record answers it."""
+
 
 log = structlog.get_logger(__name__)
 
@@ -95,15 +103,16 @@ class CommandHandler:
             return parsed.camera
         return ""  # ignored by `handle`
 
-    async def handle(self, message: Inbound) -> bool:
-        """Handle one message; True when it is answered already (rejected, or no command),
-        False when its answer waits for the state write (submitted, or a replay)."""
+    async def handle(self, message: Inbound) -> Callable[[], None] | None:
+        """Handle one message. None when it is answered already (rejected, or no command);
+        when its answer waits for a state write (submitted, or a replay), how to answer it
+        should no write ever record it (`rejected`/`shutting_down`; nothing for a replay)."""
         parsed = self._topics.parse(message.topic)
         if isinstance(parsed, CommandTopic):
             return await self._command(parsed, message)
         if isinstance(parsed, SimulatorTopic):
             self._fault(parsed, message)
-        return True
+        return None
 
     def refuse(self, message: Inbound) -> None:
         """Answer a command received too late to be handled: the agent is stopping."""
@@ -116,25 +125,26 @@ class CommandHandler:
             reply = None
         self._reject(topic, message.payload, reply, ShuttingDown())
 
-    async def _command(self, topic: CommandTopic, message: Inbound) -> bool:
+    async def _command(self, topic: CommandTopic, message: Inbound) -> Callable[[], None] | None:
         payload = message.payload
         reply = None
         structlog.contextvars.bind_contextvars(camera=clip(topic.camera), stream=clip(topic.stream))
         try:
             reply = _reply_to(message, self._topics)
             request = await self._validate(topic, message.retain, payload, reply)
-            if request is not None:
-                await self._coordinator.submit(request)
+            if request is None:
+                return _nothing  # a replay: the original request's record answers it
+            await self._coordinator.submit(request)
         except AgentError as exc:
             self._reject(topic, payload, reply, exc)
         except Exception as exc:
             log.exception("command failed unexpectedly")
             self._reject(topic, payload, reply, Internal(f"{type(exc).__name__}: {exc}"))
         else:
-            return False
+            return partial(self._answer, topic, request.id, reply, ShuttingDown())
         finally:
             structlog.contextvars.unbind_contextvars("camera", "stream", "request_id")
-        return True
+        return None
 
     async def _validate(
         self, topic: CommandTopic, retain: bool, payload: bytes, reply: ReplyTo | None
@@ -189,9 +199,14 @@ class CommandHandler:
     def _reject(
         self, topic: CommandTopic, payload: bytes, reply: ReplyTo | None, exc: AgentError
     ) -> None:
+        self._answer(topic, self._salvage(payload) or f"auto-{uuid.uuid4().hex}", reply, exc)
+
+    def _answer(
+        self, topic: CommandTopic, request_id: str, reply: ReplyTo | None, exc: AgentError
+    ) -> None:
         log.warning("command rejected", code=exc.code, error=exc.message)
         event = Event(
-            request_id=self._salvage(payload) or f"auto-{uuid.uuid4().hex}",
+            request_id=request_id,
             action=topic.action,
             camera=topic.camera,
             stream=topic.stream,

@@ -12,13 +12,16 @@ once when it was answered without a record (rejected).
 
 At shutdown the messages in hand are finished (within a grace period), the records' last
 write is awaited, and messages received but not handled are refused if their sender can
-still be answered; then `stopped()` returns, and the front end sends its last answers.
+still be answered, and so are those submitted too late for that write (the coordinator
+refuses a command submitted after it stopped, but one can be staged while its last write is
+taken); then `stopped()` returns, and the front end sends its last answers.
 """
 
 from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass, field
+from functools import partial
 from typing import TYPE_CHECKING, Final, Protocol
 
 import anyio
@@ -54,11 +57,12 @@ class Boundary(Protocol):
     def lane(self, message: Inbound) -> str:
         """The lane of `message`: messages of one lane are handled in arrival order."""
 
-    async def handle(self, message: Inbound) -> bool:
+    async def handle(self, message: Inbound) -> Callable[[], None] | None:
         """Validate and submit, or answer with a rejection; raise nothing of its own.
 
-        True when the message is answered already (its answer is queued), False when its
-        answer waits for the records (a command submitted).
+        None when the message is answered already (its answer is queued); when its answer
+        waits for the records (a command submitted), how to answer it should the records
+        never take it (at shutdown: submitted as their last write was taken).
         """
 
     def refuse(self, message: Inbound) -> None:
@@ -80,8 +84,10 @@ class _Item:
     message: Inbound | None  # None once handled: the payload may be large
     receipt: Receipt
     lane: str
+    seq: int  # arrival order
     after: anyio.Event | None  # set when the lane's previous message is done
     done: anyio.Event = field(default_factory=anyio.Event)
+    unrecorded: Callable[[], None] | None = None  # answers it if the records never take it
 
 
 class Intake:
@@ -104,6 +110,8 @@ class Intake:
         self._arrived = anyio.Event()
         self._waiting: dict[_Item, None] = {}  # received, not handled yet: in arrival order
         self._last: dict[str, _Item] = {}  # each lane's latest message
+        self._arrived_count = 0
+        self._unrecorded: dict[_Item, None] = {}  # handled, waiting for `when_recorded`
         self._in_hand = 0
         self._handed_back = anyio.Event()  # set when nothing is in hand
         self._handed_back.set()
@@ -118,7 +126,9 @@ class Intake:
             return
         lane = self._boundary.lane(message) if self._lanes else ""
         previous = self._last.get(lane)
-        item = _Item(message, receipt, lane, None if previous is None else previous.done)
+        self._arrived_count += 1
+        after = None if previous is None else previous.done
+        item = _Item(message, receipt, lane, self._arrived_count, after)
         self._last[lane] = item
         self._waiting[item] = None
         self._arrivals.append(item)
@@ -183,13 +193,15 @@ class Intake:
         try:
             if receipt.redelivered:
                 return  # its connection closed and the broker kept the session: it comes again
-            answered = await self._boundary.handle(message)
-            if answered or self._records is None:
+            unrecorded = await self._boundary.handle(message)
+            if unrecorded is None or self._records is None:
                 # nothing to record: it may go as soon as its answer and those before it
                 # (also at shutdown, when the records' last write may have been taken already)
                 receipt.settle()
             else:
-                self._records.when_recorded(receipt.settle)
+                item.unrecorded = unrecorded
+                self._unrecorded[item] = None
+                self._records.when_recorded(partial(self._recorded, item))
         finally:
             item.message = message = None  # hold the payload no longer than needed
             receipt.release()
@@ -198,6 +210,11 @@ class Intake:
                 self._handed_back.set()
         if size > _TRIM_ABOVE:
             await anyio.to_thread.run_sync(release_free_memory)
+
+    def _recorded(self, item: _Item) -> None:
+        if item in self._unrecorded:  # else refused at shutdown already
+            del self._unrecorded[item]
+            item.receipt.settle()
 
     async def _stop(self) -> None:
         """Finish what is in hand; answer what was not handled, without handling it."""
@@ -216,6 +233,18 @@ class Intake:
                 # so the ones not handled are left unanswered too, for the broker to resend
                 log.error("records not final in time; commands stay unacknowledged")
                 return
+        # submitted while the last write was being taken, so never recorded: refused after
+        # all (acknowledgements go in arrival order, it would hold up every later one)
+        unrecorded = sorted(self._unrecorded, key=lambda item: item.seq)
+        self._unrecorded.clear()
+        for item in unrecorded:
+            if item.unrecorded is not None and item.receipt.live:
+                item.unrecorded()
+                item.receipt.settle()
+        if unrecorded:
+            log.warning(
+                "commands submitted too late for the last write refused", count=len(unrecorded)
+            )
         waiting, self._waiting = list(self._waiting), {}
         for item in waiting:
             # one whose connection is gone cannot be acknowledged: it comes again, and the
