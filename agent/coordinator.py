@@ -247,6 +247,8 @@ class Coordinator:
         worker = self.workers[request.camera]
         # a request staged before the saved state is taken over would not be persisted
         await worker.restored.wait()
+        if self._closing:  # it stopped meanwhile: its last write may have been taken already
+            raise ShuttingDown
         if not worker.camera.present:
             raise CameraOffline(camera=request.camera)
         known = self.requests.get(request.id)
