@@ -160,7 +160,7 @@ async def test_insecure_skip_verify_accepts_any_certificate(tls_broker: Broker, 
     await _round_trip(options, "oak/tls/insecure")
 
 
-async def test_plain_tcp_to_a_tls_listener_says_so(tls_broker: Broker) -> None:
+async def test_plain_tcp_to_a_tls_listener_is_no_tls_or_login_problem(tls_broker: Broker) -> None:
     options = broker_options(_settings(tls_broker))
     error = await _connect_error(options)
     # the broker waits for a TLS ClientHello: a plain CONNECT goes unanswered
