@@ -211,15 +211,6 @@ async def serve(
     coordinator.load()
     for camera in backend.cameras.values():
         coordinator.add_camera(camera)
-    handler = CommandHandler(
-        topics=topics,
-        coordinator=coordinator,
-        store=store,
-        reporter=reporter,
-        max_payload_bytes=config.agent.max_payload_bytes,
-        simulator=simulator,
-    )
-    intake = Intake(handler, coordinator, lanes=concurrent_commands)
     uploads = Uploads(
         config.state_path / "uploads",
         topics=topics,
@@ -230,6 +221,16 @@ async def serve(
     )
     uploads.models_in_use(coordinator.models_in_use)
     uploads.load()
+    handler = CommandHandler(
+        topics=topics,
+        coordinator=coordinator,
+        store=store,
+        reporter=reporter,
+        max_payload_bytes=config.agent.max_payload_bytes,
+        simulator=simulator,
+        uploads=uploads,
+    )
+    intake = Intake(handler, coordinator, lanes=concurrent_commands)
 
     def receive(message: Inbound, receipt: Receipt) -> None:
         # chunks and manifests never wait in a camera's command lane

@@ -48,7 +48,9 @@ if TYPE_CHECKING:
     from agent.inbox import Inbound
     from agent.models import ModelStore, StoredModel
     from agent.reporter import Reporter
+    from agent.requests import Acquire
     from agent.topics import Topics
+    from agent.uploads import Uploads
 
 __all__ = ["CommandHandler"]
 
@@ -88,6 +90,7 @@ class CommandHandler:
         reporter: Reporter,
         max_payload_bytes: int,
         simulator: SimulatorBackend | None = None,
+        uploads: Uploads | None = None,
     ) -> None:
         self._topics = topics
         self._coordinator = coordinator
@@ -95,6 +98,7 @@ class CommandHandler:
         self._reporter = reporter
         self._max_payload = max_payload_bytes
         self._simulator = simulator
+        self._uploads = uploads  # chunked uploads: a deploy may wait for one in progress
 
     def lane(self, message: Inbound) -> str:
         """A camera's commands (and simulator knobs) go in one lane: the camera's id."""
@@ -165,11 +169,13 @@ class CommandHandler:
         if command.expires_at is not None and now > command.expires_at:
             raise Expired(expires_at=command.expires_at, now=now)
         self._coordinator.check_target(topic.camera, topic.stream)
-        deployment = None
+        deployment = acquire = None
         if isinstance(command, Deploy):
-            deployment = await self._deployment(command, request_id)
-            # refuse what cannot run before the camera is taken down for it
-            self._coordinator.check_runnable(topic.camera, topic.stream, deployment)
+            acquire = self._acquire(command, request_id)
+            if acquire is None:
+                deployment = await self._deployment(command, request_id)
+                # refuse what cannot run before the camera is taken down for it
+                self._coordinator.check_runnable(topic.camera, topic.stream, deployment)
         return Request(
             id=request_id,
             action=topic.action,
@@ -177,7 +183,30 @@ class CommandHandler:
             stream=topic.stream,
             deployment=deployment,
             replies=[reply] if reply else [],
+            acquire=acquire,
         )
+
+    def _acquire(self, command: Deploy, request_id: str) -> Acquire | None:
+        """How to get a model that is on its way (accepted now, `transferring` until it is
+        there); None when the model is at hand or is not coming (`model_not_found`)."""
+        model = command.model
+        if not isinstance(model, ModelByHash) or self._uploads is None:
+            return None
+        if self._store.exists(model.sha256) or not self._uploads.in_progress(model.sha256):
+            return None
+        uploads = self._uploads
+
+        async def upload(progress: Callable[[int, int | None], None]) -> Deployment:
+            stored = await uploads.wait(model.sha256, progress)
+            return Deployment(
+                model=stored,
+                nn_config=command.nn_config,
+                labels=command.labels,
+                model_name=command.model_name,
+                request_id=request_id,
+            )
+
+        return upload
 
     async def _deployment(self, command: Deploy, request_id: str) -> Deployment:
         return Deployment(
