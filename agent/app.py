@@ -29,6 +29,7 @@ from agent.mqtt import MqttLink
 from agent.reporter import Reporter
 from agent.state import StateFile
 from agent.topics import Topics
+from agent.uploads import Uploads
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -37,6 +38,7 @@ if TYPE_CHECKING:
 
     from agent.cameras.base import CameraBackend, Output
     from agent.connect import BrokerOptions
+    from agent.inbox import Inbound, Receipt
 
 __all__ = ["App", "serve"]
 
@@ -84,6 +86,7 @@ class App:
     backend: CameraBackend
     reporter: Reporter
     hints: dict[str, str]
+    uploads: Uploads | None = None
 
 
 def _backend(config: Config) -> CameraBackend:
@@ -178,7 +181,7 @@ async def serve(
         # amqtt speaks 3.1.1 only, and stalls on a v5 CONNECT carrying a will
         log.info("the embedded broker speaks MQTT 3.1.1; using it")
         mqtt = msgspec.structs.replace(mqtt, protocol="3.1.1")
-    subscriptions: tuple[str, ...] = topics.command_filters
+    subscriptions: tuple[str, ...] = (*topics.command_filters, *topics.upload_filters)
     if simulator is not None:
         subscriptions = (*subscriptions, topics.simulator_filter)
     link = MqttLink(
@@ -217,6 +220,24 @@ async def serve(
         simulator=simulator,
     )
     intake = Intake(handler, coordinator, lanes=concurrent_commands)
+    uploads = Uploads(
+        config.state_path / "uploads",
+        topics=topics,
+        store=store,
+        reporter=reporter,
+        settings=config.models,
+        max_chunk_bytes=config.agent.max_payload_bytes,
+    )
+    uploads.models_in_use(coordinator.models_in_use)
+    uploads.load()
+
+    def receive(message: Inbound, receipt: Receipt) -> None:
+        # chunks and manifests never wait in a camera's command lane
+        if uploads.owns(message.topic):
+            uploads.receive(message, receipt)
+        else:
+            intake.receive(message, receipt)
+
     app = App(
         config,
         topics,
@@ -225,6 +246,7 @@ async def serve(
         backend,
         reporter,
         _hints(config, topics, backend, source),
+        uploads,
     )
     async with AsyncExitStack() as stack:
         if config.broker.embedded:
@@ -240,10 +262,9 @@ async def serve(
             if not backend.cameras:
                 log.warning("no cameras found yet; they are adopted when they appear")
             await tg.start(intake.run, name="commands")
+            await tg.start(uploads.run, name="uploads")
             await tg.start(
-                partial(
-                    link.run, intake.receive, answered=intake.stopped, report=reporter.agent_error
-                ),
+                partial(link.run, receive, answered=intake.stopped, report=reporter.agent_error),
                 name="mqtt",
             )
             log.info(

@@ -20,6 +20,7 @@ __all__ = [
     "ConfigError",
     "DepthaiSection",
     "DownloadSettings",
+    "ModelsSection",
     "MqttSection",
     "SensorKind",
     "SimulatedCamera",
@@ -63,6 +64,17 @@ class AgentSection(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     event_queue_size: Annotated[int, Meta(ge=1)] = 10_000
     # detection messages waiting for the publisher; newer ones are dropped when full
     detection_queue_size: Annotated[int, Meta(ge=1)] = 1024
+
+
+class ModelsSection(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """`[models]`: chunked uploads over MQTT (`{base}/models/{sha256}/...`)."""
+
+    # an upload with no chunk written for this long is abandoned and its partial deleted
+    upload_timeout: Annotated[float, Meta(gt=0.0, le=30 * 86_400.0)] = 3600.0
+    # the sizes of all uploads in progress together; a new one beyond it is `storage_full`
+    max_partial_bytes: Annotated[int, Meta(ge=4096)] = 256 * 1024 * 1024
+    # a stored / failed upload's retained status is cleared (empty retained message) after this
+    status_retention: Annotated[float, Meta(ge=0.0, le=30 * 86_400.0)] = 600.0
 
 
 class TlsSection(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -164,6 +176,7 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     agent: AgentSection = AgentSection()
     mqtt: MqttSection = MqttSection()
     broker: BrokerSection = BrokerSection()
+    models: ModelsSection = ModelsSection()
     simulator: SimulatorSection | None = None
     # real cameras; the backend when there is no [simulator] section
     depthai: DepthaiSection | None = None

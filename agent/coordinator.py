@@ -322,6 +322,18 @@ class Coordinator:
         held = (d for worker in self.workers.values() for d in worker.slots.deployments())
         return self._recorded.models() | {d.model.sha256 for d in held}
 
+    def models_in_use(self) -> dict[str, list[str]]:
+        """sha256 -> the "mxid/stream" that run the model or are to run it."""
+        used: dict[str, list[str]] = {}
+        for mxid, worker in self.workers.items():
+            slots = worker.slots
+            for stream, deployment in (*slots.running.items(), *slots.desired().items()):
+                where = f"{mxid}/{stream}"
+                names = used.setdefault(deployment.model.sha256, [])
+                if where not in names:
+                    names.append(where)
+        return used
+
     async def persist(self) -> None:
         """Have the state written; return once a write that starts after this call is done.
 

@@ -17,6 +17,7 @@ __all__ = [
     "IncompatibleModel",
     "Internal",
     "Interrupted",
+    "InvalidChunk",
     "InvalidModel",
     "InvalidPayload",
     "ModelNotFound",
@@ -27,8 +28,11 @@ __all__ = [
     "ShuttingDown",
     "StateUnreadable",
     "StateWriteFailed",
+    "StorageFull",
     "UnknownCamera",
     "UnknownStream",
+    "UploadNotFound",
+    "UploadTimeout",
     "clip",
     "echo",
     "error_info",
@@ -206,6 +210,39 @@ class StateWriteFailed(AgentError):
 
 class Internal(AgentError):
     code = "internal"
+
+
+# --- chunked model uploads, answered on `{base}/models/{sha256}/status` -------------------
+
+
+class InvalidChunk(AgentError):
+    """A chunk of a model upload outside the model, misaligned or of the wrong length."""
+
+    code = "invalid_chunk"
+
+
+class UploadNotFound(AgentError):
+    code = "upload_not_found"
+
+    def __init__(self, *, sha256: str) -> None:
+        super().__init__(
+            f"no upload of {clip(sha256)} is in progress; send its manifest to .../upload first"
+        )
+        self.sha256 = sha256
+
+
+class UploadTimeout(AgentError):
+    code = "upload_timeout"
+
+    def __init__(self, *, seconds: float) -> None:
+        super().__init__(f"no chunk arrived for {seconds:g} s; the partial model was deleted")
+        self.seconds = seconds
+
+
+class StorageFull(AgentError):
+    """No room for another upload: `models.max_partial_bytes`, or too many at once."""
+
+    code = "storage_full"
 
 
 # --- problems of the agent itself, published on `{base}/errors` --------------------------

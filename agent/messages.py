@@ -21,6 +21,7 @@ from agent.vocab import (
     CameraStateName,
     NNStateName,
     RequestState,
+    UploadStateName,
 )
 
 if TYPE_CHECKING:
@@ -45,17 +46,22 @@ __all__ = [
     "MobileNetConfig",
     "MobileNetOptions",
     "ModelByHash",
+    "ModelEntry",
     "ModelRef",
     "ModelUpload",
     "NNConfig",
     "NNStatus",
     "NNSummary",
+    "Progress",
     "ReplyTo",
     "Spatial",
+    "UploadManifest",
+    "UploadStatus",
     "YoloConfig",
     "YoloOptions",
     "decode_delete",
     "decode_deploy",
+    "decode_manifest",
     "encode_json",
     "salvage_request_id",
 ]
@@ -281,6 +287,32 @@ def decode_delete(payload: bytes) -> DeleteCommand:
     return _decode(payload, _json_delete, _msgpack_delete)
 
 
+# --- chunked model uploads -----------------------------------------------------------------
+
+MIN_CHUNK_SIZE: Final = 4096
+MAX_MODEL_SIZE: Final = 1 << 40  # a bound on the number, not a limit of the agent's disk
+
+
+class UploadManifest(msgspec.Struct, frozen=True, kw_only=True):
+    """What `{base}/models/{sha256}/upload` announces; also kept beside the partial file."""
+
+    size: Annotated[int, Meta(ge=1, le=MAX_MODEL_SIZE)]
+    # every chunk but the last has exactly this many bytes; at most agent.max_payload_bytes
+    chunk_size: Annotated[int, Meta(ge=MIN_CHUNK_SIZE, le=MAX_MODEL_SIZE)]
+    request_id: RequestId | None = None
+    model_name: Annotated[str, Meta(max_length=256)] | None = None
+    expires_at: UnixSeconds | None = None
+
+
+_json_manifest: Final = msgspec.json.Decoder(UploadManifest)
+_msgpack_manifest: Final = msgspec.msgpack.Decoder(UploadManifest)
+
+
+def decode_manifest(payload: bytes) -> UploadManifest:
+    """Decode an upload manifest (JSON object or MessagePack map); raise InvalidPayload."""
+    return _decode(payload, _json_manifest, _msgpack_manifest)
+
+
 def salvage_request_id(payload: bytes) -> str | None:
     """Best effort: the request_id of a payload that failed validation, to echo it back.
 
@@ -302,6 +334,13 @@ class ReplyTo(msgspec.Struct, frozen=True):
     correlation_data: bytes | None = None
 
 
+class Progress(msgspec.Struct, frozen=True):
+    """How much of a model a `transferring` request has: bytes received, of `total`."""
+
+    received: int
+    total: int | None = None  # unknown for a download whose size was not given
+
+
 class Event(msgspec.Struct, frozen=True, omit_defaults=True):
     request_id: str
     action: Action
@@ -312,6 +351,8 @@ class Event(msgspec.Struct, frozen=True, omit_defaults=True):
     error: ErrorInfo | None = None
     # on `superseded`: the request that replaced this one
     superseded_by: str | None = None
+    # on `transferring`: how far its model has come
+    progress: Progress | None = None
 
     @property
     def terminal(self) -> bool:
@@ -330,6 +371,32 @@ class ModelRef(msgspec.Struct, frozen=True, omit_defaults=True):
     sha256: str
     size: int
     name: str | None = None
+
+
+class UploadStatus(msgspec.Struct, frozen=True, omit_defaults=True):
+    """The retained `{base}/models/{sha256}/status` of a chunked upload."""
+
+    state: UploadStateName
+    size: int
+    received: int
+    # [start, end) byte ranges not received yet, at most MAX_MISSING_RANGES of them
+    missing: tuple[tuple[int, int], ...]
+    updated_at: float
+    chunk_size: int | None = None
+    missing_truncated: bool = False
+    request_id: str | None = None
+    error: ErrorInfo | None = None
+
+
+class ModelEntry(msgspec.Struct, frozen=True):
+    """One model of the retained `{base}/models` list."""
+
+    sha256: str
+    size: int
+    name: str | None
+    stored_at: float
+    last_used: float
+    in_use_by: tuple[str, ...]  # "mxid/stream" of the NNs that run it or will
 
 
 class NNStatus(msgspec.Struct, frozen=True):

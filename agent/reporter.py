@@ -15,8 +15,10 @@ from agent.messages import (
     Event,
     Info,
     Layer,
+    ModelEntry,
     NNStatus,
     Spatial,
+    UploadStatus,
     encode_json,
 )
 
@@ -38,7 +40,7 @@ class Publisher(Protocol):
     """What the reporter publishes through: the MQTT link (agent/mqtt.py) implements it."""
 
     def retain(self, topic: str, payload: bytes) -> None:
-        """Set the retained state of `topic`; the latest value wins."""
+        """Set the retained state of `topic`; the latest value wins; empty clears it."""
 
     def send(self, topic: str, payload: bytes) -> None:
         """Queue an event: never dropped while the queue has room."""
@@ -80,6 +82,14 @@ class Reporter:
 
     def nn_status(self, camera: str, stream: str, status: NNStatus) -> None:
         self._link.retain(self._topics.nn_status(camera, stream), encode_json(status))
+
+    def upload_status(self, sha256: str, status: UploadStatus | None) -> None:
+        """A chunked upload's retained status; None clears it (an empty retained message)."""
+        payload = b"" if status is None else encode_json(status)
+        self._link.retain(self._topics.upload_status(sha256), payload)
+
+    def models(self, entries: Iterable[ModelEntry]) -> None:
+        self._link.retain(self._topics.models, encode_json(tuple(entries)))
 
     # --- events --------------------------------------------------------------------------
 

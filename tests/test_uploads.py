@@ -1,0 +1,266 @@
+"""Chunked model uploads over MQTT, through a mosquitto that caps packets at 128 KiB."""
+
+from __future__ import annotations
+
+import hashlib
+import uuid
+from typing import TYPE_CHECKING, Any
+
+import aiomqtt
+import anyio
+import msgspec
+import pytest
+
+from tests.brokers import BrokerUnavailable, mosquitto_path, run_broker
+from tests.harness import CAM1, CAM2, agent_and_observer, make_config
+from tests.uploader import KIB, chunks, padded_model, send_chunks, send_manifest
+
+if TYPE_CHECKING:
+    from collections.abc import AsyncIterator, Iterator
+    from pathlib import Path
+
+    from agent.topics import Topics
+    from tests.brokers import Broker
+    from tests.harness import Observer
+
+pytestmark = pytest.mark.anyio
+
+GENERIC = {"type": "Generic"}
+CHUNK = 96 * KIB
+MODEL_SIZE = 3_000_000  # not a multiple of CHUNK: the last chunk is shorter
+CAP = 131072
+
+
+@pytest.fixture(scope="module")
+def capped(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Broker]:
+    """A mosquitto that disconnects any client sending a packet above 128 KiB."""
+    if mosquitto_path() is None:
+        pytest.skip("needs mosquitto (max_packet_size)")
+    settings = ("allow_anonymous true", f"max_packet_size {CAP}")
+    try:
+        with run_broker("mosquitto", tmp_path_factory.mktemp("capped"), settings=settings) as b:
+            yield b
+    except BrokerUnavailable as exc:
+        pytest.fail(f"cannot start mosquitto: {exc}")
+
+
+@pytest.fixture(scope="module")
+def model(wheel_blobs: dict[str, Path]) -> bytes:
+    """A real third-party blob (small outputs: its layers fit the cap) padded to 3 MB."""
+    return padded_model(wheel_blobs["Laserscan_10_1_shaves1"], MODEL_SIZE)
+
+
+@pytest.fixture
+async def sender(capped: Broker) -> AsyncIterator[aiomqtt.Client]:
+    async with aiomqtt.Client(
+        capped.host, capped.port, identifier=f"sender-{uuid.uuid4().hex[:8]}"
+    ) as client:
+        yield client
+
+
+def status(obs: Observer, sha256: str) -> dict[str, Any] | None:
+    payload = obs.latest(obs.topics.upload_status(sha256))
+    return msgspec.json.decode(payload) if payload else None
+
+
+async def until_status(obs: Observer, sha256: str, state: str, **fields: Any) -> dict[str, Any]:
+    def found() -> dict[str, Any] | None:
+        current = status(obs, sha256)
+        if current is None or current["state"] != state:
+            return None
+        return current if all(current.get(k) == v for k, v in fields.items()) else None
+
+    return await obs.wait_for(found, what=f"upload status {state} {fields}")
+
+
+async def until_error(obs: Observer, sha256: str, code: str, saying: str = "") -> dict[str, Any]:
+    def found() -> dict[str, Any] | None:
+        current = status(obs, sha256)
+        error = current.get("error") if current else None
+        wanted = error and error["code"] == code and saying in error["message"]
+        return current if wanted else None
+
+    return await obs.wait_for(found, what=f"upload error {code}")
+
+
+async def test_upload_through_capped_broker_then_deploy(
+    capped: Broker, tmp_path: Path, model: bytes, sender: aiomqtt.Client
+) -> None:
+    config = make_config(capped, tmp_path / "state")
+    async with agent_and_observer(capped, config) as (app, obs):
+        topics = obs.topics
+        sha = await send_manifest(sender, topics, model, CHUNK, model_name="laserscan-padded")
+        first = await until_status(obs, sha, "receiving")
+        assert first["received"] == 0
+        assert first["missing"] == [[0, MODEL_SIZE]]
+        assert first["chunk_size"] == CHUNK
+        await send_chunks(sender, topics, model, CHUNK, chunks(MODEL_SIZE, CHUNK))
+        stored = await until_status(obs, sha, "stored")
+        assert stored["received"] == MODEL_SIZE
+        assert stored["missing"] == []
+        published = len(obs.on(topics.upload_status(sha)))
+        print(f"statuses published for {len(chunks(MODEL_SIZE, CHUNK))} chunks: {published}")
+        assert published < len(chunks(MODEL_SIZE, CHUNK))  # rate-limited, not one per chunk
+        assert (tmp_path / "state" / "models" / f"{sha}.blob").read_bytes() == model
+        assert not list((tmp_path / "state" / "uploads").iterdir())
+
+        body = {"request_id": "by-sha", "nn_config": GENERIC, "model_sha256": sha}
+        await obs.deploy(CAM1, "CAM_B", body)
+        assert (await obs.outcome("by-sha")).state == "succeeded"
+        assert obs.states("by-sha") == ["accepted", "applying", "succeeded"]
+
+        listed = await obs.wait_for(
+            lambda: next(
+                (
+                    m
+                    for m in obs.latest_json(topics.models) or []
+                    if m["sha256"] == sha and m["in_use_by"]
+                ),
+                None,
+            ),
+            what="the model in the models list, in use",
+        )
+        assert listed["size"] == MODEL_SIZE
+        assert listed["name"] == "laserscan-padded"
+        assert listed["in_use_by"] == [f"{CAM1}/CAM_B"]
+
+        # the same model inline does not fit through this broker: it drops the sender
+        connects = app.link.stats.connects
+        inline = msgspec.msgpack.encode(
+            {"request_id": "inline", "nn_config": GENERIC, "model": model}
+        )
+        with pytest.raises(aiomqtt.MqttError):
+            await _publish_alone(capped, topics.command(CAM2, "CAM_B", "deploy"), inline)
+        # the agent stays up, on the same connection, and keeps serving
+        body = {"request_id": "after", "nn_config": GENERIC, "model_sha256": sha}
+        await obs.deploy(CAM2, "CAM_B", body)
+        assert (await obs.outcome("after")).state == "succeeded"
+        assert obs.events("inline") == []
+        assert app.link.stats.connects == connects
+        assert obs.latest(topics.availability) == b"online"
+
+        # a manifest for a model the agent stores answers `stored` at once
+        await sender.publish(topics.upload_status(sha), b"", qos=1, retain=True)
+        await send_manifest(sender, topics, model, CHUNK)
+        again = await until_status(obs, sha, "stored")
+        assert again["received"] == MODEL_SIZE
+
+
+async def _publish_alone(broker: Broker, topic: str, payload: bytes) -> None:
+    """Publish from a client of its own, then another message to see it still connected."""
+    async with aiomqtt.Client(broker.host, broker.port) as client:
+        await client.publish(topic, payload, qos=1, timeout=10)
+        await client.publish(topic, b"{}", qos=1, timeout=10)
+
+
+async def _start(sender: aiomqtt.Client, topics: Topics, data: bytes, chunk: int) -> str:
+    return await send_manifest(sender, topics, data, chunk)
+
+
+async def test_bad_chunks_and_manifests_are_answered_on_status(
+    capped: Broker, tmp_path: Path, model: bytes, sender: aiomqtt.Client
+) -> None:
+    data = model[: 20 * 4 * KIB + 100]
+    chunk = 4 * KIB
+    config = make_config(capped, tmp_path / "state")
+    async with agent_and_observer(capped, config) as (app, obs):
+        topics = obs.topics
+        sha = hashlib.sha256(data).hexdigest()
+        # chunks before any manifest
+        await sender.publish(topics.chunk(sha, 0), data[:chunk], qos=1)
+        refused = await until_error(obs, sha, "upload_not_found")
+        assert refused["state"] == "failed"
+
+        await _start(sender, topics, data, chunk)
+        await until_status(obs, sha, "receiving", error=None)
+        cases = [
+            (len(data) + chunk, data[:chunk], "outside the model"),
+            (chunk + 1, data[:chunk], "not a multiple"),
+            (0, data[: chunk - 1], "must have 4096"),
+            (20 * chunk, data[-99:], "must have 100"),
+        ]
+        for n, (offset, payload, reason) in enumerate(cases, start=1):
+            await sender.publish(topics.chunk(sha, offset), payload, qos=1)
+            error = (await until_error(obs, sha, "invalid_chunk"))["error"]
+            assert reason in error["message"]
+            assert status(obs, sha)["state"] == "receiving"  # type: ignore[index]
+            # a good chunk clears the error; the upload went on
+            good = n * chunk
+            await sender.publish(topics.chunk(sha, good), data[good : good + chunk], qos=1)
+            await until_status(obs, sha, "receiving", error=None, received=n * chunk)
+        # an offset that is not a number
+        await sender.publish(f"{topics.base}/models/{sha}/chunks/-4", data[:chunk], qos=1)
+        assert "not decimal" in (await until_error(obs, sha, "invalid_chunk"))["error"]["message"]
+        # a garbage manifest while it runs: an error, and the upload goes on
+        await sender.publish(topics.upload(sha), b"\x93garbage", qos=1)
+        await until_error(obs, sha, "invalid_payload")
+        await sender.publish(topics.upload(sha), b'{"size": 1, "chunk_size": 4096}', qos=1)
+        changed = await until_error(obs, sha, "invalid_payload", "`$.size`")
+        assert "differs from the upload in progress" in changed["error"]["message"]
+        assert changed["state"] == "receiving"
+        # retained chunks are never written
+        await sender.publish(topics.chunk(sha, 0), data[:chunk], qos=1, retain=True)
+        await until_error(obs, sha, "retained_command")
+        await sender.publish(topics.chunk(sha, 0), b"", qos=1, retain=True)
+
+        # a corrupted chunk: the whole model's sha256 does not match
+        corrupt = bytearray(data)
+        corrupt[5] ^= 0xFF
+        for offset in chunks(len(data), chunk):
+            await sender.publish(
+                topics.chunk(sha, offset), bytes(corrupt[offset : offset + chunk]), qos=1
+            )
+        failed = await until_status(obs, sha, "failed")
+        assert failed["error"]["code"] == "checksum_mismatch"
+        assert not list((tmp_path / "state" / "uploads").iterdir())
+        assert not (tmp_path / "state" / "models" / f"{sha}.blob").exists()
+
+        # a garbage manifest with no upload, and manifests that break the rules
+        other = hashlib.sha256(b"other").hexdigest()
+        for payload, where in [
+            (b"not json", "$"),
+            (b'{"size": 10, "chunk_size": 100}', "$.chunk_size"),
+            (b'{"size": 0, "chunk_size": 4096}', "$.size"),
+            (b'{"size": 10, "chunk_size": 999999999}', "$.chunk_size"),
+            (b'{"size": 10, "chunk_size": 4096, "expires_at": 5}', None),
+        ]:
+            await sender.publish(topics.upload(other), b"", qos=1, retain=True)
+            await sender.publish(topics.upload(other), payload, qos=1)
+            code = "expired" if where is None else "invalid_payload"
+            answer = await until_error(obs, other, code, "" if where is None else f"`{where}`")
+            assert answer["state"] == "failed"
+            await sender.publish(topics.upload_status(other), b"", qos=1, retain=True)
+            await obs.wait_for(lambda: status(obs, other) is None)
+        assert obs.latest(topics.availability) == b"online"
+        assert app.uploads is not None
+        assert not app.uploads.in_progress(sha)
+
+
+async def test_upload_abandoned_after_upload_timeout_and_storage_full(
+    capped: Broker, tmp_path: Path, model: bytes, sender: aiomqtt.Client
+) -> None:
+    config = make_config(capped, tmp_path / "state")
+    models = msgspec.structs.replace(
+        config.models, upload_timeout=1.0, max_partial_bytes=MODEL_SIZE + 10
+    )
+    config = msgspec.structs.replace(config, models=models)
+    async with agent_and_observer(capped, config) as (_, obs):
+        topics = obs.topics
+        sha = await send_manifest(sender, topics, model, CHUNK)
+        await until_status(obs, sha, "receiving")
+        # a second one would exceed max_partial_bytes
+        other = model[:20_000]
+        other_sha = await send_manifest(sender, topics, other, 4 * KIB)
+        full = await until_error(obs, other_sha, "storage_full")
+        assert full["state"] == "failed"
+        assert "max_partial_bytes" in full["error"]["message"]
+        await send_chunks(sender, topics, model, CHUNK, [0])
+        await until_status(obs, sha, "receiving", received=CHUNK)
+        # then nothing for upload_timeout: abandoned, partial deleted
+        with anyio.fail_after(20):
+            abandoned = await until_status(obs, sha, "failed")
+        assert abandoned["error"]["code"] == "upload_timeout"
+        assert not list((tmp_path / "state" / "uploads").iterdir())
+        # room again
+        await send_manifest(sender, topics, other, 4 * KIB)
+        await until_status(obs, other_sha, "receiving")
