@@ -19,6 +19,7 @@ __all__ = [
     "Config",
     "ConfigError",
     "DepthaiSection",
+    "DownloadSettings",
     "ModelsSection",
     "MqttSection",
     "SensorKind",
@@ -153,6 +154,24 @@ class DepthaiSection(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     discovery_interval: Annotated[float, Meta(ge=1.0, le=3600.0)] = 5.0
 
 
+# `scheme://host/` at least: a prefix without the slash after the host would also allow
+# `https://models.example.com.elsewhere.net/...` or `https://models.example.com@elsewhere/`
+UrlPrefix = Annotated[str, Meta(pattern=r"^https?://[^/?#@\s]+/[^?#\s]*$", max_length=2048)]
+
+
+class DownloadSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """`[download]`: fetching models named by `model_url` in a deploy."""
+
+    # URLs a deploy may name, compared character by character; empty allows any http(s) URL
+    allowed_url_prefixes: tuple[UrlPrefix, ...] = ()
+    # CA certificates to trust for https; httpx's bundled CA set (certifi) when unset
+    ca_file: str | None = None
+    # seconds one download may take in all, retries included
+    timeout: Annotated[float, Meta(gt=0.0, le=86_400.0)] = 600.0
+    # a model larger than this is refused (`payload_too_large`)
+    max_model_bytes: Annotated[int, Meta(ge=1024)] = 256 * 1024 * 1024
+
+
 class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     agent: AgentSection = AgentSection()
     mqtt: MqttSection = MqttSection()
@@ -161,6 +180,7 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     simulator: SimulatorSection | None = None
     # real cameras; the backend when there is no [simulator] section
     depthai: DepthaiSection | None = None
+    download: DownloadSettings = DownloadSettings()
 
     @property
     def client_id(self) -> str:
@@ -245,6 +265,10 @@ def load_config(path: Path) -> Config:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from exc
     _check(config)
     config = msgspec.structs.replace(config, mqtt=with_located_files(config.mqtt, path.parent))
+    if config.download.ca_file is not None:
+        ca_file = locate(config.download.ca_file, base=path.parent, credential=False)
+        download = msgspec.structs.replace(config.download, ca_file=ca_file)
+        config = msgspec.structs.replace(config, download=download)
     state_dir = Path(config.agent.state_dir)
     if not state_dir.is_absolute():
         state_dir = (path.parent / state_dir).resolve()

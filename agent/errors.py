@@ -11,6 +11,7 @@ __all__ = [
     "CameraOffline",
     "ChecksumMismatch",
     "DeployFailed",
+    "DownloadFailed",
     "ErrorInfo",
     "Expired",
     "IncompatibleModel",
@@ -168,6 +169,24 @@ class DeployFailed(AgentError):
     """The camera did not come up with the requested NN set."""
 
     code = "deploy_failed"
+
+
+class DownloadFailed(AgentError):
+    """A `model_url` could not be fetched: an HTTP status, or a network problem past retries.
+
+    `url` is given without credentials (no userinfo, no query string).
+    """
+
+    code = "download_failed"
+
+    def __init__(self, *, reason: str, status: int | None = None, url: str | None = None) -> None:
+        where = f" {clip(url, 200)}" if url else ""
+        super().__init__(
+            f"download of{where} failed: {reason}" if where else f"download failed: {reason}"
+        )
+        self.reason = reason
+        self.status = status
+        self.url = url
 
 
 class Interrupted(AgentError):
