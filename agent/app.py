@@ -29,6 +29,7 @@ from agent.mqtt import MqttLink
 from agent.reporter import Reporter
 from agent.state import StateFile
 from agent.topics import Topics
+from agent.transfers import Transfers
 from agent.uploads import Uploads
 
 if TYPE_CHECKING:
@@ -221,6 +222,14 @@ async def serve(
     )
     uploads.models_in_use(coordinator.models_in_use)
     uploads.load()
+    transfers = Transfers(
+        config.state_path / "downloads",
+        store=store,
+        uploads=uploads,
+        settings=config.download,
+        abandon_after=config.models.upload_timeout,
+    )
+    transfers.clean_up()
     handler = CommandHandler(
         topics=topics,
         coordinator=coordinator,
@@ -228,7 +237,7 @@ async def serve(
         reporter=reporter,
         max_payload_bytes=config.agent.max_payload_bytes,
         simulator=simulator,
-        uploads=uploads,
+        transfers=transfers,
     )
     intake = Intake(handler, coordinator, lanes=concurrent_commands)
 

@@ -32,6 +32,7 @@ from agent.messages import (
     Event,
     ModelByHash,
     ModelUpload,
+    ModelUrl,
     ReplyTo,
     decode_delete,
     decode_deploy,
@@ -50,7 +51,7 @@ if TYPE_CHECKING:
     from agent.reporter import Reporter
     from agent.requests import Acquire
     from agent.topics import Topics
-    from agent.uploads import Uploads
+    from agent.transfers import Transfers
 
 __all__ = ["CommandHandler"]
 
@@ -90,7 +91,7 @@ class CommandHandler:
         reporter: Reporter,
         max_payload_bytes: int,
         simulator: SimulatorBackend | None = None,
-        uploads: Uploads | None = None,
+        transfers: Transfers | None = None,
     ) -> None:
         self._topics = topics
         self._coordinator = coordinator
@@ -98,7 +99,7 @@ class CommandHandler:
         self._reporter = reporter
         self._max_payload = max_payload_bytes
         self._simulator = simulator
-        self._uploads = uploads  # chunked uploads: a deploy may wait for one in progress
+        self._transfers = transfers  # models on their way: uploads, downloads
 
     def lane(self, message: Inbound) -> str:
         """A camera's commands (and simulator knobs) go in one lane: the camera's id."""
@@ -187,17 +188,14 @@ class CommandHandler:
         )
 
     def _acquire(self, command: Deploy, request_id: str) -> Acquire | None:
-        """How to get a model that is on its way (accepted now, `transferring` until it is
-        there); None when the model is at hand or is not coming (`model_not_found`)."""
-        model = command.model
-        if not isinstance(model, ModelByHash) or self._uploads is None:
+        """How to get a model that is on its way, an upload in progress or a `model_url`
+        (accepted now, `transferring` until it is there); None when it is at hand."""
+        model, transfers = command.model, self._transfers
+        if transfers is None or isinstance(model, ModelUpload) or not transfers.on_its_way(model):
             return None
-        if self._store.exists(model.sha256) or not self._uploads.in_progress(model.sha256):
-            return None
-        uploads = self._uploads
 
-        async def upload(progress: Callable[[int, int | None], None]) -> Deployment:
-            stored = await uploads.wait(model.sha256, progress)
+        async def acquire(progress: Callable[[int, int | None], None]) -> Deployment:
+            stored = await transfers.model(model, progress, name=command.model_name)
             return Deployment(
                 model=stored,
                 nn_config=command.nn_config,
@@ -206,7 +204,7 @@ class CommandHandler:
                 request_id=request_id,
             )
 
-        return upload
+        return acquire
 
     async def _deployment(self, command: Deploy, request_id: str) -> Deployment:
         return Deployment(
@@ -217,12 +215,12 @@ class CommandHandler:
             request_id=request_id,
         )
 
-    async def _model(self, source: ModelUpload | ModelByHash) -> StoredModel:
+    async def _model(self, source: ModelUpload | ModelByHash | ModelUrl) -> StoredModel:
         """Hash, store and parse an uploaded model, or find a stored one."""
         match source:
             case ModelUpload(data=data, sha256=expected):
                 return await self._store.put(data, expected_sha256=expected)
-            case ModelByHash(sha256=sha256):
+            case ModelByHash(sha256=sha256) | ModelUrl(sha256=sha256):
                 return await self._store.get(sha256)
 
     def _reject(

@@ -305,6 +305,7 @@ class Uploads:
     def load(self) -> None:
         """Take over the uploads a previous run left; drop what cannot be resumed."""
         try:
+            make_private_folder(self.folder.parent)  # the state folder: private too
             make_private_folder(self.folder)
             for leftover in self.folder.glob(f"{_TMP_PREFIX}*{_TMP_SUFFIX}"):
                 leftover.unlink()
