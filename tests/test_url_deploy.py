@@ -24,7 +24,7 @@ pytestmark = pytest.mark.anyio
 
 GENERIC = {"type": "Generic"}
 SIZE = 1_500_000
-SECRET = "s3cr3t-token"
+SECRET = "s3cr3t-token"  # noqa: S105  # a made-up credential that must never be echoed
 
 
 @pytest.fixture(scope="module")
