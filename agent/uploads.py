@@ -631,17 +631,16 @@ class Uploads:
                 upload.close()
             part = upload.path(".part")
             try:
-                actual = await anyio.to_thread.run_sync(_hash_file, part)
-                if actual != upload.sha256:
-                    raise ChecksumMismatch(expected=upload.sha256, actual=actual)
-                model = await self._store.put_file(
-                    part, upload.sha256, name=upload.manifest.model_name
-                )
+                model = await self._store_part(upload, part)
             except AgentError as exc:
                 await self._fail(upload, exc)
                 return
             except OSError as exc:
                 await self._fail(upload, StateWriteFailed(f"{exc.strerror or exc}"))
+                return
+            except Exception as exc:  # a model nobody vetted never stops the uploads
+                log.exception("storing an upload failed unexpectedly", sha256=upload.sha256)
+                await self._fail(upload, Internal(f"{type(exc).__name__}: {exc}"))
                 return
         del self._uploads[upload.sha256]
         await anyio.to_thread.run_sync(
@@ -653,6 +652,13 @@ class Uploads:
         upload.outcome = model
         upload.done.set()
         self._end(upload.sha256, "stored", upload.size, upload.manifest.request_id)
+
+    async def _store_part(self, upload: _Upload, part: Path) -> StoredModel:
+        """Check the whole model's sha256, then have the store parse and take it."""
+        actual = await anyio.to_thread.run_sync(_hash_file, part)
+        if actual != upload.sha256:
+            raise ChecksumMismatch(expected=upload.sha256, actual=actual)
+        return await self._store.put_file(part, upload.sha256, name=upload.manifest.model_name)
 
     def _fail_soon(self, upload: _Upload, error: AgentError) -> None:
         if self._task_group is not None and not upload.done.is_set():
