@@ -243,7 +243,7 @@ async def test_upload_abandoned_after_upload_timeout_and_storage_full(
 ) -> None:
     config = make_config(capped, tmp_path / "state")
     models = msgspec.structs.replace(
-        config.models, upload_timeout=1.0, max_partial_bytes=MODEL_SIZE + 10
+        config.models, upload_timeout=3.0, max_partial_bytes=MODEL_SIZE + 10
     )
     config = msgspec.structs.replace(config, models=models)
     async with agent_and_observer(capped, config) as (_, obs):
@@ -258,10 +258,16 @@ async def test_upload_abandoned_after_upload_timeout_and_storage_full(
         assert "max_partial_bytes" in full["error"]["message"]
         await send_chunks(sender, topics, model, CHUNK, [0])
         await until_status(obs, sha, "receiving", received=CHUNK)
-        # then nothing for upload_timeout: abandoned, partial deleted
+        body = {"request_id": "waits", "nn_config": GENERIC, "model_sha256": sha}
+        await obs.deploy(CAM1, "CAM_B", body)
+        # then nothing for upload_timeout: abandoned, partial deleted, the deploy fails
         with anyio.fail_after(20):
             abandoned = await until_status(obs, sha, "failed")
         assert abandoned["error"]["code"] == "upload_timeout"
+        failed = await obs.outcome("waits")
+        assert failed.error is not None
+        assert failed.error.code == "upload_timeout"
+        assert obs.states("waits")[:2] == ["accepted", "transferring"]
         assert not list((tmp_path / "state" / "uploads").iterdir())
         # room again
         await send_manifest(sender, topics, other, 4 * KIB)
