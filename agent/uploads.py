@@ -682,7 +682,6 @@ class Uploads:
             upload.size,
             upload.manifest.request_id,
             error=error_info(error),
-            received=upload.received,
         )
 
     async def _discard(self, upload: _Upload) -> None:
@@ -722,13 +721,12 @@ class Uploads:
         request_id: str | None,
         *,
         error: ErrorInfo | None = None,
-        received: int | None = None,
     ) -> None:
         """Publish a final status now; it is cleared `status_retention` seconds later."""
         status = UploadStatus(
             state=state,
             size=size,
-            received=size if received is None else received,
+            received=size if state == "stored" else 0,  # a failed upload's bytes are gone
             missing=() if state == "stored" else ((0, size),) if size else (),
             updated_at=time.time(),
             request_id=request_id,

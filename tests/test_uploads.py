@@ -255,6 +255,7 @@ async def test_upload_abandoned_after_upload_timeout_and_storage_full(
         other_sha = await send_manifest(sender, topics, other, 4 * KIB)
         full = await until_error(obs, other_sha, "storage_full")
         assert full["state"] == "failed"
+        assert (full["size"], full["received"], full["missing"]) == (20_000, 0, [[0, 20_000]])
         assert "max_partial_bytes" in full["error"]["message"]
         await send_chunks(sender, topics, model, CHUNK, [0])
         await until_status(obs, sha, "receiving", received=CHUNK)
@@ -369,5 +370,6 @@ async def test_a_corrupted_chunk_fails_the_upload_with_checksum_mismatch(
             )
         failed = await until_status(obs, sha, "failed")
         assert failed["error"]["code"] == "checksum_mismatch"
+        assert failed["received"] == 0  # what it had is gone
         assert not list((tmp_path / "state" / "uploads").iterdir())
         assert not (tmp_path / "state" / "models" / f"{sha}.blob").exists()
