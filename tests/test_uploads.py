@@ -373,3 +373,22 @@ async def test_a_corrupted_chunk_fails_the_upload_with_checksum_mismatch(
         assert failed["received"] == 0  # what it had is gone
         assert not list((tmp_path / "state" / "uploads").iterdir())
         assert not (tmp_path / "state" / "models" / f"{sha}.blob").exists()
+
+
+async def test_upload_through_the_embedded_amqtt_broker(tmp_path: Path, model: bytes) -> None:
+    """The demo's broker (amqtt, MQTT 3.1.1) carries an upload and its status too."""
+    data = model[:300_000]
+    chunk = 32 * KIB
+    with run_broker("amqtt", tmp_path / "amqtt") as amqtt:
+        config = make_config(amqtt, tmp_path / "state")
+        async with (
+            agent_and_observer(amqtt, config) as (_, obs),
+            aiomqtt.Client(amqtt.host, amqtt.port, protocol=aiomqtt.ProtocolVersion.V311) as client,
+        ):
+            sha = await send_manifest(client, obs.topics, data, chunk)
+            await until_status(obs, sha, "receiving")
+            await send_chunks(client, obs.topics, data, chunk, chunks(len(data), chunk))
+            await until_status(obs, sha, "stored")
+            body = {"request_id": "amqtt", "nn_config": GENERIC, "model_sha256": sha}
+            await obs.deploy(CAM1, "CAM_B", body)
+            assert (await obs.outcome("amqtt")).state == "succeeded"
