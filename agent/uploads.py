@@ -281,21 +281,22 @@ class Uploads:
 
         `progress(received, total)` is called now and whenever more of it is durable.
         """
-        upload = self._uploads.get(sha256)
-        if upload is None:  # stored meanwhile, or never was
-            return await self._store.get(sha256)
-        upload.watchers.append(progress)
-        progress(upload.received, upload.size)
-        try:
-            await upload.done.wait()
-        finally:
-            upload.watchers.remove(progress)
-        outcome = upload.outcome
-        if isinstance(outcome, AgentError):
-            raise outcome
-        if outcome is None:  # pragma: no cover - `done` is set with an outcome
-            raise Internal("upload ended without an outcome")
-        return outcome
+        while True:
+            upload = self._uploads.get(sha256)
+            if upload is None:  # stored meanwhile, or never was
+                return await self._store.get(sha256)
+            upload.watchers.append(progress)
+            progress(upload.received, upload.size)
+            try:
+                await upload.done.wait()
+            finally:
+                upload.watchers.remove(progress)
+            outcome = upload.outcome
+            if isinstance(outcome, AgentError):
+                raise outcome
+            if outcome is not None:
+                return outcome
+            # started again (another chunk_size): wait for the new one
 
     def owns(self, topic: str) -> bool:
         return self._topics.parse_upload(topic) is not None
@@ -467,7 +468,8 @@ class Uploads:
                 was=upload.chunk_size,
                 now=manifest.chunk_size,
             )
-            await self._discard(upload)
+            await self._restart(upload, manifest)
+            return
         await self._start(sha256, manifest)
 
     async def _start(self, sha256: str, manifest: UploadManifest) -> None:
@@ -684,14 +686,15 @@ class Uploads:
             error=error_info(error),
         )
 
-    async def _discard(self, upload: _Upload) -> None:
-        """Drop an upload to start it again (another chunk_size): no status of its own."""
-        upload.outcome = Internal("the upload was restarted with another chunk_size")
-        upload.done.set()
+    async def _restart(self, upload: _Upload, manifest: UploadManifest) -> None:
+        """Start an upload again from nothing (another chunk_size); who waits for it waits on."""
         del self._uploads[upload.sha256]
+        upload.finishing = True  # its chunks are no longer taken
         await self._remove_files(upload)
         _settle(upload.pending)
         upload.pending = {}
+        await self._start(upload.sha256, manifest)
+        upload.done.set()  # no outcome: its waiters turn to the new one
 
     async def _remove_files(self, upload: _Upload) -> None:
         async with upload.lock:

@@ -392,3 +392,25 @@ async def test_upload_through_the_embedded_amqtt_broker(tmp_path: Path, model: b
             body = {"request_id": "amqtt", "nn_config": GENERIC, "model_sha256": sha}
             await obs.deploy(CAM1, "CAM_B", body)
             assert (await obs.outcome("amqtt")).state == "succeeded"
+
+
+async def test_another_chunk_size_starts_the_upload_again_and_a_deploy_waits_on(
+    capped: Broker, tmp_path: Path, model: bytes, sender: aiomqtt.Client
+) -> None:
+    data = model[: 300 * KIB + 7]
+    config = make_config(capped, tmp_path / "state")
+    async with agent_and_observer(capped, config) as (_, obs):
+        topics = obs.topics
+        sha = await send_manifest(sender, topics, data, 16 * KIB)
+        await send_chunks(sender, topics, data, 16 * KIB, chunks(len(data), 16 * KIB)[:5])
+        await until_status(obs, sha, "receiving", received=5 * 16 * KIB)
+        body = {"request_id": "waits", "nn_config": GENERIC, "model_sha256": sha}
+        await obs.deploy(CAM1, "CAM_B", body)
+        await obs.wait_for(lambda: "transferring" in obs.states("waits"), what="transferring")
+        # the sender comes back with another chunk_size: the upload starts from nothing
+        await send_manifest(sender, topics, data, 64 * KIB)
+        again = await until_status(obs, sha, "receiving", chunk_size=64 * KIB)
+        assert (again["received"], again["missing"]) == (0, [[0, len(data)]])
+        await send_chunks(sender, topics, data, 64 * KIB, chunks(len(data), 64 * KIB))
+        await until_status(obs, sha, "stored")
+        assert (await obs.outcome("waits")).state == "succeeded"
