@@ -460,6 +460,11 @@ class Uploads:
                 upload.manifest = manifest  # its expires_at, request_id and name now
                 upload.last_progress = time.time()
                 upload.error = None
+                try:  # kept for a restart, and its time counts as progress then
+                    await anyio.to_thread.run_sync(self._write_manifest, upload)
+                except OSError as exc:
+                    problem = f"cannot keep the manifest: {exc.strerror or exc}"
+                    upload.error = error_info(StateWriteFailed(problem))
                 self._publish(upload, now=True)
                 return
             log.info(
@@ -512,6 +517,10 @@ class Uploads:
         """Write the manifest atomically, then create the data file and the journal empty."""
         make_private_folder(self.folder)
         _unlink(upload.path(".part"), upload.path(".chunks"))
+        self._write_manifest(upload)
+        self._open(upload)
+
+    def _write_manifest(self, upload: _Upload) -> None:
         fd, tmp = tempfile.mkstemp(dir=self.folder, prefix=_TMP_PREFIX, suffix=_TMP_SUFFIX)
         try:
             with os.fdopen(fd, "wb") as f:
@@ -521,7 +530,6 @@ class Uploads:
             os.replace(tmp, upload.path(".manifest"))
         finally:
             _unlink(self.folder / os.path.basename(tmp))
-        self._open(upload)
         _fsync_dir(self.folder)
 
     # --- chunks ----------------------------------------------------------------------------
