@@ -1,0 +1,251 @@
+"""`oak-agent upload | models | deploy --model` through size-capped brokers, as a user runs them.
+
+A mosquitto capped at 128 KiB per packet (MQTT 5: it says so in its CONNACK) and the embedded
+amqtt broker (3.1.1: the user passes `--max-packet`); the agent runs as a subprocess; an
+observer subscribed to `{base}/#` counts the chunks that pass the broker.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import signal
+import uuid
+from typing import TYPE_CHECKING
+
+import aiomqtt
+import anyio
+import pytest
+
+from agent.chunkplan import publish_packet_size
+from agent.topics import Topics
+from tests.agent_process import agent_process, write_config
+from tests.brokers import BrokerUnavailable, mosquitto_path, run_broker
+from tests.harness import CAM1, WAIT, Observer, observe
+from tests.test_client import Result, _no_traceback, cli_process, oak, running_target
+from tests.uploader import padded_model
+
+if TYPE_CHECKING:
+    from collections.abc import AsyncIterator, Iterator
+    from pathlib import Path
+
+    from tests.brokers import Broker
+
+pytestmark = pytest.mark.anyio
+
+CAP = 131072
+BLOB = "Laserscan_10_1_shaves1"  # small outputs: its Generic layers fit the cap
+
+
+@pytest.fixture(scope="module")
+def capped(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Broker]:
+    """A mosquitto that disconnects any client sending a packet above 128 KiB."""
+    if mosquitto_path() is None:
+        pytest.skip("needs mosquitto (max_packet_size)")
+    settings = ("allow_anonymous true", f"max_packet_size {CAP}")
+    try:
+        with run_broker("mosquitto", tmp_path_factory.mktemp("capped"), settings=settings) as b:
+            yield b
+    except BrokerUnavailable as exc:
+        pytest.fail(f"cannot start mosquitto: {exc}")
+
+
+def _model(wheel_blobs: dict[str, Path], folder: Path, size: int, seed: int) -> Path:
+    path = folder / f"model-{seed}.blob"
+    path.write_bytes(padded_model(wheel_blobs[BLOB], size, seed=seed))
+    return path
+
+
+@contextlib.asynccontextmanager
+async def capped_agent(capped: Broker, tmp_path: Path) -> AsyncIterator[tuple[Path, Observer]]:
+    """The agent (subprocess) on the capped broker; its config and an observer."""
+    agent_id = f"chunks-{uuid.uuid4().hex[:8]}"
+    config = write_config(tmp_path / "agent.toml", capped, tmp_path / "state", agent_id)
+    topics = Topics.for_agent("oaktest", agent_id)
+    async with observe(capped, topics) as obs:
+        with agent_process(config, tmp_path / "agent.log"):
+            await obs.wait_for(
+                lambda: obs.latest(topics.availability) == b"online", what="agent online"
+            )
+            await obs.wait_for(lambda: obs.latest(topics.models) is not None, what="models")
+            yield config, obs
+
+
+def chunks_seen(obs: Observer, sha256: str, after: int = 0) -> list[int]:
+    """Offsets of the chunks of `sha256` the broker passed, in order, from message `after` on."""
+    prefix = f"{obs.topics.base}/models/{sha256}/chunks/"
+    return [int(m.topic[len(prefix) :]) for m in obs.messages[after:] if m.topic.startswith(prefix)]
+
+
+def _states(result: Result) -> list[str]:
+    return [json.loads(line)["state"] for line in result.out.splitlines()]
+
+
+async def _round_trip(broker: Broker, protocol: aiomqtt.ProtocolVersion, size: int) -> int:
+    """Publish `size` bytes and receive them back; the length received."""
+    topic = f"sizing/{uuid.uuid4().hex[:8]}"
+    async with aiomqtt.Client(broker.host, broker.port, protocol=protocol) as client:
+        await client.subscribe(topic, qos=1)
+        await client.publish(topic, b"x" * size, qos=1, timeout=5)
+        with anyio.fail_after(WAIT):
+            async for message in client.messages:
+                assert isinstance(message.payload, bytes)
+                return len(message.payload)
+    raise AssertionError("no message")
+
+
+@pytest.mark.parametrize("mqtt5", [True, False])
+async def test_the_computed_packet_size_is_what_the_broker_counts(
+    capped: Broker, mqtt5: bool
+) -> None:
+    protocol = aiomqtt.ProtocolVersion.V5 if mqtt5 else aiomqtt.ProtocolVersion.V311
+    topic = "sizing/01234567"  # as long as the topics _round_trip uses
+    fits = CAP - publish_packet_size(topic, 0, mqtt5=mqtt5)
+    while publish_packet_size(topic, fits, mqtt5=mqtt5) > CAP:
+        fits -= 1
+    assert publish_packet_size(topic, fits, mqtt5=mqtt5) == CAP
+    assert await _round_trip(capped, protocol, fits) == fits
+    # mosquitto 2.0.11 lets one byte over pass; a few more and it cuts the sender off
+    with pytest.raises(aiomqtt.MqttError):
+        await _round_trip(capped, protocol, fits + 16)
+
+
+async def test_deploy_of_a_large_model_goes_in_chunks_by_itself(
+    capped: Broker, wheel_blobs: dict[str, Path], tmp_path: Path
+) -> None:
+    model = _model(wheel_blobs, tmp_path, 3_000_000, seed=21)
+    async with capped_agent(capped, tmp_path) as (config, obs):
+        result = await oak(
+            "deploy", "--config", str(config), "--camera", CAM1, "--stream", "CAM_A",
+            "--model", str(model), "--request-id", "big",
+        )  # fmt: skip
+        command = obs.on(obs.topics.command(CAM1, "CAM_A", "deploy"))
+        online = obs.latest(obs.topics.availability)
+    _no_traceback(result)
+    assert result.code == 0, result
+    assert (
+        "does not fit the broker's packet limit (131.1 KB): sending the model in chunks"
+        in result.err
+    )
+    assert _states(result) == ["accepted", "applying", "succeeded"]
+    sha = hashlib.sha256(model.read_bytes()).hexdigest()
+    offsets = chunks_seen(obs, sha)
+    assert offsets == sorted(set(offsets))  # each chunk once
+    assert len(offsets) == -(-3_000_000 // offsets[1])
+    assert f"sent {len(offsets)} chunks of {offsets[1]} bytes" in result.err
+    assert len(command) == 1
+    body = json.loads(command[0].payload)
+    assert body["model_sha256"] == sha
+    assert "model" not in body
+    assert online == b"online"
+
+
+async def test_an_interrupted_upload_sends_only_what_is_missing_when_run_again(
+    capped: Broker, wheel_blobs: dict[str, Path], tmp_path: Path
+) -> None:
+    size, chunk = 6_000_000, 16_384
+    model = _model(wheel_blobs, tmp_path, size, seed=22)
+    sha = hashlib.sha256(model.read_bytes()).hexdigest()
+    total = -(-size // chunk)
+    async with capped_agent(capped, tmp_path) as (config, obs):
+        args = [
+            "upload",
+            "--config",
+            str(config),
+            "--model",
+            str(model),
+            "--chunk-size",
+            str(chunk),
+        ]
+        with anyio.fail_after(WAIT):
+            async with cli_process(*args) as first:
+                await obs.wait_for(lambda: len(chunks_seen(obs, sha)) >= 40, what="40 chunks")
+                first.process.send_signal(signal.SIGINT)
+                await first.exited()
+        interrupted = first.result()
+        sent_before = set(chunks_seen(obs, sha))
+        assert len(sent_before) < total, "the upload ended before it could be interrupted"
+        # the agent has (journaled) every chunk the broker passed
+        status_topic = obs.topics.upload_status(sha)
+        received = sum(min(chunk, size - o) for o in sent_before)
+        await obs.wait_for(
+            lambda: (obs.latest_json(status_topic) or {}).get("received") == received,
+            what=f"status received={received}",
+        )
+        mark = len(obs.messages)
+        again = await oak(*args, "--name", "resumed.blob")
+        sent_again = chunks_seen(obs, sha, after=mark)
+        listed = await oak("models", "--config", str(config))
+        listed_json = await oak("models", "--config", str(config), "--json")
+    _no_traceback(interrupted)
+    assert interrupted.code == 130, interrupted
+    assert "run the same command again" in interrupted.err
+    _no_traceback(again)
+    assert again.code == 0, again
+    assert json.loads(again.out)["state"] == "stored"
+    assert sorted(sent_again) == sent_again
+    assert set(sent_again) == set(range(0, size, chunk)) - sent_before  # only what was missing
+    assert len(sent_again) == len(set(sent_again))
+    assert f"sent {len(sent_again)} chunks" in again.err
+    assert listed.code == 0, listed
+    header, *rows = listed.out.splitlines()
+    assert header.split()[:3] == ["sha256", "size", "name"]
+    assert any(row.startswith(f"{sha}  6.0 MB") for row in rows), listed.out
+    entries = json.loads(listed_json.out)
+    assert [e["size"] for e in entries if e["sha256"] == sha] == [size]
+
+
+async def test_an_upload_of_a_stored_model_sends_nothing(
+    capped: Broker, wheel_blobs: dict[str, Path], tmp_path: Path
+) -> None:
+    model = _model(wheel_blobs, tmp_path, 400_000, seed=23)
+    sha = hashlib.sha256(model.read_bytes()).hexdigest()
+    async with capped_agent(capped, tmp_path) as (config, obs):
+        first = await oak("upload", "--config", str(config), "--model", str(model))
+        mark = len(obs.messages)
+        second = await oak("upload", "--config", str(config), "--model", str(model))
+        resent = chunks_seen(obs, sha, after=mark)
+    assert (first.code, second.code) == (0, 0), (first, second)
+    assert resent == []
+    assert "stored; sent 0 chunks" in second.err
+
+
+async def test_a_chunk_size_above_the_cap_is_refused_before_sending(
+    capped: Broker, wheel_blobs: dict[str, Path], tmp_path: Path
+) -> None:
+    model = _model(wheel_blobs, tmp_path, 400_000, seed=24)
+    async with capped_agent(capped, tmp_path) as (config, obs):
+        result = await oak(
+            "upload", "--config", str(config), "--model", str(model), "--chunk-size", "200000"
+        )
+        chunks = [m for m in obs.messages if "/chunks/" in m.topic]
+    assert result.code == 2, result
+    assert (
+        "--chunk-size 200000 does not fit: at most 126976 bytes in a packet of 131072" in result.err
+    )
+    assert chunks == []
+
+
+async def test_amqtt_with_max_packet(
+    broker: Broker, wheel_blobs: dict[str, Path], tmp_path: Path
+) -> None:
+    model = _model(wheel_blobs, tmp_path, 1_000_000, seed=25)
+    async with running_target("amqtt", broker, tmp_path) as (target, obs):
+        sha = hashlib.sha256(model.read_bytes()).hexdigest()
+        deployed = await oak(
+            "deploy", *target.flags, "--camera", CAM1, "--stream", "CAM_A",
+            "--model", str(model), "--max-packet", "131072",
+        )  # fmt: skip
+        offsets = chunks_seen(obs, sha)
+        listed = await oak("models", *target.flags)
+    _no_traceback(deployed)
+    assert deployed.code == 0, deployed
+    assert _states(deployed) == ["accepted", "applying", "succeeded"]
+    assert len(offsets) == -(-1_000_000 // offsets[1])
+    assert (
+        publish_packet_size(target.topics.chunk(sha, offsets[-1]), offsets[1], mqtt5=False) <= CAP
+    )
+    assert listed.code == 0, listed
+    assert sha in listed.out
+    assert f"{CAM1}/CAM_A" in listed.out
