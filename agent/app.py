@@ -29,6 +29,7 @@ from agent.mqtt import MqttLink
 from agent.reporter import Reporter
 from agent.state import StateFile
 from agent.topics import Topics
+from agent.transfers import Transfers
 from agent.uploads import Uploads
 
 if TYPE_CHECKING:
@@ -211,15 +212,6 @@ async def serve(
     coordinator.load()
     for camera in backend.cameras.values():
         coordinator.add_camera(camera)
-    handler = CommandHandler(
-        topics=topics,
-        coordinator=coordinator,
-        store=store,
-        reporter=reporter,
-        max_payload_bytes=config.agent.max_payload_bytes,
-        simulator=simulator,
-    )
-    intake = Intake(handler, coordinator, lanes=concurrent_commands)
     uploads = Uploads(
         config.state_path / "uploads",
         topics=topics,
@@ -230,6 +222,24 @@ async def serve(
     )
     uploads.models_in_use(coordinator.models_in_use)
     uploads.load()
+    transfers = Transfers(
+        config.state_path / "downloads",
+        store=store,
+        uploads=uploads,
+        settings=config.download,
+        abandon_after=config.models.upload_timeout,
+    )
+    transfers.clean_up()
+    handler = CommandHandler(
+        topics=topics,
+        coordinator=coordinator,
+        store=store,
+        reporter=reporter,
+        max_payload_bytes=config.agent.max_payload_bytes,
+        simulator=simulator,
+        transfers=transfers,
+    )
+    intake = Intake(handler, coordinator, lanes=concurrent_commands)
 
     def receive(message: Inbound, receipt: Receipt) -> None:
         # chunks and manifests never wait in a camera's command lane

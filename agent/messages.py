@@ -49,6 +49,7 @@ __all__ = [
     "ModelEntry",
     "ModelRef",
     "ModelUpload",
+    "ModelUrl",
     "NNConfig",
     "NNStatus",
     "NNSummary",
@@ -73,6 +74,7 @@ _T = TypeVar("_T")
 MAX_LABELS: Final = 1000
 MAX_LABEL_BYTES: Final = 64 * 1024
 MAX_NN_CONFIG_CHARS: Final = 64 * 1024
+MAX_URL_CHARS: Final = 8192  # presigned URLs run to about 2,000 characters
 
 Probability = Annotated[float, Meta(ge=0.0, le=1.0)]
 UnixSeconds = Annotated[float, Meta(ge=0.0, le=1e11, description="finite unix seconds")]
@@ -135,6 +137,9 @@ class DeployCommand(msgspec.Struct, frozen=True, kw_only=True):
     request_id: RequestId | None = None
     model: bytes | None = None
     model_sha256: Sha256Hex | None = None
+    # http(s) URL to download the model from (with model_sha256, and model_size if known)
+    model_url: Annotated[str, Meta(min_length=1, max_length=MAX_URL_CHARS)] | None = None
+    model_size: Annotated[int, Meta(ge=1, le=1 << 40)] | None = None
     model_name: Annotated[str, Meta(max_length=256)] | None = None
     # at most MAX_LABEL_BYTES in total as well: checked after decoding
     labels: Annotated[tuple[Label, ...], Meta(max_length=MAX_LABELS)] | None = None
@@ -163,12 +168,20 @@ class ModelByHash(msgspec.Struct, frozen=True):
     sha256: str  # lower case
 
 
+class ModelUrl(msgspec.Struct, frozen=True):
+    """A model to download (`model_url`), checked against its sha256 (and size, if given)."""
+
+    url: str  # may hold credentials: never logged as it is (agent.download.redact_url)
+    sha256: str  # lower case
+    size: int | None = None
+
+
 class Deploy(msgspec.Struct, frozen=True, kw_only=True):
     """A deploy command as `decode_deploy` returns it: nn_config parsed, the model's source
     named; the types say what the decoder checked."""
 
     nn_config: NNConfig
-    model: ModelUpload | ModelByHash
+    model: ModelUpload | ModelByHash | ModelUrl
     request_id: str | None = None
     model_name: str | None = None
     labels: tuple[str, ...] | None = None
@@ -255,8 +268,14 @@ def decode_deploy(payload: bytes) -> Deploy:
     if isinstance(nn_config, str):
         nn_config = _nn_config(nn_config)
     sha256 = command.model_sha256.lower() if command.model_sha256 is not None else None
-    model: ModelUpload | ModelByHash
-    if command.model is not None:
+    model: ModelUpload | ModelByHash | ModelUrl
+    if command.model_url is not None:
+        if command.model is not None:
+            raise InvalidPayload("give model or model_url, not both", path="$.model_url")
+        if sha256 is None:
+            raise InvalidPayload("model_url needs model_sha256", path="$.model_sha256")
+        model = ModelUrl(command.model_url, sha256, command.model_size)
+    elif command.model is not None:
         if not command.model:
             raise InvalidPayload("model is empty", path="$.model")
         model = ModelUpload(command.model, sha256)

@@ -305,6 +305,7 @@ class Uploads:
     def load(self) -> None:
         """Take over the uploads a previous run left; drop what cannot be resumed."""
         try:
+            make_private_folder(self.folder.parent)  # the state folder: private too
             make_private_folder(self.folder)
             for leftover in self.folder.glob(f"{_TMP_PREFIX}*{_TMP_SUFFIX}"):
                 leftover.unlink()
@@ -580,7 +581,8 @@ class Uploads:
         async with upload.lock:
             batch, upload.pending = upload.pending, {}
             data_fd, journal_fd = upload.data_fd, upload.journal_fd
-            if data_fd is None or journal_fd is None:
+            if data_fd is None or journal_fd is None:  # it ended: every chunk is answered
+                _settle(batch)
                 return
             records = b"".join(_record(index) for index in sorted(batch))
             try:
@@ -636,6 +638,8 @@ class Uploads:
         await anyio.to_thread.run_sync(
             _unlink, upload.path(".manifest"), upload.path(".chunks"), part
         )
+        _settle(upload.pending)  # late copies of chunks it had
+        upload.pending = {}
         log.info("upload stored", sha256=upload.sha256, size=upload.size)
         upload.outcome = model
         upload.done.set()

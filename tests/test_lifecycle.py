@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -19,6 +21,9 @@ from tests.requestgen import (
     states,
     written,
 )
+
+if TYPE_CHECKING:
+    from agent.cameras.base import Deployment
 
 
 def test_a_deploy_is_accepted_by_the_write_then_applied() -> None:
@@ -281,3 +286,112 @@ def test_yolo_and_mobilenet_are_different_networks() -> None:
     request = deploy("yolo")
     request.deployment = deployment("yolo", nn_config=yolo)
     assert written(slots, request) == [("yolo", "accepted")]
+
+
+# --- a deploy whose model is on its way ------------------------------------------------------
+
+
+async def _never(progress: object) -> Deployment:  # the slots never call it
+    raise AssertionError
+
+
+def waiting(request_id: str, stream: str = "CAM_A") -> Request:
+    """A deploy accepted before its model is there."""
+    return Request(id=request_id, action="deploy", camera="C", stream=stream, acquire=_never)
+
+
+def test_a_deploy_waits_for_its_model_then_goes_on_without_a_second_accepted() -> None:
+    slots = running()
+    request = waiting("w")
+    assert written(slots, request) == [("w", "accepted")]
+    assert request.phase is Phase.TRANSFERRING
+    assert slots.transfers() == [request]
+    assert slots.transfers() == []
+    assert slots.in_flight() == [request]  # a crash now answers it `interrupted`
+    assert slots.desired() == slots.running  # it changes nothing yet
+    assert not slots.has_queued()
+    assert states(slots.progress(request, 5, 10)) == [("w", "transferring")]
+    assert states(slots.progress(request, 10, 10)) == [("w", "transferring")]
+    assert [e.state for e in request.events] == ["accepted", "transferring"]  # the latest kept
+    arrived = deployment("w", "b")
+    assert slots.model_arrived(request, arrived)
+    assert request.phase in (Phase.STAGED,)  # (mypy narrowed it above)
+    assert states(slots.prepare()) == []  # accepted already
+    assert slots.desired() == {"CAM_A": arrived}
+    assert slots.commit()
+    assert states(slots.start_apply()) == [("w", "applying")]
+    assert states(slots.apply_succeeded()) == [("w", "succeeded")]
+    assert slots.running == {"CAM_A": arrived}
+
+
+def test_a_waiting_deploy_replaces_nothing_and_is_superseded_by_any_later_request() -> None:
+    slots = running()
+    queued = deploy("q", name="b")
+    written(slots, queued)
+    request = waiting("w")
+    assert written(slots, request) == [("w", "accepted")]
+    assert queued.phase is Phase.QUEUED  # goes on: it came first
+    later = delete("d")
+    assert written(slots, later) == [
+        ("w", "superseded"),
+        ("q", "superseded"),
+        ("d", "accepted"),
+    ]
+    assert request.events[-1].superseded_by == "d"
+    assert not slots.model_arrived(request, deployment("w", "c"))  # too late: nothing to do
+    assert states(slots.transfer_failed(request, FAILED)) == []
+
+
+def test_a_failed_transfer_fails_the_request_and_changes_nothing() -> None:
+    slots = running()
+    request = waiting("w")
+    written(slots, request)
+    said = slots.transfer_failed(request, FAILED)
+    assert states(said) == [("w", "failed")]
+    assert said[0].event.error == FAILED
+    assert request.phase is Phase.DONE
+    assert slots.in_flight() == []
+    assert slots.running == {"CAM_A": deployment("old", "a")}
+
+
+def test_a_failed_write_stages_an_arrived_model_again_and_refuses_only_new_requests() -> None:
+    slots = running()
+    request = waiting("w")
+    written(slots, request)
+    arrived = deployment("w", "b")
+    assert slots.model_arrived(request, arrived)
+    new = deploy("n", stream="CAM_B")
+    slots.stage(new)
+    assert states(slots.prepare()) == [("n", "accepted")]
+    assert slots.roll_back() == [new]  # refused; the arrived one waits for the next write
+    assert request.phase is Phase.STAGED
+    assert [e.state for e in request.events] == ["accepted"]
+    assert slots.has_unwritten()
+    assert states(slots.prepare()) == []
+    assert slots.commit()
+    assert slots.desired() == {"CAM_A": arrived}
+
+
+def test_a_failed_write_puts_a_superseded_waiting_deploy_back() -> None:
+    slots = running()
+    request = waiting("w")
+    written(slots, request)
+    slots.stage(deploy("later", name="c"))
+    assert states(slots.prepare()) == [("w", "superseded"), ("later", "accepted")]
+    slots.roll_back()
+    assert request.phase is Phase.TRANSFERRING
+    assert [e.state for e in request.events] == ["accepted"]
+    assert slots.in_flight() == [request]
+    assert slots.model_arrived(request, deployment("w", "b"))
+
+
+def test_an_arrived_model_waits_for_a_later_staged_request_to_supersede_it() -> None:
+    slots = running()
+    request = waiting("w")
+    written(slots, request)
+    later = deploy("later", name="c")
+    slots.stage(later)
+    assert not slots.model_arrived(request, deployment("w", "b"))
+    assert states(slots.prepare()) == [("w", "superseded"), ("later", "accepted")]
+    slots.commit()
+    assert slots.desired() == {"CAM_A": later.deployment}

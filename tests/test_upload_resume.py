@@ -51,7 +51,8 @@ async def _sender(broker: Broker) -> AsyncIterator[aiomqtt.Client]:
 
 
 def _status(obs: Observer, sha256: str) -> dict[str, Any] | None:
-    return obs.latest_json(obs.topics.upload_status(sha256)) or None  # type: ignore[no-any-return]
+    found: dict[str, Any] | None = obs.latest_json(obs.topics.upload_status(sha256)) or None
+    return found
 
 
 async def _until(obs: Observer, sha256: str, test: Any, what: str) -> dict[str, Any]:
@@ -94,7 +95,9 @@ async def test_resume_after_the_sender_stops_halfway(
         async with _sender(broker) as first:
             sha = await send_manifest(first, obs.topics, model, CHUNK)
             # every other chunk of the first half, then the sender goes away
-            await send_chunks(first, obs.topics, model, CHUNK, chunks(SIZE, CHUNK)[: total // 2 : 2])
+            await send_chunks(
+                first, obs.topics, model, CHUNK, chunks(SIZE, CHUNK)[: total // 2 : 2]
+            )
             half = await _until(obs, sha, lambda s: s["received"] > 0, "some received")
         await _until(obs, sha, lambda s: s["received"] == (total // 4 + 1) * CHUNK, "all durable")
         status = _status(obs, sha)
@@ -173,3 +176,46 @@ async def test_resume_after_the_broker_restarts_halfway(tmp_path: Path, model: b
                     resent = await _finish(obs, sender, model, sha)
         print(f"broker restarted halfway: chunks={total} re-sent={resent}")
         assert resent <= total - total // 2
+
+
+async def test_a_deploy_transferring_when_the_agent_is_killed_ends_once(
+    tmp_path: Path, model: bytes, broker: Broker
+) -> None:
+    """Accepted and waiting for its upload when the agent dies: answered `interrupted` after
+    the restart, exactly once; the upload itself resumes, and the camera is not touched."""
+    total = len(chunks(SIZE, CHUNK))
+    config_path = tmp_path / "agent.toml"
+    agent_id = f"trkill-{os.getpid()}-{tmp_path.name[-6:]}"
+    write_config(config_path, broker, tmp_path / "state", agent_id)
+    topics = Topics.for_agent("oaktest", agent_id)
+    sha = hashlib.sha256(model).hexdigest()
+    async with observe(broker, topics) as obs, _sender(broker) as sender:
+        with agent_process(config_path, tmp_path / "agent.log") as first:
+            await obs.wait_for(lambda: obs.latest(topics.availability) == b"online")
+            await send_manifest(sender, topics, model, CHUNK)
+            await send_chunks(sender, topics, model, CHUNK, chunks(SIZE, CHUNK)[: total // 3])
+            await _until(obs, sha, lambda s: s["received"] > 0, "some received")
+            body = {"request_id": "cut", "nn_config": GENERIC, "model_sha256": sha}
+            await obs.deploy(CAM1, "CAM_B", body)
+            await obs.wait_for(lambda: "transferring" in obs.states("cut"), what="transferring")
+            os.kill(first.pid, signal.SIGKILL)
+            first.wait(timeout=10)
+        await obs.wait_for(lambda: obs.latest(topics.availability) == b"offline")
+        with agent_process(config_path, tmp_path / "agent.log"):
+            cut = await obs.outcome("cut")
+            assert cut.state == "failed"
+            assert cut.error is not None
+            assert cut.error.code == "interrupted"
+            await _finish(obs, sender, model, sha)
+            # repeated, the id is answered from the record, not run again
+            await obs.deploy(CAM1, "CAM_B", body)
+            await obs.wait_for(
+                lambda: len([e for e in obs.events("cut") if e.terminal]) == 2, what="replay"
+            )
+            again = {"request_id": "again", "nn_config": GENERIC, "model_sha256": sha}
+            await obs.deploy(CAM1, "CAM_B", again)
+            assert (await obs.outcome("again")).state == "succeeded"
+        terminals = [e for e in obs.events("cut") if e.terminal]
+        assert terminals[0] == terminals[1]  # the replay is the recorded answer
+        assert obs.states("cut").count("accepted") == 1
+        assert "applying" not in obs.states("cut")

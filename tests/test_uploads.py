@@ -264,3 +264,79 @@ async def test_upload_abandoned_after_upload_timeout_and_storage_full(
         # room again
         await send_manifest(sender, topics, other, 4 * KIB)
         await until_status(obs, other_sha, "receiving")
+
+
+async def test_a_deploy_waits_for_the_upload_in_progress(
+    capped: Broker, tmp_path: Path, model: bytes, sender: aiomqtt.Client
+) -> None:
+    total = chunks(MODEL_SIZE, CHUNK)
+    config = make_config(capped, tmp_path / "state")
+    async with agent_and_observer(capped, config) as (app, obs):
+        topics = obs.topics
+        sha = await send_manifest(sender, topics, model, CHUNK)
+        await send_chunks(sender, topics, model, CHUNK, total[:10])
+        await until_status(obs, sha, "receiving", received=10 * CHUNK)
+        body = {"request_id": "waits", "nn_config": GENERIC, "model_sha256": sha}
+        await obs.deploy(CAM1, "CAM_B", body)
+        await obs.wait_for(lambda: "transferring" in obs.states("waits"), what="transferring")
+        first = next(e for e in obs.events("waits") if e.state == "transferring")
+        assert first.progress is not None
+        assert (first.progress.received, first.progress.total) == (10 * CHUNK, MODEL_SIZE)
+        # a deploy for another camera meanwhile is not held up by it
+        other = {"request_id": "other", "nn_config": GENERIC, "model_sha256": "0" * 64}
+        await obs.deploy(CAM2, "CAM_B", other)
+        rejected = await obs.outcome("other")
+        assert rejected.error is not None
+        assert rejected.error.code == "model_not_found"  # at once, while CAM1's waits
+        await send_chunks(sender, topics, model, CHUNK, total[10:])
+        done = await obs.outcome("waits")
+        assert done.state == "succeeded", done
+        states = obs.states("waits")
+        assert states[0] == "accepted"
+        assert states[-2:] == ["applying", "succeeded"]
+        assert set(states[1:-2]) == {"transferring"}
+        progress = [e.progress for e in obs.events("waits") if e.progress is not None]
+        print(f"transferring events for {len(total)} chunks: {len(progress)}")
+        assert len(progress) <= 11  # the first, each tenth, the last (or one a second)
+        assert progress[-1] is not None
+        assert progress[-1].received == MODEL_SIZE
+        assert app.coordinator.workers[CAM1].running["CAM_B"].model.sha256 == sha
+
+
+async def test_a_deploy_waiting_for_an_upload_fails_with_it_or_is_superseded(
+    capped: Broker, tmp_path: Path, model: bytes, sender: aiomqtt.Client
+) -> None:
+    data = model[: 200 * KIB]
+    chunk = 16 * KIB
+    config = make_config(capped, tmp_path / "state")
+    async with agent_and_observer(capped, config) as (_, obs):
+        topics = obs.topics
+        sha = await send_manifest(sender, topics, data, chunk)
+        await until_status(obs, sha, "receiving")
+        await obs.deploy(
+            CAM1, "CAM_B", {"request_id": "w1", "nn_config": GENERIC, "model_sha256": sha}
+        )
+        await obs.wait_for(lambda: "transferring" in obs.states("w1"), what="transferring")
+        # a later deploy for the same stream supersedes the one still waiting
+        await obs.deploy(
+            CAM1, "CAM_B", {"request_id": "w2", "nn_config": GENERIC, "model_sha256": sha}
+        )
+        superseded = await obs.outcome("w1")
+        assert superseded.state == "superseded"
+        assert superseded.superseded_by == "w2"
+        await obs.wait_for(lambda: "transferring" in obs.states("w2"), what="transferring")
+        # a corrupted model: the upload fails, and so does the deploy waiting for it
+        corrupt = bytearray(data)
+        corrupt[-1] ^= 0xFF
+        for offset in chunks(len(data), chunk):
+            await sender.publish(
+                topics.chunk(sha, offset), bytes(corrupt[offset : offset + chunk]), qos=1
+            )
+        failed = await obs.outcome("w2")
+        assert failed.state == "failed"
+        assert failed.error is not None
+        assert failed.error.code == "checksum_mismatch"
+        assert obs.states("w2").count("accepted") == 1
+        # nothing changed on the camera
+        status = obs.latest_json(topics.nn_status(CAM1, "CAM_B"))
+        assert status is None or status["state"] == "none"
