@@ -23,7 +23,8 @@ from agent.topics import Topics
 from tests.agent_process import agent_process, write_config
 from tests.brokers import BrokerUnavailable, mosquitto_path, run_broker
 from tests.harness import CAM1, WAIT, Observer, observe
-from tests.test_client import Result, _no_traceback, cli_process, oak, running_target
+from tests.httpserver import file_server
+from tests.test_client import Kind, Result, _no_traceback, cli_process, oak, running_target
 from tests.uploader import padded_model
 
 if TYPE_CHECKING:
@@ -249,3 +250,57 @@ async def test_amqtt_with_max_packet(
     assert listed.code == 0, listed
     assert sha in listed.out
     assert f"{CAM1}/CAM_A" in listed.out
+
+
+@pytest.mark.parametrize("kind", ["amqtt", "mosquitto"])
+async def test_deploy_by_url(
+    kind: Kind, broker: Broker, wheel_blobs: dict[str, Path], tmp_path: Path
+) -> None:
+    data = padded_model(wheel_blobs[BLOB], 2_000_000, seed=26)
+    sha = hashlib.sha256(data).hexdigest()
+    with file_server(data, plan=[("drop", 700_000)]) as files:
+        url = files.url.replace("http://", "http://fleet:pa55word@") + "?X-Amz-Signature=s3cr3t"
+        async with running_target(kind, broker, tmp_path) as (target, _):
+            deployed = await oak(
+                "deploy", *target.flags, "--camera", CAM1, "--stream", "CAM_A",
+                "--model-url", url, "--model-sha256", sha, "--model-size", str(len(data)),
+            )  # fmt: skip
+            files.always_status = 404
+            missing = await oak(
+                "deploy", *target.flags, "--camera", CAM1, "--stream", "CAM_B",
+                "--model-url", url, "--model-sha256", "0" * 64,
+            )  # fmt: skip
+        ranges = [r.headers.get("range") for r in files.requests]
+    _no_traceback(deployed)
+    assert deployed.code == 0, deployed
+    events = [json.loads(line) for line in deployed.out.splitlines()]
+    states = [e["state"] for e in events]
+    assert states[0] == "accepted"
+    assert states[-2:] == ["applying", "succeeded"]
+    assert "transferring" in states
+    progress = [e["progress"] for e in events if "progress" in e]
+    assert progress
+    assert progress[-1]["total"] == len(data)
+    assert ranges[:2] == [None, "bytes=700000-"]  # the agent resumed after the cut
+    assert missing.code == 1, missing
+    failed = json.loads(missing.out.splitlines()[-1])
+    assert failed["error"]["code"] == "download_failed"
+    assert "404" in failed["error"]["message"]
+    for secret in ("pa55word", "s3cr3t", "X-Amz"):
+        assert secret not in deployed.out + missing.out + missing.err
+
+
+async def test_deploy_source_arguments_are_checked(tmp_path: Path) -> None:
+    where = ["--agent", "a", "--port", "1", "--camera", CAM1, "--stream", "CAM_A"]
+    sha = "ab" * 32
+    for extra, says in (
+        (["--model-url", "https://m.example/x.blob"], "--model-url needs --model-sha256"),
+        (["--model", "x.blob", "--model-sha256", sha], "--model goes alone"),
+        (["--model-sha256", sha, "--model-size", "10"], "--model-size goes with --model-url"),
+        ([], "one of --model, --model-url or --model-sha256 is required"),
+        (["--model-sha256", "xyz"], "is not a sha256"),
+        (["--model-sha256", sha, "--chunk-size", "100"], "a chunk has at least 4096 bytes"),
+    ):
+        result = await oak("deploy", *where, *extra)
+        assert result.code == 2, (extra, result)
+        assert says in result.err, (extra, result.err)
