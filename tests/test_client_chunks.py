@@ -10,6 +10,8 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import os
+import re
 import signal
 import uuid
 from typing import TYPE_CHECKING
@@ -24,12 +26,14 @@ from tests.agent_process import agent_process, write_config
 from tests.brokers import BrokerUnavailable, mosquitto_path, run_broker
 from tests.harness import CAM1, WAIT, Observer, observe
 from tests.httpserver import file_server
-from tests.test_client import Kind, Result, _no_traceback, cli_process, oak, running_target
+from tests.test_client import ROOT, Kind, Result, _no_traceback, cli_process, oak, running_target
 from tests.uploader import padded_model
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Iterator
     from pathlib import Path
+
+    from anyio.abc import ByteReceiveStream, Process
 
     from tests.brokers import Broker
 
@@ -304,3 +308,63 @@ async def test_deploy_source_arguments_are_checked(tmp_path: Path) -> None:
         result = await oak("deploy", *where, *extra)
         assert result.code == 2, (extra, result)
         assert says in result.err, (extra, result.err)
+
+
+def _readme_example() -> str:
+    readme = (ROOT / "README.md").read_text()
+    after = readme.index("A worked example, to paste into a terminal")
+    start = readme.index("```sh\n", after) + len("```sh\n")
+    return readme[start : readme.index("```\n", start)]
+
+
+async def test_the_readme_example_works_when_pasted(tmp_path: Path) -> None:
+    if mosquitto_path() is None:
+        pytest.skip("the example needs mosquitto")
+    script = 'trap "kill $WEB $AGENT $MOSQUITTO 2>/dev/null" EXIT\n' + _readme_example()
+    env = {**os.environ, "TMPDIR": str(tmp_path)}
+    process = await anyio.open_process(
+        ["bash", "-c", script], cwd=ROOT, env=env, start_new_session=True
+    )
+    try:
+        with anyio.fail_after(240):
+            out, err = await _communicate(process)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGTERM)
+    text, errors = out.decode(), err.decode()
+    assert process.returncode == 0, (text, errors)
+    # the only traceback allowed: Python's own, for a Ctrl-C (`timeout -s INT`) that lands
+    # while the interpreter is still importing the client (this machine may be that slow)
+    for trace in errors.split("Traceback (most recent call last):")[1:]:
+        assert trace.strip().splitlines()[-1] == "KeyboardInterrupt", errors
+    stored = [line for line in text.splitlines() if line.startswith('{"state":"stored"')]
+    assert 1 <= len(stored) <= 2, text  # the first upload too, when it beat the interruption
+    (folder,) = [path async for path in anyio.Path(tmp_path).glob("tmp.*")]
+    sha = hashlib.sha256(await (folder / "big.blob").read_bytes()).hexdigest()
+    assert f"{sha}  20.0 MB  big.blob" in text
+    events = [json.loads(line) for line in text.splitlines() if line.startswith('{"request_id"')]
+    assert [e["state"] for e in events if e["state"] in ("succeeded", "failed", "rejected")] == [
+        "succeeded",
+        "succeeded",
+    ]
+    assert any(e["state"] == "transferring" and "progress" in e for e in events)
+    assert "stored; sent 0 chunks" in errors  # the deploy found the uploaded model
+    if "interrupted; run the same command again" in errors:  # the machine was not too fast
+        sent = [int(n) for n in re.findall(r"stored; sent (\d+) chunks", errors)]
+        assert 0 < sent[0] < -(-20_000_000 // 4096), errors
+
+
+async def _communicate(process: Process) -> tuple[bytes, bytes]:
+    out, err = bytearray(), bytearray()
+
+    async def pump(stream: ByteReceiveStream, into: bytearray) -> None:
+        async for chunk in stream:
+            into.extend(chunk)
+
+    async with anyio.create_task_group() as tg:
+        assert process.stdout is not None
+        assert process.stderr is not None
+        tg.start_soon(pump, process.stdout, out)
+        tg.start_soon(pump, process.stderr, err)
+        await process.wait()
+    return bytes(out), bytes(err)
