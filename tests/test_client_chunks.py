@@ -23,10 +23,20 @@ import pytest
 from agent.chunkplan import publish_packet_size
 from agent.topics import Topics
 from tests.agent_process import agent_process, write_config
-from tests.brokers import BrokerUnavailable, mosquitto_path, run_broker
+from tests.brokers import BrokerUnavailable, free_port, mosquitto_path, run_broker
 from tests.harness import CAM1, WAIT, Observer, observe
 from tests.httpserver import file_server
-from tests.test_client import ROOT, Kind, Result, _no_traceback, cli_process, oak, running_target
+from tests.test_client import (
+    OAK,
+    ROOT,
+    Kind,
+    Result,
+    _no_traceback,
+    _read_until_closed,
+    cli_process,
+    oak,
+    running_target,
+)
 from tests.uploader import padded_model
 
 if TYPE_CHECKING:
@@ -368,3 +378,75 @@ async def _communicate(process: Process) -> tuple[bytes, bytes]:
         tg.start_soon(pump, process.stderr, err)
         await process.wait()
     return bytes(out), bytes(err)
+
+
+async def test_an_upload_the_agent_refuses_exits_1_with_its_error(
+    capped: Broker, wheel_blobs: dict[str, Path], tmp_path: Path
+) -> None:
+    model = _model(wheel_blobs, tmp_path, 400_000, seed=27)
+    agent_id = f"chunks-{uuid.uuid4().hex[:8]}"
+    config = write_config(tmp_path / "agent.toml", capped, tmp_path / "state", agent_id)
+    with config.open("a") as toml:
+        toml.write("\n[models]\nmax_partial_bytes = 100000\n")
+    topics = Topics.for_agent("oaktest", agent_id)
+    async with observe(capped, topics) as obs:
+        with agent_process(config, tmp_path / "agent.log"):
+            await obs.wait_for(lambda: obs.latest(topics.availability) == b"online")
+            result = await oak("upload", "--config", str(config), "--model", str(model))
+            chunks = [m for m in obs.messages if "/chunks/" in m.topic]
+    _no_traceback(result)
+    assert result.code == 1, result
+    assert json.loads(result.out)["state"] == "failed"
+    assert f"upload of {model.name} failed (storage_full)" in result.err
+    assert chunks == []
+
+
+async def test_upload_and_models_without_a_broker_or_an_agent(
+    broker: Broker, wheel_blobs: dict[str, Path], tmp_path: Path
+) -> None:
+    model = _model(wheel_blobs, tmp_path, 10_000, seed=28)
+    nowhere = ["--port", str(free_port()), "--agent", "nobody"]
+    unreachable = await oak("upload", *nowhere, "--model", str(model))
+    no_list = await oak("models", *nowhere)
+    silent = await oak(
+        "models", "--port", str(broker.port), "--agent", f"none-{uuid.uuid4().hex[:6]}",
+        "--timeout", "1",
+    )  # fmt: skip
+    missing = await oak("upload", "--port", str(broker.port), "--agent", "a", "--model", "nope")
+    for result in (unreachable, no_list, silent, missing):
+        _no_traceback(result)
+    assert unreachable.code == 4, unreachable
+    assert "cannot connect to the MQTT broker at 127.0.0.1" in unreachable.err
+    assert no_list.code == 4, no_list
+    assert silent.code == 3, silent
+    assert "published no model list within 1 s" in silent.err
+    assert missing.code == 2, missing
+    assert "cannot read nope" in missing.err
+
+
+async def test_upload_on_a_terminal_draws_a_progress_bar(
+    capped: Broker, wheel_blobs: dict[str, Path], tmp_path: Path
+) -> None:
+    model = _model(wheel_blobs, tmp_path, 1_000_000, seed=29)
+    async with capped_agent(capped, tmp_path) as (config, _):
+        master, slave = os.openpty()
+        try:
+            with anyio.fail_after(WAIT):
+                process = await anyio.open_process(
+                    [*OAK, "upload", "--config", str(config), "--model", str(model)],
+                    stderr=slave, cwd=ROOT,
+                )  # fmt: skip
+                os.close(slave)
+                slave = -1
+                async with process:
+                    shown = await anyio.to_thread.run_sync(_read_until_closed, master)
+                    await process.wait()
+        finally:
+            os.close(master)
+            if slave >= 0:
+                os.close(slave)
+    assert process.returncode == 0
+    text = shown.decode(errors="replace")
+    assert f"upload {model.name}" in text
+    assert "1.0/1.0 MB" in text  # rich's bar at its end
+    assert "%" not in text.replace("100%", "")  # not the plain lines
