@@ -55,6 +55,7 @@ __all__ = [
     "EXIT_USAGE",
     "add_client_commands",
     "decode_event",
+    "decode_models",
     "run_client_command",
 ]
 
@@ -795,9 +796,8 @@ async def _models(target: _Target, args: argparse.Namespace) -> int:
                 if not message.topic.matches(topic):
                     continue
                 raw = payload_bytes(message)
-                try:
-                    entries = _models_decoder.decode(raw)
-                except (msgspec.DecodeError, UnicodeDecodeError, RecursionError):
+                entries = decode_models(raw)
+                if entries is None:
                     continue
                 if args.json:
                     print(raw.decode(), flush=True)
@@ -854,6 +854,14 @@ def _encode(body: dict[str, Any]) -> bytes:
     if "model" in body:
         return msgspec.msgpack.encode(body)
     return msgspec.json.encode(body)
+
+
+def decode_models(payload: bytes) -> tuple[ModelEntry, ...] | None:
+    """The model list in `payload`; None for anything else (never raises)."""
+    try:
+        return _models_decoder.decode(payload)
+    except (msgspec.DecodeError, UnicodeDecodeError, RecursionError):
+        return None
 
 
 def decode_event(payload: bytes) -> Event | None:

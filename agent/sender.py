@@ -29,7 +29,7 @@ if TYPE_CHECKING:
 
     from agent.topics import Topics
 
-__all__ = ["DEFAULT_WINDOW", "ModelFile", "Sent", "send_model", "sha256_of"]
+__all__ = ["DEFAULT_WINDOW", "ModelFile", "Sent", "decode_status", "send_model", "sha256_of"]
 
 DEFAULT_WINDOW: Final = 8
 _QUIET: Final = 3.0  # seconds without a status after which the manifest is sent again

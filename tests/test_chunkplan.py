@@ -17,8 +17,11 @@ from agent.chunkplan import (
     missing_bytes,
     publish_packet_size,
 )
-from agent.messages import UploadManifest, decode_manifest
+from agent.client import decode_models
+from agent.messages import ModelEntry, UploadManifest, UploadStatus, decode_manifest
+from agent.sender import decode_status
 from agent.topics import Topics
+from tests.strategies import hostile_payloads
 
 TOPICS = Topics.for_agent("oak", "demo")
 SHA = "ab" * 32
@@ -98,3 +101,25 @@ def test_manifest_is_what_the_agent_decodes() -> None:
         manifest(5000, 100)
     with pytest.raises(ValueError, match="at least one byte"):
         manifest(0, 4096)
+
+
+@given(st.binary(max_size=500) | hostile_payloads)
+def test_anything_on_a_status_or_the_model_list_decodes_or_is_skipped(payload: bytes) -> None:
+    status = decode_status(payload)
+    assert status is None or isinstance(status, UploadStatus)
+    models = decode_models(payload)
+    assert models is None or all(isinstance(m, ModelEntry) for m in models)
+
+
+def test_a_real_status_and_model_list_decode() -> None:
+    status = decode_status(
+        b'{"state":"receiving","size":10,"received":4,"missing":[[4,10]],"updated_at":1.5,'
+        b'"later_field":1}'
+    )
+    assert status is not None
+    assert status.missing == ((4, 10),)
+    models = decode_models(
+        b'[{"sha256":"ab","size":3,"name":null,"stored_at":1,"last_used":2,"in_use_by":["X/CAM_A"]}]'
+    )
+    assert models is not None
+    assert models[0].in_use_by == ("X/CAM_A",)
