@@ -70,6 +70,7 @@ class _Entry:
     replaced: Request | None = None  # the request it supersedes
     replaced_queued: bool = False  # (one queued before this write, not one staged in it)
     replaced_waiting: Request | None = None  # a request waiting for its model, superseded
+    replaced_in_write: Request | None = None  # one to wait, staged in this write, superseded
     said: int = 0  # events `prepare` said about the request
 
 
@@ -159,20 +160,25 @@ class Slots:
             slot = self._at(request.stream)
             waits = request.awaits_model
             entry = _Entry(request, settles=not waits and not self._needs_apply(request, slot))
+            same = [e for e in self._writing if e.request.stream == request.stream]
             if slot.waiting is not None and slot.waiting is not request:
                 # an earlier request still waiting for its model: this one comes after it
                 entry.replaced_waiting, slot.waiting = slot.waiting, None
                 entry.replaced_waiting.phase = Phase.DONE
                 said += entry.replaced_waiting.say("superseded", superseded_by=request.id)
-            latest = next(
-                (e for e in reversed(self._writing) if e.request.stream == request.stream), None
-            )
+            for earlier in same:  # one to wait for its model, taken in by this same write
+                if earlier.request.awaits_model and earlier.request.phase is Phase.WRITING:
+                    earlier.request.phase = Phase.DONE  # (refused with it if the write fails)
+                    said += earlier.request.say("superseded", superseded_by=request.id)
+                    entry.replaced_in_write = earlier.request
+            # what waits for its model replaces nothing, and is replaced by what comes after
+            latest = next((e for e in reversed(same) if not e.request.awaits_model), None)
             if waits:
-                pass  # replaces nothing until its model is there
+                pass
             elif latest is None:
                 entry.replaced, slot.queued = slot.queued, None
                 entry.replaced_queued = entry.replaced is not None
-            elif not latest.settles and not latest.request.awaits_model:
+            elif not latest.settles:
                 entry.replaced = latest.request  # staged in this write, to be queued after it
             if entry.replaced is not None:
                 entry.replaced.phase = Phase.DONE
@@ -234,6 +240,9 @@ class Slots:
                     replaced.events.pop()  # its `superseded`, never sent
                 if entry.replaced_queued:
                     self._queue(self._at(replaced.stream), replaced)
+            if entry.replaced_in_write is not None:
+                entry.replaced_in_write.events.pop()  # its `superseded`; refused below
+                entry.replaced_in_write.phase = Phase.WRITING
             restage = []
             waiting = entry.replaced_waiting
             if waiting is not None:

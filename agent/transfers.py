@@ -95,7 +95,9 @@ class Transfers:
             case ModelUpload():
                 return False
             case ModelByHash(sha256=sha256):
-                return not self._store.exists(sha256) and self._uploads.in_progress(sha256)
+                if self._store.exists(sha256):
+                    return False
+                return self._uploads.in_progress(sha256) or sha256 in self._downloads
             case ModelUrl(url=url, sha256=sha256, size=size):
                 check_url(url, self._settings)
                 limit = self._settings.max_model_bytes
@@ -111,12 +113,13 @@ class Transfers:
         name: str | None,
     ) -> StoredModel:
         """The model once it is stored; raise why it cannot be had."""
-        if isinstance(source, ModelByHash):
+        fetching = self._downloads.get(source.sha256)
+        if isinstance(source, ModelByHash) and fetching is None:
             return await self._uploads.wait(source.sha256, progress)
         if self._store.exists(source.sha256):
             return await self._store.get(source.sha256)
-        fetching = self._downloads.get(source.sha256)
         if fetching is None:
+            assert isinstance(source, ModelUrl)  # a ModelByHash joins one
             fetching = self._downloads[source.sha256] = _Download()
             fetching.watchers.append(progress)
             try:

@@ -217,6 +217,15 @@ class _Upload:
 
 
 @dataclass(eq=False, slots=True)
+class _Ended:
+    """The final status of an upload (or a refusal with no upload), still retained."""
+
+    clear_at: float  # monotonic: then cleared
+    published_at: float  # monotonic
+    deferred: UploadStatus | None = None  # a newer one, published by the tick
+
+
+@dataclass(eq=False, slots=True)
 class _Item:
     message: Inbound
     receipt: Receipt
@@ -243,8 +252,8 @@ class Uploads:
         self._settings = settings
         self._max_chunk = max_chunk_bytes
         self._uploads: dict[str, _Upload] = {}
-        # ended uploads: sha256 -> when their retained status is cleared (monotonic)
-        self._finished: dict[str, float] = {}
+        # ended uploads (and refusals without an upload), whose status is still retained
+        self._finished: dict[str, _Ended] = {}
         self._inbox: deque[_Item] = deque()
         self._arrived = anyio.Event()
         self._sync_wanted = anyio.Event()
@@ -622,17 +631,16 @@ class Uploads:
                 upload.close()
             part = upload.path(".part")
             try:
-                actual = await anyio.to_thread.run_sync(_hash_file, part)
-                if actual != upload.sha256:
-                    raise ChecksumMismatch(expected=upload.sha256, actual=actual)
-                model = await self._store.put_file(
-                    part, upload.sha256, name=upload.manifest.model_name
-                )
+                model = await self._store_part(upload, part)
             except AgentError as exc:
                 await self._fail(upload, exc)
                 return
             except OSError as exc:
                 await self._fail(upload, StateWriteFailed(f"{exc.strerror or exc}"))
+                return
+            except Exception as exc:  # a model nobody vetted never stops the uploads
+                log.exception("storing an upload failed unexpectedly", sha256=upload.sha256)
+                await self._fail(upload, Internal(f"{type(exc).__name__}: {exc}"))
                 return
         del self._uploads[upload.sha256]
         await anyio.to_thread.run_sync(
@@ -644,6 +652,13 @@ class Uploads:
         upload.outcome = model
         upload.done.set()
         self._end(upload.sha256, "stored", upload.size, upload.manifest.request_id)
+
+    async def _store_part(self, upload: _Upload, part: Path) -> StoredModel:
+        """Check the whole model's sha256, then have the store parse and take it."""
+        actual = await anyio.to_thread.run_sync(_hash_file, part)
+        if actual != upload.sha256:
+            raise ChecksumMismatch(expected=upload.sha256, actual=actual)
+        return await self._store.put_file(part, upload.sha256, name=upload.manifest.model_name)
 
     def _fail_soon(self, upload: _Upload, error: AgentError) -> None:
         if self._task_group is not None and not upload.done.is_set():
@@ -695,7 +710,7 @@ class Uploads:
         upload = self._uploads.get(sha256)
         if upload is not None:
             upload.error = error_info(error)  # the upload goes on
-            self._publish(upload, now=True)
+            self._publish(upload)  # within 0.5 s: a burst of refusals is one status
             return
         self._end(sha256, "failed", size, None, error=error_info(error))
 
@@ -719,9 +734,15 @@ class Uploads:
             request_id=request_id,
             error=error,
         )
-        self._reporter.upload_status(sha256, status)
-        self._finished.pop(sha256, None)
-        self._finished[sha256] = time.monotonic() + self._settings.status_retention
+        now = time.monotonic()
+        previous = self._finished.pop(sha256, None)
+        ended = _Ended(clear_at=now + self._settings.status_retention, published_at=now)
+        if previous is not None and now - previous.published_at < _STATUS_EVERY:
+            # refusals in a burst: one status per 0.5 s, the latest
+            ended.published_at, ended.deferred = previous.published_at, status
+        else:
+            self._reporter.upload_status(sha256, status)
+        self._finished[sha256] = ended
         while len(self._finished) > _MAX_FINISHED:  # a flood of bad topics: clear early
             oldest = next(iter(self._finished))
             del self._finished[oldest]
@@ -752,8 +773,11 @@ class Uploads:
                     await self._fail(upload, Expired(expires_at=expires_at, now=wall))
                 elif upload.dirty and now - upload.published_at >= _STATUS_EVERY:
                     self._publish_status(upload)
-            for sha256, clear_at in list(self._finished.items()):
-                if clear_at <= now:
+            for sha256, ended in list(self._finished.items()):
+                if ended.deferred is not None and now - ended.published_at >= _STATUS_EVERY:
+                    self._reporter.upload_status(sha256, ended.deferred)
+                    ended.deferred, ended.published_at = None, now
+                if ended.clear_at <= now:
                     del self._finished[sha256]
                     if sha256 not in self._uploads:
                         self._reporter.upload_status(sha256, None)

@@ -1,13 +1,15 @@
 """Chunked upload through a broker capped at 128 KiB vs the inline deploy through an uncapped one.
 
-    .venv/bin/python -m bench.chunked [--reps 3 --size 20]
+    .venv/bin/python -m bench.chunked [--reps 3 --size 20 --chunk-kib 0 --window 8]
 
 Each rep makes a new model of `size` MB (a real blob padded with random bytes). Chunked: the
-client's own sender (`agent.sender.send_model`, what `oak-agent upload` runs: the largest
-chunk that fits the cap, 8 QoS 1 chunks in flight) through a mosquitto with `max_packet_size
-131072`, timed from the manifest to the retained status `stored`. Baseline, in the same run:
-the same size inline in one MessagePack deploy through an uncapped mosquitto, timed from the
-publish to `accepted` (the agent has then stored and parsed it too). One agent per broker.
+client's own sender (`agent.sender.send_model`, what `oak-agent upload` runs: chunks of
+`chunk_kib` KiB, 0 for the largest that fits the cap; `window` QoS 1 chunks in flight) through
+a mosquitto with `max_packet_size 131072`, timed from the manifest to the retained status
+`stored`. Baseline, in the same run: the same size inline in one MessagePack deploy through
+an uncapped mosquitto, timed from the publish to `accepted` (the agent has then stored and
+parsed it too). Through the capped broker the inline deploy cannot be sent at all (the broker
+drops the sender): that is the point; the ratio is what chunking costs. One agent per broker.
 """
 
 from __future__ import annotations
@@ -56,6 +58,8 @@ _CAP: Final = 131072
 class Options:
     reps: int = 3
     size: int = 20  # MB
+    chunk_kib: int = 0  # 0: the largest multiple of 4 KiB that fits the cap
+    window: int = 8  # chunks in flight
 
 
 def _model(folder: Path, size: int, n: int) -> ModelFile:
@@ -64,6 +68,15 @@ def _model(folder: Path, size: int, n: int) -> ModelFile:
     path = folder / f"model-{n}.blob"
     path.write_bytes(data)
     return ModelFile(path=path, sha256=hashlib.sha256(data).hexdigest(), size=len(data))
+
+
+def _chunk_size(options: Options, topic: str) -> int:
+    fits = chunk_size_for(_CAP, topic, mqtt5=True)
+    if options.chunk_kib == 0:
+        return fits
+    if options.chunk_kib * 1024 > fits:
+        raise BenchError(f"a chunk of {options.chunk_kib} KiB does not fit the 128 KiB cap")
+    return options.chunk_kib * 1024
 
 
 async def _chunked(
@@ -80,10 +93,15 @@ async def _chunked(
     ) as client:
         for n in range(options.reps):
             model = _model(site.root, options.size * _MB, n)
-            chunk = chunk_size_for(_CAP, watcher.topics.chunk(model.sha256, model.size), mqtt5=True)
+            chunk = _chunk_size(options, watcher.topics.chunk(model.sha256, model.size))
             started = time.perf_counter()
             sent = await send_model(
-                client, watcher.topics, model, chunk_size=chunk, progress=lambda _d, _t: None
+                client,
+                watcher.topics,
+                model,
+                chunk_size=chunk,
+                progress=lambda _d, _t: None,
+                window=options.window,
             )
             seconds.append((time.perf_counter() - started, sent.chunks, sent.bytes))
             if sent.status is None or sent.status.state != "stored":
@@ -146,10 +164,10 @@ def measure(options: Options) -> Table:
             f"{max(inline):.2f} s",
         ),
     ]
+    chunk = _chunk_size(options, topics.chunk("0" * 64, options.size * _MB))
     notes = [
-        f"{options.reps} reps each, a new model every rep; chunks of "
-        f"{chunk_size_for(_CAP, topics.chunk('0' * 64, options.size * _MB), mqtt5=True)} bytes, "
-        "8 in flight, QoS 1",
+        f"{options.reps} reps each, a new model every rep; chunks of {chunk} bytes, "
+        f"{options.window} in flight, QoS 1",
         "chunked: manifest -> retained status `stored` (every chunk journaled and fsynced, "
         "hashed, parsed); inline: publish -> `accepted` (stored, parsed, state written)",
     ]

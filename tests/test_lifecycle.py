@@ -23,6 +23,8 @@ from tests.requestgen import (
 )
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from agent.cameras.base import Deployment
 
 
@@ -395,3 +397,123 @@ def test_an_arrived_model_waits_for_a_later_staged_request_to_supersede_it() -> 
     assert states(slots.prepare()) == [("w", "superseded"), ("later", "accepted")]
     slots.commit()
     assert slots.desired() == {"CAM_A": later.deployment}
+
+
+def test_a_later_request_in_the_same_write_supersedes_a_deploy_about_to_wait() -> None:
+    slots = running()
+    queued = deploy("q", name="b")
+    written(slots, queued)
+    request = waiting("w")
+    later = deploy("n", name="c")
+    slots.stage(request)
+    slots.stage(later)
+    assert states(slots.prepare()) == [
+        ("w", "accepted"),
+        ("w", "superseded"),
+        ("q", "superseded"),
+        ("n", "accepted"),
+    ]
+    assert slots.roll_back() == [request, later]  # both refused, nothing said about them
+    assert (request.events, later.events) == ([], [])
+    assert [e.state for e in queued.events] == ["accepted"]
+    assert queued.phase is Phase.QUEUED
+    request, later = waiting("w2"), deploy("n2", name="c")
+    assert written(slots, request, later) == [
+        ("w2", "accepted"),
+        ("w2", "superseded"),
+        ("q", "superseded"),
+        ("n2", "accepted"),
+    ]
+    assert slots.transfers() == []  # superseded before it began to wait
+    assert slots.desired() == {"CAM_A": later.deployment}
+    assert slots.in_flight() == [later]
+
+
+_steps_with_transfers = st.lists(
+    st.one_of(
+        st.tuples(st.just("deploy"), _streams, st.sampled_from("abc")),
+        st.tuples(st.just("delete"), _streams, st.just("")),
+        st.tuples(st.just("wait"), _streams, st.just("")),
+        st.tuples(st.sampled_from(["arrive", "lose"]), st.integers(0, 3), st.sampled_from("abc")),
+        st.tuples(st.sampled_from(["write", "fail_write", "apply", "fail_apply", "offline"])),
+    ),
+    max_size=40,
+)
+
+
+def _made(step: str, request_id: str, stream: str, name: str) -> Request:
+    if step == "deploy":
+        return deploy(request_id, stream, name)
+    return delete(request_id, stream) if step == "delete" else waiting(request_id, stream)
+
+
+def _settle(slots: Slots, write: Callable[[], None]) -> None:
+    """Two writes (what was staged, then what arrived meanwhile), then one good apply."""
+    write()
+    write()
+    slots.booted = True
+    slots.start_apply()
+    slots.apply_succeeded()
+
+
+@settings(max_examples=400, deadline=None)
+@given(_steps_with_transfers)
+def test_every_request_ends_once_with_deploys_waiting_for_their_model(
+    steps: list[tuple[str, ...]],
+) -> None:
+    """With deploys that wait for their model, arrive or fail in any order: each request is
+    accepted at most once and ends at most once; when everything arrived, all have ended."""
+    slots = running()
+    requests: list[Request] = []
+    transferring: list[Request] = []
+    refused: set[str] = set()
+
+    def write(*, fail: bool = False) -> None:
+        slots.prepare()
+        if fail:
+            refused.update(r.id for r in slots.roll_back())
+        else:
+            slots.commit()
+            transferring.extend(slots.transfers())
+
+    for n, (step, *args) in enumerate(steps):
+        match step:
+            case "deploy" | "delete" | "wait":
+                stream, name = args
+                request = _made(step, f"r{n}", stream, name)
+                requests.append(request)
+                slots.stage(request)
+            case "arrive" | "lose" if transferring:
+                request = transferring.pop(int(args[0]) % len(transferring))
+                if step == "arrive":
+                    slots.model_arrived(request, deployment(request.id, args[1]))
+                else:
+                    slots.transfer_failed(request, FAILED)
+            case "write" | "fail_write":
+                write(fail=step == "fail_write")
+            case "apply":
+                slots.start_apply()
+                slots.apply_succeeded()
+                slots.booted = True
+            case "fail_apply":
+                slots.start_apply()
+                slots.apply_failed(FAILED)
+            case "offline":
+                slots.fail_queued(FAILED)
+        for request in requests:
+            assert len([e for e in request.events if e.terminal]) <= 1, request.events
+            assert [e.state for e in request.events].count("accepted") <= 1, request.events
+    write()
+    while transferring:  # every model arrives in the end
+        request = transferring.pop()
+        slots.model_arrived(request, deployment(request.id, "a"))
+    _settle(slots, write)
+    for request in requests:
+        assert len([e for e in request.events if e.terminal]) <= 1, request.events
+        if request.id in refused:
+            assert request.events == []
+        else:
+            assert request.done, (request.id, request.phase, request.events)
+            assert request.events[0].state == "accepted"
+    assert slots.in_flight() == []
+    assert not slots.has_staged()

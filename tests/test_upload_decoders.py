@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import re
 import string
 import zlib
+from pathlib import Path
 from typing import Any
 
 import msgspec
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
+from agent.config import ModelsSection, load_config
 from agent.errors import InvalidPayload
 from agent.messages import MIN_CHUNK_SIZE, UploadManifest, decode_manifest
 from agent.topics import Topics
@@ -134,3 +137,20 @@ def test_the_journal_trusts_only_whole_valid_records(
 def test_a_zeroed_tail_is_not_a_record() -> None:
     raw = _record(3) + bytes(16)
     assert _read_journal(raw, 10) == ([3], 8)
+
+
+def test_the_example_config_documents_every_models_key(tmp_path: Path) -> None:
+    example = Path(__file__).resolve().parent.parent / "config" / "agent.example.toml"
+    text = example.read_text()
+    section = text[text.index("[models]") :].split("\n\n", 1)[0]
+    uncommented = "\n".join(
+        line[2:] if re.fullmatch(r"# [a-z_]+ = .*", line) else line for line in section.splitlines()
+    )
+    path = tmp_path / "agent.toml"
+    path.write_text(uncommented + "\n")
+    config = load_config(path)
+    documented = set(re.findall(r"^([a-z_]+) =", uncommented, re.MULTILINE))
+    assert documented == {f.name for f in msgspec.structs.fields(ModelsSection)}
+    assert config.models == ModelsSection()  # the example shows the defaults
+    readme = (example.parent.parent / "README.md").read_text()
+    assert all(f"`models.{key}`" in readme for key in documented)

@@ -134,12 +134,17 @@ async def test_resume_after_the_agent_is_killed_halfway(
         await obs.wait_for(lambda: obs.latest(topics.availability) == b"offline")
         partial = tmp_path / "state" / "uploads" / f"{sha}.part"
         assert partial.exists()
+        # what a power cut can leave at the journal's end: a torn record and zeroed blocks
+        journal = partial.with_suffix(".chunks")
+        with journal.open("ab") as f:
+            f.write(b"\x07\x00\x00" + bytes(16))
         with agent_process(config_path, tmp_path / "agent.log") as second:
             await obs.wait_for(lambda: obs.latest(topics.availability) == b"online")
             resent = await _finish(obs, sender, model, sha)
             resumed = second.logged("upload resumed")
             assert resumed
             assert resumed[0]["received"] >= before["received"]  # what it said was on disk
+            assert second.logged("upload journal cut at a torn record")
         print(
             f"agent SIGKILLed halfway: chunks={total} durable before the kill="
             f"{resumed[0]['received'] // CHUNK} re-sent={resent}"

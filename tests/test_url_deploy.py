@@ -140,7 +140,7 @@ async def test_url_deploy_failures(broker: Broker, tmp_path: Path, model: bytes)
         assert status is None or status["state"] == "none"
 
 
-async def test_deploys_of_one_url_at_once_share_one_download(
+async def test_deploys_of_one_model_at_once_share_one_download(
     broker: Broker, tmp_path: Path, model: bytes
 ) -> None:
     config = _config(broker, tmp_path / "state")
@@ -148,7 +148,10 @@ async def test_deploys_of_one_url_at_once_share_one_download(
         async with agent_and_observer(broker, config) as (_, obs):
             await obs.deploy(CAM1, "CAM_B", _deploy("a", files.url, model))
             await obs.deploy(CAM2, "CAM_B", _deploy("b", files.url, model))
-            for request_id in ("a", "b"):
+            # named by sha256 alone while it downloads: it waits for that download too
+            by_sha = {k: v for k, v in _deploy("c", files.url, model).items() if k != "model_url"}
+            await obs.deploy(CAM1, "CAM_C", by_sha)
+            for request_id in ("a", "b", "c"):
                 assert (await obs.outcome(request_id)).state == "succeeded"
                 assert "transferring" in obs.states(request_id)
         assert len(files.requests) == 1
