@@ -434,7 +434,12 @@ class _Fetch:
                     except _Retry as exc:
                         last = exc
                     except httpx.TransportError as exc:
+                        self._final_if_untrusted(exc)
                         last = _Retry(self._network_reason(exc))
+                    except httpx.TooManyRedirects:
+                        raise DownloadFailed(
+                            reason=f"more than {_MAX_REDIRECTS} redirects", url=self.shown
+                        ) from None
                     else:
                         return
                     if self.part.received > before:
@@ -467,6 +472,21 @@ class _Fetch:
             raise DownloadFailed(
                 reason=f"redirected to a refused URL: {exc.reason}", url=self.shown
             ) from None
+
+    def _final_if_untrusted(self, exc: httpx.TransportError) -> None:
+        """A certificate that does not verify will not verify on a retry either."""
+        cause: BaseException | None = exc
+        for _ in range(8):
+            if cause is None:
+                return
+            if isinstance(cause, ssl.SSLCertVerificationError):
+                trusted = self.settings.ca_file or "httpx's bundled CA set"
+                raise DownloadFailed(
+                    reason=f"TLS: the server's certificate is not trusted by {trusted} "
+                    f"({cause.verify_message})",
+                    url=self.shown,
+                ) from None
+            cause = cause.__cause__ or cause.__context__
 
     def _network_reason(self, exc: httpx.TransportError) -> str:
         kind = type(exc).__name__

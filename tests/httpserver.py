@@ -4,7 +4,7 @@ It serves one object with `Range` / `If-Range` support and counts the body bytes
 request. `plan` holds what the next requests do, one entry each: `("status", 500)`,
 `("drop", n)` (send the headers and n body bytes, then cut the connection), `("stall", s)`
 (wait s seconds before answering). Knobs: `honour_range`, `etag`, `last_modified`,
-`send_length`, `always_status`, `redirect_to`.
+`send_length`, `always_status`, `redirect_to`, `tls` (https with this certificate and key).
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import re
 import socket
+import ssl
 import threading
 import time
 from dataclasses import dataclass, field
@@ -20,6 +21,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
+    from pathlib import Path
 
 __all__ = ["Action", "FileServer", "Served", "file_server"]
 
@@ -46,6 +48,7 @@ class FileServer:
     send_length: bool = True
     always_status: int | None = None
     redirect_to: str | None = None
+    tls: tuple[Path, Path] | None = None  # (certificate, key): serve https
     plan: list[Action] = field(default_factory=list)
     requests: list[Served] = field(default_factory=list)
     port: int = 0
@@ -53,7 +56,8 @@ class FileServer:
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}/models/m.blob"
+        scheme = "https" if self.tls else "http"
+        return f"{scheme}://127.0.0.1:{self.port}/models/m.blob"
 
     @property
     def served(self) -> int:
@@ -161,6 +165,10 @@ def file_server(content: bytes, **knobs: Any) -> Iterator[FileServer]:
     server = _Server(("127.0.0.1", 0), _Handler)
     server.files = files
     files.port = server.server_address[1]
+    if files.tls is not None:
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.load_cert_chain(*files.tls)
+        server.socket = context.wrap_socket(server.socket, server_side=True)
     thread = threading.Thread(target=server.serve_forever, name="test-http", daemon=True)
     thread.start()
     try:

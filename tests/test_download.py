@@ -19,6 +19,7 @@ from hypothesis import strategies as st
 from agent.config import ConfigError, DownloadSettings, load_config
 from agent.download import check_url, download, redact_text, redact_url
 from agent.errors import ChecksumMismatch, DownloadFailed, InvalidPayload, PayloadTooLarge
+from tests.certs import make_pki
 from tests.httpserver import file_server
 
 if TYPE_CHECKING:
@@ -592,3 +593,23 @@ def test_the_example_config_documents_every_download_key(tmp_path: Path) -> None
     assert keys == {f.name for f in msgspec.structs.fields(DownloadSettings)}
     assert config.download != DownloadSettings()  # every example value was read
     assert all(f"{key} =" in section for key in keys)
+
+
+async def test_a_redirect_loop_is_final(tmp_path: Path) -> None:
+    with file_server(b"") as hop:
+        hop.redirect_to = hop.url
+        with pytest.raises(DownloadFailed, match="more than 5 redirects"):
+            await fetch(hop, tmp_path / "m.part")
+    assert len(hop.requests) == 6
+
+
+async def test_https_with_the_configured_ca_file(tmp_path: Path) -> None:
+    pki = make_pki(tmp_path / "pki")
+    with file_server(CONTENT, tls=(pki.broker_cert, pki.broker_key)) as files:
+        await fetch(files, tmp_path / "m.part", settings=DownloadSettings(ca_file=str(pki.ca)))
+        assert (tmp_path / "m.part").read_bytes() == CONTENT
+        untrusted = DownloadSettings(ca_file=str(pki.other_ca), timeout=20)
+        with pytest.raises(DownloadFailed, match="certificate is not trusted by") as failed:
+            await fetch(files, tmp_path / "n.part", settings=untrusted)
+    assert str(pki.other_ca) in failed.value.message
+    assert len(files.requests) == 1  # the untrusted one never got a request through, nor a retry
