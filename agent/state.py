@@ -97,6 +97,8 @@ class StoredRequest(msgspec.Struct, frozen=True):
     camera: str
     stream: str
     replies: tuple[ReplyTo, ...] = ()
+    # signed: its expires_at, until which its record is kept against replays
+    keep_until: float | None = None
 
     @classmethod
     def of(cls, request: Request) -> StoredRequest:
@@ -106,6 +108,7 @@ class StoredRequest(msgspec.Struct, frozen=True):
             camera=request.camera,
             stream=request.stream,
             replies=tuple(request.replies),
+            keep_until=request.keep_until,
         )
 
 
@@ -132,6 +135,8 @@ class StateDocument(msgspec.Struct, frozen=True):
     in_flight: tuple[StoredRequest, ...] = ()
     # terminal events of recent requests, oldest first: duplicate detection across restarts
     outcomes: tuple[Event, ...] = ()
+    # request_id -> expires_at of the signed requests among `outcomes`: kept until then
+    signed_until: dict[str, float] = {}
 
     def models(self) -> set[str]:
         """The sha256 of every model a camera's desired or last-good set names."""
