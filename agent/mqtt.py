@@ -187,6 +187,12 @@ class MqttLink:
         # False: aiomqtt's public API only (agent/paho_fast.py), as with other versions
         self._fast_path = fast_path
         self._fast = False  # the fast path is used with the current client
+        if not paho_fast.tolerate_property_strings():
+            log.warning(
+                "paho refuses some MQTT 5 string properties: a command carrying U+FEFF in one "
+                "drops the connection on every delivery",
+                versions=paho_fast.VERSIONS,
+            )
         if fast_path and not paho_fast.FAST_PATH:
             log.warning(
                 "paho fast path off: written for other versions; using aiomqtt's public API "
