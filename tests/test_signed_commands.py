@@ -260,6 +260,26 @@ async def test_a_replay_after_expires_at_is_expired(mqtt5: Broker, tmp_path: Pat
         )
 
 
+async def test_a_full_replay_record_refuses_more_signed_commands(
+    mqtt5: Broker, tmp_path: Path
+) -> None:
+    section = security(max_signed_requests=2)
+    async with signed_agent(mqtt5, tmp_path, section) as (_, obs):
+        topic = obs.topics.command(CAM1, "CAM_A", "delete")
+        sent = {rid: signed(topic, delete_body(rid, 30)) for rid in ("k1", "k2")}
+        for message in sent.values():
+            event = await answer(obs, topic, *message)
+            assert event.state == "succeeded"
+        full = await answer(obs, topic, *signed(topic, delete_body("k3")))
+        assert (full.request_id, full.state, code(full)) == ("k3", "rejected", "replay_window_full")
+        assert full.error is not None
+        assert re.search(r"2 signed requests .* send it again in (29|30) s", full.error.message)
+        # a replay of a kept one is still answered from the record
+        replayed = await answer(obs, topic, *sent["k1"])
+        assert (replayed.request_id, replayed.state) == ("k1", "succeeded")
+        assert obs.states("k1").count("accepted") == 1
+
+
 async def test_signing_off_old_senders_work_and_a_bad_signature_is_still_refused(
     mqtt5: Broker, tmp_path: Path
 ) -> None:
