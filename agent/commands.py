@@ -9,8 +9,10 @@ from __future__ import annotations
 import time
 import uuid
 from functools import partial
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Final
 
+import anyio
+import anyio.to_thread
 import structlog
 
 from agent.cameras.base import Deployment
@@ -38,7 +40,7 @@ from agent.messages import (
     salvage_request_id,
 )
 from agent.requests import Request
-from agent.signing import UNSIGNED, Authenticity, Policy, find_signature
+from agent.signing import UNSIGNED, Authenticity, Policy, Signature, find_signature
 from agent.topics import CommandTopic, SimulatorTopic
 
 if TYPE_CHECKING:
@@ -59,6 +61,8 @@ def _nothing() -> None:
 
 
 log = structlog.get_logger(__name__)
+
+_VERIFY_INLINE_BYTES: Final = 1024 * 1024  # larger signed payloads are verified in a thread
 
 
 def _reply_to(message: Inbound, topics: Topics) -> ReplyTo | None:
@@ -147,7 +151,7 @@ class CommandHandler:
             if signature is not None:
                 payload = signature.payload  # the command; an envelope's request_id is in it
                 authenticity = Authenticity(signed=True, key_id=None)  # not verified yet
-            authenticity = self._policy.check(message.topic, topic.camera, signature)
+            authenticity = await self._authenticate(message.topic, topic.camera, signature)
             request = await self._validate(topic, payload, reply, authenticity)
             if request is None:
                 return _nothing  # a replay: the original request's record answers it
@@ -163,6 +167,14 @@ class CommandHandler:
         finally:
             structlog.contextvars.unbind_contextvars("camera", "stream", "request_id")
         return None
+
+    async def _authenticate(
+        self, topic: str, camera: str, signature: Signature | None
+    ) -> Authenticity:
+        """Check the signature, in a thread for a large payload (20 MB: ~50 ms of hashing)."""
+        if signature is not None and len(signature.payload) > _VERIFY_INLINE_BYTES:
+            return await anyio.to_thread.run_sync(self._policy.check, topic, camera, signature)
+        return self._policy.check(topic, camera, signature)
 
     def _admit(self, message: Inbound) -> None:
         """Refuse what is never looked into: retained, or too large."""

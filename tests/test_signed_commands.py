@@ -178,6 +178,14 @@ async def test_signed_unsigned_wrong_key_and_moved_commands(mqtt5: Broker, tmp_p
         ok = await answer(obs, topic, *signed(topic, deploy_body("n2"), CAM1_ONLY, "cam1"))
         assert (ok.request_id, ok.state) == ("n2", "succeeded")
 
+        # over 1 MiB (an unknown field as padding): verified in a thread
+        padded = {**deploy_body("big1"), "padding": "x" * 1_500_000}
+        big = await answer(obs, topic, *signed(topic, padded))
+        assert (big.request_id, big.state) == ("big1", "succeeded")
+        padded = {**deploy_body("big2"), "padding": "x" * 1_500_000}
+        big = await answer(obs, topic, *signed(topic, padded, STRANGER))
+        assert (big.request_id, code(big)) == ("big2", "bad_signature")
+
         stranger = await answer(obs, topic, *signed(topic, deploy_body("k1"), STRANGER, "who"))
         assert (stranger.request_id, code(stranger)) == ("k1", "unauthorized")
         assert stranger.error is not None

@@ -18,11 +18,14 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from hypothesis import given
 from hypothesis import strategies as st
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
 
 from agent.config import ConfigError, load_config
 from agent.errors import AgentError, BadSignature, InvalidPayload, Unauthorized
 from agent.keyfiles import key_id_of, read_signing_key, write_key_pair
 from agent.messages import Event
+from agent.mqtt import user_properties
 from agent.requests import Phase, Request, RequestLog
 from agent.signing import (
     _SMALL_ORDER_Y,
@@ -430,3 +433,16 @@ def test_signed_requests_outlive_the_last_256_until_they_expire() -> None:
     assert 49 < wait <= 50
     log.expire(now + 101)
     assert log.get("signed") is None
+
+
+def test_user_properties_from_what_paho_hands_over() -> None:
+    properties = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
+    assert user_properties(None) == ()
+    assert user_properties(properties) == ()
+    properties.UserProperty = [("a", "1"), ("a", "2"), ("oak-key-id", "\ufeff")]
+    assert user_properties(properties) == (("a", "1"), ("a", "2"), ("oak-key-id", "\ufeff"))
+    odd: Any = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
+    object.__setattr__(odd, "UserProperty", [("a", "1"), ("b",), ("c", b"2"), "d", (1, "x")])
+    assert user_properties(odd) == (("a", "1"),)
+    object.__setattr__(odd, "UserProperty", "not a list")
+    assert user_properties(odd) == ()
