@@ -343,7 +343,7 @@ def run_client_command(args: argparse.Namespace) -> int:
         return _keygen(args)
     try:
         target = _target(args)
-        signer = _signer(args)
+        signer = None if args.command == "watch" else _signer(args)
     except ClientExit as exc:
         parser.error(exc.message)  # usage and exit 2
     try:
