@@ -304,6 +304,22 @@ async def test_signing_off_old_senders_work_and_a_bad_signature_is_still_refused
         assert (bad.request_id, code(bad)) == ("b1", "bad_signature")
 
 
+async def test_u_feff_in_a_string_property_does_not_drop_the_connection(
+    mqtt5: Broker, tmp_path: Path
+) -> None:
+    """paho refused U+FEFF in string properties: each delivery of such a command dropped the
+    connection, and the broker delivered it again on every reconnect (agent/paho_fast.py)."""
+    async with signed_agent(mqtt5, tmp_path, security(require=False)) as (app, obs):
+        connects = app.link.stats.connects
+        topic = obs.topics.command(CAM1, "CAM_A", "delete")
+        properties = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
+        properties.UserProperty = [("note", "\ufeff")]
+        properties.ResponseTopic = "replies/\ufeff"
+        event = await answer(obs, topic, msgspec.json.encode({"request_id": "bom"}), properties)
+        assert (event.request_id, event.state) == ("bom", "succeeded")
+        assert app.link.stats.connects == connects
+
+
 async def test_simulator_knobs_obey_the_same_rule(mqtt5: Broker, tmp_path: Path) -> None:
     async with signed_agent(mqtt5, tmp_path, security()) as (app, obs):
         unplug = obs.topics.simulator(CAM1, "unplug")
