@@ -115,6 +115,8 @@ class _Target:
     agent: str
     # MQTT 5 for signed commands (user properties) unless the agent's broker speaks 3.1.1
     mqtt5: bool = True
+    # the agent's [security] max_command_age, when its config is given
+    max_command_age: float | None = None
 
     @property
     def where(self) -> str:
@@ -241,7 +243,8 @@ def _request_options(parser: argparse.ArgumentParser) -> None:
         "--expires-in",
         type=_seconds,
         metavar="SECONDS",
-        help=f"the command's expires_at, from now (default {DEFAULT_EXPIRES_IN:g} when signed)",
+        help=f"the command's expires_at, from now (default when signed: {DEFAULT_EXPIRES_IN:g}, "
+        "or the agent's max_command_age from --config when smaller)",
     )
 
 
@@ -350,7 +353,7 @@ def run_client_command(args: argparse.Namespace) -> int:
         if args.command == "watch":
             outcome = anyio.run(_until_signalled, lambda: _watch(target, args))
             return EXIT_OK if outcome is None else outcome
-        body = _body(args, signed=signer is not None)
+        body = _body(args, signed=signer is not None, max_age=target.max_command_age)
         outcome = anyio.run(_until_signalled, lambda: _request(target, args, body, signer))
     except ClientExit as exc:
         print(f"oak-agent {args.command}: {exc.message}", file=sys.stderr)
@@ -423,12 +426,22 @@ def _target(args: argparse.Namespace) -> _Target:
     except ConfigError as exc:
         raise ClientExit(EXIT_USAGE, str(exc)) from None
     mqtt5 = mqtt.protocol == "5" and not (config is not None and config.broker.embedded)
-    return _Target(broker=broker, topics=Topics.for_agent(prefix, agent), agent=agent, mqtt5=mqtt5)
+    return _Target(
+        broker=broker,
+        topics=Topics.for_agent(prefix, agent),
+        agent=agent,
+        mqtt5=mqtt5,
+        max_command_age=config.security.max_command_age if config else None,
+    )
 
 
-def _body(args: argparse.Namespace, *, signed: bool = False) -> dict[str, Any]:
+def _body(
+    args: argparse.Namespace, *, signed: bool = False, max_age: float | None = None
+) -> dict[str, Any]:
     body: dict[str, Any] = {"request_id": args.request_id or f"cli-{uuid.uuid4().hex[:12]}"}
-    expires_in = args.expires_in or (DEFAULT_EXPIRES_IN if signed else None)
+    expires_in = args.expires_in
+    if expires_in is None and signed:  # within the agent's max_command_age when it is known
+        expires_in = min(DEFAULT_EXPIRES_IN, max_age or DEFAULT_EXPIRES_IN)
     if expires_in is not None:
         body["expires_at"] = round(time.time() + expires_in, 3)
     if args.command == "deploy":

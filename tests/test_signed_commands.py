@@ -435,7 +435,10 @@ async def test_keygen_and_signed_client_commands(kind: str, broker: Broker, tmp_
     assert code_ == 0, err
     key = tmp_path / "keys" / "operator.key"
     assert key.stat().st_mode & 0o777 == 0o600
-    snippet = out[out.index("[security]") :]
+    # as printed, with a max_command_age below the client's default 60 s: --config tells it
+    snippet = out[out.index("[security]") :].replace(
+        "[security]\n", "[security]\nmax_command_age = 30\n"
+    )
     agent_id = f"signed-{uuid.uuid4().hex[:8]}"
     if kind == "amqtt":
         where = Broker(kind="amqtt", host="127.0.0.1", port=free_port(), pid=0)
