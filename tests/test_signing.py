@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import base64
 import os
+import shutil
+import subprocess
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -446,3 +448,23 @@ def test_user_properties_from_what_paho_hands_over() -> None:
     assert user_properties(odd) == (("a", "1"),)
     object.__setattr__(odd, "UserProperty", "not a list")
     assert user_properties(odd) == ()
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="needs openssl")
+def test_an_openssl_key_and_its_public_key_as_the_readme_says(tmp_path: Path) -> None:
+    key = tmp_path / "op.key"
+    subprocess.run(
+        ["openssl", "genpkey", "-algorithm", "ed25519", "-out", str(key)],
+        check=True,
+        capture_output=True,
+        timeout=30,
+    )
+    printed = subprocess.run(
+        ["bash", "-c", f"openssl pkey -in {key} -pubout -outform DER | tail -c 32 | base64"],
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    ).stdout.strip()
+    assert printed == public_key_text(read_signing_key(key).public_key())
+    read_public_key(printed)
