@@ -113,9 +113,9 @@ class Coordinator:
                 )
             )
         for stored in document.in_flight:
-            self._interrupted(stored)
+            self._interrupted(stored, document.signed_until.get(stored.request_id))
 
-    def _interrupted(self, stored: StoredRequest) -> None:
+    def _interrupted(self, stored: StoredRequest, keep_until: float | None) -> None:
         request = Request(
             id=stored.request_id,
             action=stored.action,
@@ -123,7 +123,7 @@ class Coordinator:
             stream=stored.stream,
             replies=list(stored.replies),
             phase=Phase.DONE,
-            keep_until=stored.keep_until,
+            keep_until=keep_until,
         )
         error = Interrupted(
             "the agent stopped before this request finished; the camera "
@@ -312,23 +312,25 @@ class Coordinator:
                 continue
             cameras[mxid] = CameraState.of(worker.slots.desired(), worker.slots.last_good())
             in_flight.extend(worker.slots.in_flight())
-        outcomes = []
-        signed_until = {}
-        now = time.time()
+        outcomes: list[Request] = []
         for request in self.requests:
             last = request.last
             if last is None or not last.terminal:
                 continue
             if final and self.is_held(last):
                 in_flight.append(request)  # answered `interrupted` after the restart
-                continue
-            outcomes.append(last)
-            if request.keep_until is not None and request.keep_until >= now:
-                signed_until[request.id] = request.keep_until
+            else:
+                outcomes.append(request)
+        now = time.time()
+        signed_until = {
+            r.id: r.keep_until
+            for r in (*outcomes, *in_flight)
+            if r.keep_until is not None and r.keep_until >= now
+        }
         return StateDocument(
             cameras=cameras,
             in_flight=tuple(StoredRequest.of(r) for r in in_flight),
-            outcomes=tuple(outcomes),
+            outcomes=tuple(r.events[-1] for r in outcomes),
             signed_until=signed_until,
         )
 

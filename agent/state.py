@@ -97,8 +97,6 @@ class StoredRequest(msgspec.Struct, frozen=True):
     camera: str
     stream: str
     replies: tuple[ReplyTo, ...] = ()
-    # signed: its expires_at, until which its record is kept against replays
-    keep_until: float | None = None
 
     @classmethod
     def of(cls, request: Request) -> StoredRequest:
@@ -108,7 +106,6 @@ class StoredRequest(msgspec.Struct, frozen=True):
             camera=request.camera,
             stream=request.stream,
             replies=tuple(request.replies),
-            keep_until=request.keep_until,
         )
 
 
@@ -135,7 +132,8 @@ class StateDocument(msgspec.Struct, frozen=True):
     in_flight: tuple[StoredRequest, ...] = ()
     # terminal events of recent requests, oldest first: duplicate detection across restarts
     outcomes: tuple[Event, ...] = ()
-    # request_id -> expires_at of the signed requests among `outcomes`: kept until then
+    # request_id -> expires_at of the signed requests among `outcomes` and `in_flight`:
+    # their records are kept against replays until then
     signed_until: dict[str, float] = {}
 
     def models(self) -> set[str]:

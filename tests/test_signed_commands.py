@@ -250,6 +250,45 @@ async def test_a_replay_never_runs_again_after_300_requests_nor_after_a_restart(
         assert app.coordinator.workers[CAM1].restarts == restarts
 
 
+async def test_a_signed_request_cut_off_by_a_crash_stays_kept(
+    mqtt5: Broker, tmp_path: Path
+) -> None:
+    """A state file as a crash leaves it: a signed request accepted, unfinished."""
+    config = make_config(mqtt5, tmp_path / "state", security=security())
+    until = time.time() + 120
+    (tmp_path / "state").mkdir(mode=0o700)
+    (tmp_path / "state" / "state.json").write_bytes(
+        msgspec.json.encode(
+            {
+                "version": 1,
+                "in_flight": [
+                    {"request_id": "cut", "action": "delete", "camera": CAM1, "stream": "CAM_A"}
+                ],
+                "signed_until": {"cut": until},
+            }
+        )
+    )
+    async with agent_and_observer(mqtt5, config) as (app, obs):
+        first = await obs.outcome("cut")
+        assert (first.state, code(first)) == ("failed", "interrupted")
+        request = app.coordinator.requests.get("cut")
+        assert request is not None
+        assert request.keep_until == until
+        topic = obs.topics.command(CAM1, "CAM_A", "delete")
+        replayed = await answer(
+            obs, topic, *signed(topic, {"request_id": "cut", "expires_at": until})
+        )
+        assert (replayed.request_id, replayed.state, code(replayed)) == (
+            "cut",
+            "failed",
+            "interrupted",
+        )
+        assert "accepted" not in obs.states("cut")
+    assert json.loads((tmp_path / "state" / "state.json").read_bytes())["signed_until"] == {
+        "cut": until
+    }
+
+
 async def test_a_replay_after_expires_at_is_expired(mqtt5: Broker, tmp_path: Path) -> None:
     async with signed_agent(mqtt5, tmp_path, security()) as (_, obs):
         topic = obs.topics.command(CAM1, "CAM_A", "delete")
