@@ -196,6 +196,7 @@ class CommandHandler:
 
         async def acquire(progress: Callable[[int, int | None], None]) -> Deployment:
             stored = await transfers.model(model, progress, name=command.model_name)
+            progress(stored.size, stored.size)  # all of it (said once, if not said yet)
             return Deployment(
                 model=stored,
                 nn_config=command.nn_config,

@@ -537,11 +537,13 @@ class _Throttle:
 
     def due(self, received: int, total: int | None) -> bool:
         now = time.monotonic()
+        if self._at is not None and received <= self._received:
+            return False  # nothing new
         first = self._at is None
         last = total is not None and received >= total
         step = total is not None and received - self._received >= total / _PROGRESS_SHARE
         later = self._at is not None and now - self._at >= _PROGRESS_SECONDS
-        if not (first or last or step or (later and received > self._received)):
+        if not (first or last or step or later):
             return False
         self._at, self._received = now, received
         return True

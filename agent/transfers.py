@@ -113,33 +113,43 @@ class Transfers:
         name: str | None,
     ) -> StoredModel:
         """The model once it is stored; raise why it cannot be had."""
-        fetching = self._downloads.get(source.sha256)
-        if isinstance(source, ModelByHash) and fetching is None:
-            return await self._uploads.wait(source.sha256, progress)
-        if self._store.exists(source.sha256):
-            return await self._store.get(source.sha256)
-        if fetching is None:
-            assert isinstance(source, ModelUrl)  # a ModelByHash joins one
-            fetching = self._downloads[source.sha256] = _Download()
-            fetching.watchers.append(progress)
-            try:
-                fetching.outcome = await self._fetch(source, fetching.progress, name=name)
-            except AgentError as exc:
-                fetching.outcome = exc
-            except Exception as exc:
-                log.exception("download failed unexpectedly", url=redact_url(source.url))
-                fetching.outcome = Internal(f"{type(exc).__name__}")
-            finally:
-                del self._downloads[source.sha256]
-                fetching.done.set()
-        else:  # the same model for another deploy: one download
+        while True:
+            fetching = self._downloads.get(source.sha256)
+            if isinstance(source, ModelByHash) and fetching is None:
+                return await self._uploads.wait(source.sha256, progress)
+            if self._store.exists(source.sha256):
+                return await self._store.get(source.sha256)
+            if fetching is None:
+                assert isinstance(source, ModelUrl)  # a ModelByHash only joins one
+                return await self._download(source, progress, name=name)
+            # the same model for another deploy: one download
             fetching.watchers.append(progress)
             progress(fetching.received, fetching.total)
             await fetching.done.wait()
+            if isinstance(fetching.outcome, AgentError):
+                raise fetching.outcome
+            if fetching.outcome is not None:
+                return fetching.outcome
+            # the deploy that ran it was cancelled (shutting down): look again
+
+    async def _download(
+        self, source: ModelUrl, progress: Callable[[int, int | None], None], *, name: str | None
+    ) -> StoredModel:
+        """Run the download of `source` here, for every deploy that joins it meanwhile."""
+        fetching = self._downloads[source.sha256] = _Download()
+        fetching.watchers.append(progress)
+        try:
+            fetching.outcome = await self._fetch(source, fetching.progress, name=name)
+        except AgentError as exc:
+            fetching.outcome = exc
+        except Exception as exc:
+            log.exception("download failed unexpectedly", url=redact_url(source.url))
+            fetching.outcome = Internal(f"{type(exc).__name__}")
+        finally:
+            del self._downloads[source.sha256]
+            fetching.done.set()
         if isinstance(fetching.outcome, AgentError):
             raise fetching.outcome
-        if fetching.outcome is None:  # pragma: no cover - set before `done`
-            raise Internal("download ended without an outcome")
         return fetching.outcome
 
     async def _fetch(

@@ -281,21 +281,22 @@ class Uploads:
 
         `progress(received, total)` is called now and whenever more of it is durable.
         """
-        upload = self._uploads.get(sha256)
-        if upload is None:  # stored meanwhile, or never was
-            return await self._store.get(sha256)
-        upload.watchers.append(progress)
-        progress(upload.received, upload.size)
-        try:
-            await upload.done.wait()
-        finally:
-            upload.watchers.remove(progress)
-        outcome = upload.outcome
-        if isinstance(outcome, AgentError):
-            raise outcome
-        if outcome is None:  # pragma: no cover - `done` is set with an outcome
-            raise Internal("upload ended without an outcome")
-        return outcome
+        while True:
+            upload = self._uploads.get(sha256)
+            if upload is None:  # stored meanwhile, or never was
+                return await self._store.get(sha256)
+            upload.watchers.append(progress)
+            progress(upload.received, upload.size)
+            try:
+                await upload.done.wait()
+            finally:
+                upload.watchers.remove(progress)
+            outcome = upload.outcome
+            if isinstance(outcome, AgentError):
+                raise outcome
+            if outcome is not None:
+                return outcome
+            # started again (another chunk_size): wait for the new one
 
     def owns(self, topic: str) -> bool:
         return self._topics.parse_upload(topic) is not None
@@ -459,6 +460,11 @@ class Uploads:
                 upload.manifest = manifest  # its expires_at, request_id and name now
                 upload.last_progress = time.time()
                 upload.error = None
+                try:  # kept for a restart, and its time counts as progress then
+                    await anyio.to_thread.run_sync(self._write_manifest, upload)
+                except OSError as exc:
+                    problem = f"cannot keep the manifest: {exc.strerror or exc}"
+                    upload.error = error_info(StateWriteFailed(problem))
                 self._publish(upload, now=True)
                 return
             log.info(
@@ -467,7 +473,8 @@ class Uploads:
                 was=upload.chunk_size,
                 now=manifest.chunk_size,
             )
-            await self._discard(upload)
+            await self._restart(upload, manifest)
+            return
         await self._start(sha256, manifest)
 
     async def _start(self, sha256: str, manifest: UploadManifest) -> None:
@@ -510,6 +517,10 @@ class Uploads:
         """Write the manifest atomically, then create the data file and the journal empty."""
         make_private_folder(self.folder)
         _unlink(upload.path(".part"), upload.path(".chunks"))
+        self._write_manifest(upload)
+        self._open(upload)
+
+    def _write_manifest(self, upload: _Upload) -> None:
         fd, tmp = tempfile.mkstemp(dir=self.folder, prefix=_TMP_PREFIX, suffix=_TMP_SUFFIX)
         try:
             with os.fdopen(fd, "wb") as f:
@@ -519,7 +530,6 @@ class Uploads:
             os.replace(tmp, upload.path(".manifest"))
         finally:
             _unlink(self.folder / os.path.basename(tmp))
-        self._open(upload)
         _fsync_dir(self.folder)
 
     # --- chunks ----------------------------------------------------------------------------
@@ -682,17 +692,17 @@ class Uploads:
             upload.size,
             upload.manifest.request_id,
             error=error_info(error),
-            received=upload.received,
         )
 
-    async def _discard(self, upload: _Upload) -> None:
-        """Drop an upload to start it again (another chunk_size): no status of its own."""
-        upload.outcome = Internal("the upload was restarted with another chunk_size")
-        upload.done.set()
+    async def _restart(self, upload: _Upload, manifest: UploadManifest) -> None:
+        """Start an upload again from nothing (another chunk_size); who waits for it waits on."""
         del self._uploads[upload.sha256]
+        upload.finishing = True  # its chunks are no longer taken
         await self._remove_files(upload)
         _settle(upload.pending)
         upload.pending = {}
+        await self._start(upload.sha256, manifest)
+        upload.done.set()  # no outcome: its waiters turn to the new one
 
     async def _remove_files(self, upload: _Upload) -> None:
         async with upload.lock:
@@ -722,13 +732,12 @@ class Uploads:
         request_id: str | None,
         *,
         error: ErrorInfo | None = None,
-        received: int | None = None,
     ) -> None:
         """Publish a final status now; it is cleared `status_retention` seconds later."""
         status = UploadStatus(
             state=state,
             size=size,
-            received=size if received is None else received,
+            received=size if state == "stored" else 0,  # a failed upload's bytes are gone
             missing=() if state == "stored" else ((0, size),) if size else (),
             updated_at=time.time(),
             request_id=request_id,

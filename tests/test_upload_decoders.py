@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import re
 import string
 import zlib
@@ -16,7 +17,7 @@ from agent.config import ModelsSection, load_config
 from agent.errors import InvalidPayload
 from agent.messages import MIN_CHUNK_SIZE, UploadManifest, decode_manifest
 from agent.topics import Topics
-from agent.uploads import _read_journal, _record
+from agent.uploads import Uploads, _read_journal, _record, _Upload
 from tests.strategies import hostile_payloads
 
 TOPICS = Topics.for_agent("oak", "agent-1")
@@ -154,3 +155,46 @@ def test_the_example_config_documents_every_models_key(tmp_path: Path) -> None:
     assert config.models == ModelsSection()  # the example shows the defaults
     readme = (example.parent.parent / "README.md").read_text()
     assert all(f"`models.{key}`" in readme for key in documented)
+
+
+@given(
+    st.integers(1, 10**7),
+    st.integers(MIN_CHUNK_SIZE, 10**6),
+    st.integers(0, 2 * 10**7),
+    st.integers(0, 2 * 10**6),
+)
+@settings(max_examples=500)
+def test_a_chunk_is_taken_only_where_the_manifest_puts_one(
+    size: int, chunk_size: int, offset: int, length: int
+) -> None:
+    manifest = UploadManifest(size=size, chunk_size=chunk_size)
+    upload = _Upload("0" * 64, manifest, Path(), bytearray(-(-size // chunk_size)), 0.0)
+    problem = Uploads._chunk_problem(upload, offset, length)
+    valid = offset < size and offset % chunk_size == 0 and length == min(chunk_size, size - offset)
+    assert (problem is None) == valid, problem
+
+
+@given(st.integers(1, 300_000), st.integers(MIN_CHUNK_SIZE, 20_000), st.randoms())
+@settings(max_examples=300)
+def test_missing_ranges_are_exactly_the_chunks_not_received(
+    size: int, chunk_size: int, rng: Any
+) -> None:
+    count = -(-size // chunk_size)
+    have = bytearray(rng.choice((0, 1)) for _ in range(count))
+    upload = _Upload("0" * 64, UploadManifest(size=size, chunk_size=chunk_size), Path(), have, 0.0)
+    ranges, truncated = upload.missing()
+    wanted = [
+        (i * chunk_size, min((i + 1) * chunk_size, size)) for i in range(count) if not have[i]
+    ]
+    covered = [
+        (o, min(o + chunk_size, size))
+        for start, end in ranges
+        for o in range(start, end, chunk_size)
+    ]
+    assert all(a[1] < b[0] for a, b in itertools.pairwise(ranges))  # apart, sorted
+    assert all(start % chunk_size == 0 and start < end <= size for start, end in ranges)
+    if truncated:
+        assert len(ranges) == 64
+        assert covered == wanted[: len(covered)]
+    else:
+        assert covered == wanted

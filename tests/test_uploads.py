@@ -255,6 +255,7 @@ async def test_upload_abandoned_after_upload_timeout_and_storage_full(
         other_sha = await send_manifest(sender, topics, other, 4 * KIB)
         full = await until_error(obs, other_sha, "storage_full")
         assert full["state"] == "failed"
+        assert (full["size"], full["received"], full["missing"]) == (20_000, 0, [[0, 20_000]])
         assert "max_partial_bytes" in full["error"]["message"]
         await send_chunks(sender, topics, model, CHUNK, [0])
         await until_status(obs, sha, "receiving", received=CHUNK)
@@ -305,7 +306,8 @@ async def test_a_deploy_waits_for_the_upload_in_progress(
         assert set(states[1:-2]) == {"transferring"}
         progress = [e.progress for e in obs.events("waits") if e.progress is not None]
         print(f"transferring events for {len(total)} chunks: {len(progress)}")
-        assert len(progress) <= 11  # the first, each tenth, the last (or one a second)
+        # the first, then each tenth or each second, the last: not one per chunk
+        assert len(progress) < len(total)
         assert progress[-1] is not None
         assert progress[-1].received == MODEL_SIZE
         assert app.coordinator.workers[CAM1].running["CAM_B"].model.sha256 == sha
@@ -369,5 +371,47 @@ async def test_a_corrupted_chunk_fails_the_upload_with_checksum_mismatch(
             )
         failed = await until_status(obs, sha, "failed")
         assert failed["error"]["code"] == "checksum_mismatch"
+        assert failed["received"] == 0  # what it had is gone
         assert not list((tmp_path / "state" / "uploads").iterdir())
         assert not (tmp_path / "state" / "models" / f"{sha}.blob").exists()
+
+
+async def test_upload_through_the_embedded_amqtt_broker(tmp_path: Path, model: bytes) -> None:
+    """The demo's broker (amqtt, MQTT 3.1.1) carries an upload and its status too."""
+    data = model[:300_000]
+    chunk = 32 * KIB
+    with run_broker("amqtt", tmp_path / "amqtt") as amqtt:
+        config = make_config(amqtt, tmp_path / "state")
+        async with (
+            agent_and_observer(amqtt, config) as (_, obs),
+            aiomqtt.Client(amqtt.host, amqtt.port, protocol=aiomqtt.ProtocolVersion.V311) as client,
+        ):
+            sha = await send_manifest(client, obs.topics, data, chunk)
+            await until_status(obs, sha, "receiving")
+            await send_chunks(client, obs.topics, data, chunk, chunks(len(data), chunk))
+            await until_status(obs, sha, "stored")
+            body = {"request_id": "amqtt", "nn_config": GENERIC, "model_sha256": sha}
+            await obs.deploy(CAM1, "CAM_B", body)
+            assert (await obs.outcome("amqtt")).state == "succeeded"
+
+
+async def test_another_chunk_size_starts_the_upload_again_and_a_deploy_waits_on(
+    capped: Broker, tmp_path: Path, model: bytes, sender: aiomqtt.Client
+) -> None:
+    data = model[: 300 * KIB + 7]
+    config = make_config(capped, tmp_path / "state")
+    async with agent_and_observer(capped, config) as (_, obs):
+        topics = obs.topics
+        sha = await send_manifest(sender, topics, data, 16 * KIB)
+        await send_chunks(sender, topics, data, 16 * KIB, chunks(len(data), 16 * KIB)[:5])
+        await until_status(obs, sha, "receiving", received=5 * 16 * KIB)
+        body = {"request_id": "waits", "nn_config": GENERIC, "model_sha256": sha}
+        await obs.deploy(CAM1, "CAM_B", body)
+        await obs.wait_for(lambda: "transferring" in obs.states("waits"), what="transferring")
+        # the sender comes back with another chunk_size: the upload starts from nothing
+        await send_manifest(sender, topics, data, 64 * KIB)
+        again = await until_status(obs, sha, "receiving", chunk_size=64 * KIB)
+        assert (again["received"], again["missing"]) == (0, [[0, len(data)]])
+        await send_chunks(sender, topics, data, 64 * KIB, chunks(len(data), 64 * KIB))
+        await until_status(obs, sha, "stored")
+        assert (await obs.outcome("waits")).state == "succeeded"

@@ -144,11 +144,12 @@ async def test_deploys_of_one_model_at_once_share_one_download(
     broker: Broker, tmp_path: Path, model: bytes
 ) -> None:
     config = _config(broker, tmp_path / "state")
-    with file_server(model, plan=[("stall", 0.5)]) as files:
+    with file_server(model, plan=[("stall", 2.0)]) as files:
         async with agent_and_observer(broker, config) as (_, obs):
             await obs.deploy(CAM1, "CAM_B", _deploy("a", files.url, model))
             await obs.deploy(CAM2, "CAM_B", _deploy("b", files.url, model))
             # named by sha256 alone while it downloads: it waits for that download too
+            await obs.wait_for(lambda: "transferring" in obs.states("a"), what="downloading")
             by_sha = {k: v for k, v in _deploy("c", files.url, model).items() if k != "model_url"}
             await obs.deploy(CAM1, "CAM_C", by_sha)
             for request_id in ("a", "b", "c"):

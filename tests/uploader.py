@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import hashlib
-import os
+import random
 from typing import TYPE_CHECKING, Any
 
 import msgspec
@@ -24,7 +24,7 @@ KIB = 1024
 def padded_model(blob: Path, size: int, seed: int = 7) -> bytes:
     """A real blob followed by random bytes up to `size`: depthai parses it like the blob."""
     data = blob.read_bytes()
-    rng = __import__("random").Random(seed)
+    rng = random.Random(seed)  # noqa: S311  # test data, not secrets
     return data + rng.randbytes(size - len(data)) if size > len(data) else data
 
 
@@ -59,7 +59,3 @@ async def send_chunks(
     for offset in offsets:
         chunk = data[offset : offset + chunk_size]
         await client.publish(topics.chunk(sha256, offset), chunk, qos=1)
-
-
-def random_bytes(size: int) -> bytes:
-    return os.urandom(size)
