@@ -14,11 +14,13 @@ an exit code.
 from __future__ import annotations
 
 import argparse
+import base64
 import contextlib
 import json
 import os
 import re
 import signal
+import socket
 import sys
 import time
 import uuid
@@ -29,21 +31,27 @@ from typing import TYPE_CHECKING, Any, NoReturn
 import aiomqtt
 import anyio
 import msgspec
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
 
 from agent.bars import progress_bar
 from agent.chunkplan import MIN_CHUNK_SIZE, chunk_size_for, publish_packet_size
 from agent.config import AgentSection, ConfigError, MqttSection, load_config
 from agent.connect import BrokerOptions, broker_options, connect_problem
+from agent.keyfiles import config_snippet, key_id_of, read_signing_key, write_key_pair
 from agent.messages import Event, ModelEntry, UploadStatus
 from agent.mqtt import payload_bytes
 from agent.paho_fast import on_connack
 from agent.render import Style, render
 from agent.render import size as human_size
 from agent.sender import ModelFile, send_model, sha256_of
+from agent.signing import KEY_ID_PROPERTY, KEY_ID_RE, SIGNATURE_PROPERTY, envelope, sign
 from agent.topics import SHA256_RE, Topics
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 __all__ = [
     "EXIT_BROKER",
@@ -81,6 +89,7 @@ DEFAULT_PREFIX = "oak"
 DEFAULT_REQUEST_TIMEOUT = 120.0
 DEFAULT_UPLOAD_TIMEOUT = 600.0
 DEFAULT_MODELS_TIMEOUT = 10.0
+DEFAULT_EXPIRES_IN = 60.0  # a signed command's expires_at, from now
 _CONNECT_TIMEOUT = 10.0
 _LEVEL = re.compile(r"[A-Za-z0-9._-]{1,64}")
 # CONNACK return codes of MQTT 3.1.1
@@ -92,7 +101,8 @@ _REFUSALS = {
     5: "not authorised",
 }
 
-# CONNACK refusals of an MQTT 5 CONNECT by a broker that speaks only 3.1.1
+# CONNACK refusals of an MQTT 5 CONNECT by a broker that speaks only 3.1.1 (3.1.1's and 5's
+# "unsupported protocol version")
 _V5_UNSUPPORTED = frozenset({1, 132})
 
 _event_decoder = msgspec.json.Decoder(Event)
@@ -109,12 +119,22 @@ class ClientExit(Exception):
 
 
 @dataclass(frozen=True, slots=True)
+class _Signer:
+    key: Ed25519PrivateKey
+    key_id: str
+
+
+@dataclass(frozen=True, slots=True)
 class _Target:
     broker: BrokerOptions
     topics: Topics
     agent: str
-    mqtt5: bool = True  # try MQTT 5 where the packet limit matters (config: mqtt.protocol)
+    # MQTT 5 unless the agent's broker speaks 3.1.1: signed commands go in user properties,
+    # and the CONNACK names the broker's Maximum Packet Size
+    mqtt5: bool = True
     max_payload: int = AgentSection().max_payload_bytes  # the agent's, from its config
+    # the agent's [security] max_command_age, when its config is given
+    max_command_age: float | None = None
 
     @property
     def where(self) -> str:
@@ -235,6 +255,16 @@ def _common_options() -> argparse.ArgumentParser:
     return common
 
 
+def _key_id(value: str) -> str:
+    if not KEY_ID_RE.fullmatch(value):
+        raise argparse.ArgumentTypeError(f"{value!r} is not a key id ([A-Za-z0-9._-], 1-64)")
+    return value
+
+
+def _default_key_id() -> str:
+    return re.sub(r"[^A-Za-z0-9._-]", "-", socket.gethostname())[:64] or "operator"
+
+
 def _request_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--camera",
@@ -255,6 +285,26 @@ def _request_options(parser: argparse.ArgumentParser) -> None:
         default=DEFAULT_REQUEST_TIMEOUT,
         metavar="SECONDS",
         help="seconds to wait for the final answer (default %(default)g)",
+    )
+    signing = parser.add_argument_group("signed commands ([security] in the agent's config)")
+    signing.add_argument(
+        "--sign-key",
+        type=Path,
+        metavar="FILE",
+        help="sign the command with this Ed25519 private key (PEM, from `oak-agent keygen`)",
+    )
+    signing.add_argument(
+        "--key-id",
+        type=_key_id,
+        help="the key's id in the agent's [[security.keys]] (default: the key file's name "
+        "without .key)",
+    )
+    signing.add_argument(
+        "--expires-in",
+        type=_seconds,
+        metavar="SECONDS",
+        help=f"the command's expires_at, from now (default when signed: {DEFAULT_EXPIRES_IN:g}, "
+        "or the agent's max_command_age from --config when smaller)",
     )
 
 
@@ -384,6 +434,26 @@ def add_client_commands(sub: Any) -> None:
     )
     watch.set_defaults(parser=watch)
 
+    keygen = sub.add_parser(
+        "keygen",
+        help="make an Ed25519 key pair for signing commands",
+        description=(
+            "Write a new Ed25519 key pair for signing commands: DIR/ID.key (the private key, "
+            "PEM, mode 0600; give it to `deploy|delete --sign-key`) and DIR/ID.pub (the public "
+            "key in base64), and print the lines that make an agent trust it."
+        ),
+    )
+    keygen.add_argument(
+        "--out", type=Path, required=True, metavar="DIR", help="folder for the two files"
+    )
+    keygen.add_argument(
+        "--key-id",
+        type=_key_id,
+        default=None,
+        help="the key's id (default: this host's name)",
+    )
+    keygen.set_defaults(parser=keygen)
+
 
 # --- running ------------------------------------------------------------------------------
 
@@ -391,10 +461,13 @@ def add_client_commands(sub: Any) -> None:
 def run_client_command(args: argparse.Namespace) -> int:
     """Run `deploy`, `delete`, `upload`, `models` or `watch`; the exit code."""
     parser: argparse.ArgumentParser = args.parser
+    if args.command == "keygen":
+        return _keygen(args)
     try:
         target = _target(args)
         if args.command == "deploy":
             _check_deploy_source(args)
+        signer = _signer(args) if args.command in ("deploy", "delete") else None
     except ClientExit as exc:
         parser.error(exc.message)  # usage and exit 2
     try:
@@ -415,8 +488,8 @@ def run_client_command(args: argparse.Namespace) -> int:
                 )
                 return EXIT_INTERRUPTED
             return outcome
-        body = _body(args)
-        outcome = anyio.run(_until_signalled, lambda: _request(target, args, body))
+        body = _body(args, signed=signer is not None, max_age=target.max_command_age)
+        outcome = anyio.run(_until_signalled, lambda: _request(target, args, body, signer))
     except ClientExit as exc:
         print(f"oak-agent {args.command}: {exc.message}", file=sys.stderr)
         return exc.code
@@ -452,6 +525,38 @@ def _model_file(path: Path) -> ModelFile:
     return model
 
 
+def _keygen(args: argparse.Namespace) -> int:
+    key_id = args.key_id or _default_key_id()
+    try:
+        pair = write_key_pair(args.out, key_id)
+    except (ValueError, OSError) as exc:
+        print(f"oak-agent keygen: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    print(
+        f"# private key: {pair.private} (keep it secret; "
+        f"oak-agent deploy|delete --sign-key {pair.private})\n"
+        f"# public key:  {pair.public}\n"
+        "# add to the agent's config:\n" + config_snippet(pair),
+        end="",
+    )
+    return EXIT_OK
+
+
+def _signer(args: argparse.Namespace) -> _Signer | None:
+    if args.sign_key is None:
+        if args.key_id is not None:
+            raise ClientExit(EXIT_USAGE, "--key-id goes with --sign-key")
+        return None
+    try:
+        key = read_signing_key(args.sign_key)
+        key_id = args.key_id or key_id_of(args.sign_key)
+    except OSError as exc:
+        raise ClientExit(EXIT_USAGE, f"cannot read {args.sign_key}: {exc.strerror}") from None
+    except ValueError as exc:
+        raise ClientExit(EXIT_USAGE, str(exc)) from None
+    return _Signer(key, key_id)
+
+
 def _target(args: argparse.Namespace) -> _Target:
     config = None
     if args.config is not None:
@@ -477,17 +582,26 @@ def _target(args: argparse.Namespace) -> _Target:
         broker = broker_options(mqtt)
     except ConfigError as exc:
         raise ClientExit(EXIT_USAGE, str(exc)) from None
+    mqtt5 = mqtt.protocol == "5" and not (config is not None and config.broker.embedded)
     return _Target(
         broker=broker,
         topics=Topics.for_agent(prefix, agent),
         agent=agent,
-        mqtt5=mqtt.protocol == "5",
+        mqtt5=mqtt5,
         max_payload=config.agent.max_payload_bytes if config else AgentSection().max_payload_bytes,
+        max_command_age=config.security.max_command_age if config else None,
     )
 
 
-def _body(args: argparse.Namespace) -> dict[str, Any]:
+def _body(
+    args: argparse.Namespace, *, signed: bool = False, max_age: float | None = None
+) -> dict[str, Any]:
     body: dict[str, Any] = {"request_id": args.request_id or f"cli-{uuid.uuid4().hex[:12]}"}
+    expires_in = args.expires_in
+    if expires_in is None and signed:  # within the agent's max_command_age when it is known
+        expires_in = min(DEFAULT_EXPIRES_IN, max_age or DEFAULT_EXPIRES_IN)
+    if expires_in is not None:
+        body["expires_at"] = round(time.time() + expires_in, 3)
     if args.command == "deploy":
         body["nn_config"] = args.nn_config
         if args.model is not None:
@@ -608,11 +722,14 @@ def _refused(exc: aiomqtt.MqttError, target: _Target) -> NoReturn:
     ) from None
 
 
-async def _request(target: _Target, args: argparse.Namespace, body: dict[str, Any]) -> int:
+async def _request(
+    target: _Target, args: argparse.Namespace, body: dict[str, Any], signer: _Signer | None
+) -> int:
     """Publish one command, print its events; the exit code of its final state.
 
     A deploy whose model would not fit in one packet of the broker uploads it in chunks
-    first, then names it by sha256.
+    first, then names it by sha256. A signed command carries its signature in MQTT 5 user
+    properties, or in an envelope on a 3.1.1 broker (agent/signing.py).
     """
     request_id = body["request_id"]
     topics = target.topics
@@ -621,12 +738,14 @@ async def _request(target: _Target, args: argparse.Namespace, body: dict[str, An
     uploading = False
     try:
         with anyio.fail_after(args.timeout):
-            async with _connected(target, mqtt5=target.mqtt5 and "model" in body) as link:
+            wants5 = target.mqtt5 and ("model" in body or signer is not None)
+            async with _connected(target, mqtt5=wants5) as link:
                 client = link.client
-                payload = _encode(body)
+                payload, properties = _message(topic, body, signer, mqtt5=link.mqtt5)
                 limit = args.max_packet if args.command == "deploy" else None
                 limit = limit or link.max_packet
                 packet = publish_packet_size(topic, len(payload), mqtt5=link.mqtt5)
+                packet += _properties_size(properties)
                 if "model" in body and limit is not None and packet > limit:
                     uploading = True
                     model = _model_file(args.model)
@@ -644,9 +763,9 @@ async def _request(target: _Target, args: argparse.Namespace, body: dict[str, An
                     uploading = False
                     body = {k: v for k, v in body.items() if k != "model"}
                     body["model_sha256"] = model.sha256
-                    payload = _encode(body)
+                    payload, properties = _message(topic, body, signer, mqtt5=link.mqtt5)
                 await client.subscribe(topics.events, qos=1)
-                await client.publish(topic, payload, qos=1)
+                await client.publish(topic, payload, qos=1, properties=properties)
                 with _transfer_bar(request_id) as show:
                     async for message in client.messages:
                         # events are never retained: a retained one is stale or someone else's
@@ -680,6 +799,39 @@ async def _request(target: _Target, args: argparse.Namespace, body: dict[str, An
             f"(is it running? `oak-agent watch` shows what it publishes)",
         ) from None
     raise ClientExit(EXIT_BROKER, f"lost the connection to {target.where}")
+
+
+def _signed(
+    topic: str, payload: bytes, signer: _Signer, *, mqtt5: bool
+) -> tuple[bytes, Properties | None]:
+    """The payload and properties of a signed command: MQTT 5 user properties, or else
+    the envelope (agent/signing.py)."""
+    signature = sign(signer.key, topic, payload)
+    if not mqtt5:
+        return envelope(payload, signer.key_id, signature), None
+    properties = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
+    properties.UserProperty = [
+        (KEY_ID_PROPERTY, signer.key_id),
+        (SIGNATURE_PROPERTY, base64.b64encode(signature).decode()),
+    ]
+    return payload, properties
+
+
+def _message(
+    topic: str, body: dict[str, Any], signer: _Signer | None, *, mqtt5: bool
+) -> tuple[bytes, Properties | None]:
+    """The payload (and properties) of a command, signed when there is a signer."""
+    payload = _encode(body)
+    if signer is None:
+        return payload, None
+    return _signed(topic, payload, signer, mqtt5=mqtt5)
+
+
+def _properties_size(properties: Properties | None) -> int:
+    """Bytes the properties add to a PUBLISH (beyond the one byte of an empty set)."""
+    if properties is None:
+        return 0
+    return len(properties.pack()) - 1  # type: ignore[no-untyped-call]
 
 
 @contextlib.contextmanager

@@ -16,6 +16,7 @@ from bench import (
     latency,
     load,
     overtake,
+    signing,
     startup,
     storm,
     throughput,
@@ -34,6 +35,7 @@ _BENCHES = {
         chunked,
         startup,
         discovery_lag,
+        signing,
     )
 }
 
