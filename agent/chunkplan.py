@@ -19,6 +19,7 @@ __all__ = [
     "chunk_length",
     "chunk_size_for",
     "chunks_to_send",
+    "has_range",
     "manifest",
     "missing_bytes",
     "publish_packet_size",
@@ -82,6 +83,22 @@ def chunks_to_send(size: int, chunk_size: int, missing: Iterable[tuple[int, int]
         first, last = start // chunk_size, (end - 1) // chunk_size
         offsets.update(index * chunk_size for index in range(first, last + 1))
     return sorted(offsets)
+
+
+def has_range(
+    offset: int, length: int, missing: Iterable[tuple[int, int]], *, truncated: bool
+) -> bool:
+    """Whether a status with these `missing` ranges says the agent has [offset, offset+length).
+
+    A truncated list names only the first ranges: beyond its last one nothing is known.
+    """
+    end = offset + length
+    last = 0
+    for start, stop in missing:
+        if start < stop and start < end and offset < stop:
+            return False
+        last = max(last, stop)
+    return not (truncated and end > last)
 
 
 def missing_bytes(missing: Iterable[tuple[int, int]]) -> int:

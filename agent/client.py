@@ -101,7 +101,8 @@ _REFUSALS = {
     5: "not authorised",
 }
 
-# CONNACK refusals of an MQTT 5 CONNECT by a broker that speaks only 3.1.1
+# CONNACK refusals of an MQTT 5 CONNECT by a broker that speaks only 3.1.1 (3.1.1's and 5's
+# "unsupported protocol version")
 _V5_UNSUPPORTED = frozenset({1, 132})
 
 _event_decoder = msgspec.json.Decoder(Event)
@@ -128,8 +129,8 @@ class _Target:
     broker: BrokerOptions
     topics: Topics
     agent: str
-    # MQTT 5 where it matters (the packet limit of deploy --model and upload; signed commands
-    # in user properties) unless the agent's broker speaks 3.1.1 (config: mqtt.protocol)
+    # MQTT 5 unless the agent's broker speaks 3.1.1: signed commands go in user properties,
+    # and the CONNACK names the broker's Maximum Packet Size
     mqtt5: bool = True
     max_payload: int = AgentSection().max_payload_bytes  # the agent's, from its config
     # the agent's [security] max_command_age, when its config is given
@@ -728,7 +729,7 @@ async def _request(
 
     A deploy whose model would not fit in one packet of the broker uploads it in chunks
     first, then names it by sha256. A signed command carries its signature in MQTT 5 user
-    properties, or in an envelope when the broker speaks 3.1.1 only.
+    properties, or in an envelope on a 3.1.1 broker (agent/signing.py).
     """
     request_id = body["request_id"]
     topics = target.topics
@@ -737,13 +738,14 @@ async def _request(
     uploading = False
     try:
         with anyio.fail_after(args.timeout):
-            wanted5 = target.mqtt5 and ("model" in body or signer is not None)
-            async with _connected(target, mqtt5=wanted5) as link:
+            wants5 = target.mqtt5 and ("model" in body or signer is not None)
+            async with _connected(target, mqtt5=wants5) as link:
                 client = link.client
-                payload, properties = _payload(topic, body, signer, mqtt5=link.mqtt5)
+                payload, properties = _message(topic, body, signer, mqtt5=link.mqtt5)
                 limit = args.max_packet if args.command == "deploy" else None
                 limit = limit or link.max_packet
                 packet = publish_packet_size(topic, len(payload), mqtt5=link.mqtt5)
+                packet += _properties_size(properties)
                 if "model" in body and limit is not None and packet > limit:
                     uploading = True
                     model = _model_file(args.model)
@@ -761,7 +763,7 @@ async def _request(
                     uploading = False
                     body = {k: v for k, v in body.items() if k != "model"}
                     body["model_sha256"] = model.sha256
-                    payload, properties = _payload(topic, body, signer, mqtt5=link.mqtt5)
+                    payload, properties = _message(topic, body, signer, mqtt5=link.mqtt5)
                 await client.subscribe(topics.events, qos=1)
                 await client.publish(topic, payload, qos=1, properties=properties)
                 with _transfer_bar(request_id) as show:
@@ -815,14 +817,21 @@ def _signed(
     return payload, properties
 
 
-def _payload(
+def _message(
     topic: str, body: dict[str, Any], signer: _Signer | None, *, mqtt5: bool
 ) -> tuple[bytes, Properties | None]:
-    """The command's payload, and its properties: signed when there is a signer."""
+    """The payload (and properties) of a command, signed when there is a signer."""
     payload = _encode(body)
     if signer is None:
         return payload, None
     return _signed(topic, payload, signer, mqtt5=mqtt5)
+
+
+def _properties_size(properties: Properties | None) -> int:
+    """Bytes the properties add to a PUBLISH (beyond the one byte of an empty set)."""
+    if properties is None:
+        return 0
+    return len(properties.pack()) - 1  # type: ignore[no-untyped-call]
 
 
 @contextlib.contextmanager

@@ -2,9 +2,10 @@
 
 `send_model` announces the model with its manifest, reads the agent's answer on
 `{base}/models/{sha256}/status` and sends only the chunks covering the ranges it reports
-missing, at most `window` QoS 1 chunks in flight (each read from the file when it goes, so
-memory stays bounded). It repeats the manifest when the agent goes quiet without a final
-answer, and returns once the status says `stored` or `failed`.
+missing (on a resume, once the agent has gone idle: chunks an interrupted run left at the
+broker may still be reaching it), at most `window` QoS 1 chunks in flight (each read from
+the file when it goes, so memory stays bounded). It repeats the manifest when the agent
+goes quiet without a final answer, and returns once the status says `stored` or `failed`.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from typing import TYPE_CHECKING, Final
 import anyio
 import msgspec
 
-from agent.chunkplan import chunk_length, chunks_to_send, manifest, missing_bytes
+from agent.chunkplan import chunk_length, chunks_to_send, has_range, manifest, missing_bytes
 from agent.messages import UploadStatus
 from agent.mqtt import payload_bytes
 
@@ -33,6 +34,8 @@ __all__ = ["DEFAULT_WINDOW", "ModelFile", "Sent", "decode_status", "send_model",
 
 DEFAULT_WINDOW: Final = 8
 _QUIET: Final = 3.0  # seconds without a status after which the manifest is sent again
+_IDLE: Final = 3.0  # seconds without a status: the agent took every chunk it had (it says
+# how far it is at most every 0.5 s while chunks arrive; an fsync under load can take longer)
 _MAX_ROUNDS: Final = 100
 _READ_BLOCK: Final = 1024 * 1024
 
@@ -98,6 +101,7 @@ async def send_model(
     latest = _Latest()
     fd = os.open(model.path, os.O_RDONLY)
     upload = _Upload(
+        latest=latest,
         client=client,
         topics=topics,
         model=model,
@@ -120,6 +124,12 @@ async def send_model(
                 status = await latest.next(after=seen, settle=False)
                 if status is None:
                     continue  # no answer: announce again
+                if status.state == "receiving" and status.received:
+                    # a resume: chunks an earlier run left at the broker may still be reaching
+                    # the agent; its list of what is missing holds once it goes idle
+                    status = (
+                        await latest.next(after=latest.count, settle=True, quiet=_IDLE) or status
+                    )
                 if status.state == "receiving":
                     if status.missing:
                         await upload.send_missing(status)
@@ -156,15 +166,15 @@ class _Latest:
                 self._changed.set()
                 self._changed = anyio.Event()
 
-    async def next(self, *, after: int, settle: bool) -> UploadStatus | None:
+    async def next(self, *, after: int, settle: bool, quiet: float = _QUIET) -> UploadStatus | None:
         """The first status after the `after`-th (settle: the final one, or the latest once
-        the agent has been quiet for a while); None when none came meanwhile."""
+        the agent has been quiet for `quiet` seconds); None when none came meanwhile."""
         while True:
             changed = self._changed
             status = self.status if self.count > after else None
             if status is not None and (not settle or status.state != "receiving"):
                 return status
-            with anyio.move_on_after(_QUIET):
+            with anyio.move_on_after(quiet):
                 await changed.wait()
                 continue
             return status
@@ -174,6 +184,7 @@ class _Latest:
 class _Upload:
     """Publishes chunks of one model file, at most `window` unacknowledged."""
 
+    latest: _Latest
     client: aiomqtt.Client
     topics: Topics
     model: ModelFile
@@ -192,10 +203,27 @@ class _Upload:
         self._done = size - missing_bytes(status.missing)
         self.progress(self._done, size)
         slots = anyio.Semaphore(self.window)
+        planned = self.latest.count
         async with anyio.create_task_group() as tg:
             for offset in offsets:
                 await slots.acquire()
+                if self._arrived(offset, since=planned):
+                    slots.release()
+                    continue
                 tg.start_soon(self._send, offset, slots)
+
+    def _arrived(self, offset: int, *, since: int) -> bool:
+        """Whether a status newer than the plan says the agent has this chunk by now (from a
+        run that was interrupted: its chunks may still have been on their way)."""
+        status = self.latest.status
+        if status is None or self.latest.count <= since:
+            return False
+        length = chunk_length(offset, self.model.size, self.chunk_size)
+        if not has_range(offset, length, status.missing, truncated=status.missing_truncated):
+            return False
+        self._done = min(self.model.size, self._done + length)
+        self.progress(self._done, self.model.size)
+        return True
 
     async def _send(self, offset: int, slots: anyio.Semaphore) -> None:
         size = self.model.size

@@ -13,6 +13,7 @@ from agent.chunkplan import (
     chunk_length,
     chunk_size_for,
     chunks_to_send,
+    has_range,
     manifest,
     missing_bytes,
     publish_packet_size,
@@ -123,3 +124,31 @@ def test_a_real_status_and_model_list_decode() -> None:
     )
     assert models is not None
     assert models[0].in_use_by == ("X/CAM_A",)
+
+
+def test_has_range() -> None:
+    missing = [(4096, 8192), (12288, 16384)]
+    assert has_range(0, 4096, missing, truncated=False)
+    assert not has_range(4096, 4096, missing, truncated=False)
+    assert not has_range(0, 5000, missing, truncated=False)  # overlaps the first range
+    assert has_range(8192, 4096, missing, truncated=False)
+    assert has_range(16384, 4096, missing, truncated=False)  # after every listed range
+    assert not has_range(16384, 4096, missing, truncated=True)  # beyond a truncated list
+    assert has_range(8192, 4096, missing, truncated=True)  # between listed ranges: known
+    assert has_range(0, 10, [], truncated=False)
+
+
+@given(
+    size=st.integers(min_value=1, max_value=10**6),
+    chunk_size=st.integers(min_value=4096, max_value=1 << 16),
+    data=st.data(),
+)
+def test_a_chunk_is_had_exactly_when_it_is_not_to_be_sent(
+    size: int, chunk_size: int, data: st.DataObject
+) -> None:
+    bounds = sorted(data.draw(st.lists(st.integers(0, size), max_size=10, unique=True)))
+    missing = list(zip(bounds[::2], bounds[1::2], strict=False))
+    to_send = set(chunks_to_send(size, chunk_size, missing))
+    for offset in range(0, size, chunk_size):
+        length = chunk_length(offset, size, chunk_size)
+        assert has_range(offset, length, missing, truncated=False) == (offset not in to_send)

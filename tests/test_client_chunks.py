@@ -211,6 +211,49 @@ async def test_an_interrupted_upload_sends_only_what_is_missing_when_run_again(
     assert [e["size"] for e in entries if e["sha256"] == sha] == [size]
 
 
+async def test_an_upload_run_again_at_once_waits_for_the_agent_to_catch_up(
+    capped: Broker, wheel_blobs: dict[str, Path], tmp_path: Path
+) -> None:
+    # the agent is stopped (SIGSTOP) while the first run sends, so the broker holds a backlog
+    # of chunks for it; the second run starts as the agent wakes up and works through them
+    size, chunk = 3_000_000, 16_384
+    model = _model(wheel_blobs, tmp_path, size, seed=30)
+    sha = hashlib.sha256(model.read_bytes()).hexdigest()
+    total = -(-size // chunk)
+    agent_id = f"chunks-{uuid.uuid4().hex[:8]}"
+    config = write_config(tmp_path / "agent.toml", capped, tmp_path / "state", agent_id)
+    topics = Topics.for_agent("oaktest", agent_id)
+    args = ["upload", "--config", str(config), "--model", str(model), "--chunk-size", str(chunk)]
+    async with observe(capped, topics) as obs:
+        with agent_process(config, tmp_path / "agent.log") as agent:
+            await obs.wait_for(lambda: obs.latest(topics.availability) == b"online")
+            await obs.wait_for(lambda: obs.latest(topics.models) is not None, what="models")
+            manifests = topics.upload(sha)
+            with anyio.fail_after(WAIT):
+                async with cli_process(*args) as first:
+                    await obs.wait_for(lambda: obs.latest(topics.upload_status(sha)) is not None)
+                    agent.signal(signal.SIGSTOP)
+                    try:
+                        await obs.wait_for(lambda: len(chunks_seen(obs, sha)) >= total // 2)
+                        first.process.send_signal(signal.SIGINT)
+                        await first.exited()
+                        async with cli_process(*args) as second:
+                            # the agent wakes up to the backlog and the second manifest
+                            await obs.wait_for(lambda: len(obs.on(manifests)) == 2)
+                            agent.signal(signal.SIGCONT)
+                            await second.exited()
+                    finally:
+                        agent.signal(signal.SIGCONT)
+            again = second.result()
+            every = chunks_seen(obs, sha)
+    assert first.result().code == 130, first.result()
+    _no_traceback(again)
+    assert again.code == 0, again
+    assert set(every) == set(range(0, size, chunk))
+    # at most the chunks in flight when the first run stopped go twice
+    assert len(every) <= total + 8, (len(every), total, again.err)
+
+
 async def test_an_upload_of_a_stored_model_sends_nothing(
     capped: Broker, wheel_blobs: dict[str, Path], tmp_path: Path
 ) -> None:
