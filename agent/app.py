@@ -20,15 +20,18 @@ from agent import __version__
 from agent.cameras.simulator import SimulatorBackend
 from agent.commands import CommandHandler
 from agent.config import Config, DepthaiSection
+from agent.connect import broker_options
 from agent.coordinator import Coordinator
 from agent.errors import ModelWriteFailed
+from agent.ha_publisher import HomeAssistant
+from agent.homeassistant import Discovery
 from agent.intake import Intake
 from agent.messages import Info, InfoCamera, LinkCounters
 from agent.models import ModelStore
 from agent.mqtt import MqttLink
 from agent.reporter import Reporter
 from agent.state import StateFile
-from agent.topics import Topics
+from agent.topics import DiscoveryTopics, Topics
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -37,6 +40,7 @@ if TYPE_CHECKING:
 
     from agent.cameras.base import CameraBackend, Output
     from agent.connect import BrokerOptions
+    from agent.inbox import Inbound, Receipt
 
 __all__ = ["App", "serve"]
 
@@ -84,6 +88,7 @@ class App:
     backend: CameraBackend
     reporter: Reporter
     hints: dict[str, str]
+    homeassistant: HomeAssistant | None = None
 
 
 def _backend(config: Config) -> CameraBackend:
@@ -155,6 +160,53 @@ def _hints(
     }
 
 
+def _router(
+    intake: Intake, homeassistant: HomeAssistant | None
+) -> Callable[[Inbound, Receipt], None]:
+    """HA's birth message to the discovery publisher; everything else is a command."""
+    if homeassistant is None:
+        return intake.receive
+    birth = homeassistant.birth_topic
+
+    def receive(message: Inbound, receipt: Receipt) -> None:
+        if message.topic != birth:
+            intake.receive(message, receipt)
+            return
+        receipt.settle()
+        receipt.release()
+        homeassistant.on_birth(message.payload)
+
+    return receive
+
+
+def _homeassistant(
+    config: Config,
+    link: MqttLink,
+    topics: Topics,
+    backend: CameraBackend,
+    broker: BrokerOptions,
+    *,
+    saved_cameras: Callable[[], set[str]],
+) -> HomeAssistant:
+    ha_topics = DiscoveryTopics(config.homeassistant.discovery_prefix)
+    discovery = Discovery(
+        topics=topics,
+        discovery=ha_topics,
+        agent_id=config.agent.id,
+        version=__version__,
+        labels=config.homeassistant.labels,
+    )
+    return HomeAssistant(
+        link,
+        discovery,
+        ha_topics,
+        cameras=lambda: backend.cameras,
+        saved_cameras=saved_cameras,
+        broker=broker,
+        client_id=config.client_id,
+    )
+
+
 async def serve(
     config: Config,
     *,
@@ -181,6 +233,9 @@ async def serve(
     subscriptions: tuple[str, ...] = topics.command_filters
     if simulator is not None:
         subscriptions = (*subscriptions, topics.simulator_filter)
+    if config.homeassistant.enabled:
+        birth = DiscoveryTopics(config.homeassistant.discovery_prefix).birth
+        subscriptions = (*subscriptions, birth)
     link = MqttLink(
         mqtt,
         client_id=config.client_id,
@@ -191,7 +246,18 @@ async def serve(
         max_payload_bytes=config.agent.max_payload_bytes,
         broker=broker,
     )
-    reporter = Reporter(link, topics)
+    homeassistant = None
+    if config.homeassistant.enabled:
+        homeassistant = _homeassistant(
+            config,
+            link,
+            topics,
+            backend,
+            broker if broker is not None else broker_options(mqtt),
+            # called only once running, when `coordinator` is there
+            saved_cameras=lambda: coordinator.saved_cameras,
+        )
+    reporter = Reporter(link, topics, homeassistant)
     store = ModelStore(
         config.state_path / "models",
         on_write_error=lambda problem: reporter.agent_error(ModelWriteFailed(problem)),
@@ -225,7 +291,9 @@ async def serve(
         backend,
         reporter,
         _hints(config, topics, backend, source),
+        homeassistant,
     )
+
     async with AsyncExitStack() as stack:
         if config.broker.embedded:
             from agent.broker import embedded_broker  # noqa: PLC0415  # amqtt only when used
@@ -240,9 +308,14 @@ async def serve(
             if not backend.cameras:
                 log.warning("no cameras found yet; they are adopted when they appear")
             await tg.start(intake.run, name="commands")
+            if homeassistant is not None:
+                await tg.start(homeassistant.run, name="homeassistant")
             await tg.start(
                 partial(
-                    link.run, intake.receive, answered=intake.stopped, report=reporter.agent_error
+                    link.run,
+                    _router(intake, homeassistant),
+                    answered=intake.stopped,
+                    report=reporter.agent_error,
                 ),
                 name="mqtt",
             )

@@ -14,11 +14,13 @@ from msgspec import Meta
 from agent.topics import MXID_RE
 
 __all__ = [
+    "HA_MAX_LABELS",
     "AgentSection",
     "BrokerSection",
     "Config",
     "ConfigError",
     "DepthaiSection",
+    "HomeAssistantSection",
     "MqttSection",
     "SensorKind",
     "SimulatedCamera",
@@ -141,6 +143,28 @@ class DepthaiSection(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     discovery_interval: Annotated[float, Meta(ge=1.0, le=3600.0)] = 5.0
 
 
+# a topic name (levels separated by /) without wildcards, empty levels or a leading $
+DiscoveryPrefix = Annotated[
+    str, Meta(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9._-]+(/[A-Za-z0-9._-]+)*$")
+]
+HA_MAX_LABELS = 20
+
+
+class HomeAssistantSection(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """`[homeassistant]`: MQTT discovery of the cameras as Home Assistant devices."""
+
+    enabled: bool = False
+    discovery_prefix: DiscoveryPrefix = "homeassistant"
+    # labels that get count and presence entities; unset: the first 20 of each deploy's labels
+    labels: (
+        Annotated[
+            tuple[Annotated[str, Meta(min_length=1, max_length=256)], ...],
+            Meta(max_length=HA_MAX_LABELS),
+        ]
+        | None
+    ) = None
+
+
 class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     agent: AgentSection = AgentSection()
     mqtt: MqttSection = MqttSection()
@@ -148,6 +172,7 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     simulator: SimulatorSection | None = None
     # real cameras; the backend when there is no [simulator] section
     depthai: DepthaiSection | None = None
+    homeassistant: HomeAssistantSection = HomeAssistantSection()
 
     @property
     def client_id(self) -> str:

@@ -171,6 +171,11 @@ class Coordinator:
 
     # --- cameras -------------------------------------------------------------------------
 
+    @property
+    def saved_cameras(self) -> set[str]:
+        """The cameras this run drives and those the state file knows (present or not)."""
+        return set(self._saved) | set(self.workers)
+
     def add_camera(self, camera: Camera) -> CameraWorker:
         worker = self.workers.get(camera.mxid)
         if worker is None:

@@ -192,6 +192,12 @@ class MqttLink:
         self._box.dirty[topic] = None
         self._wakeup.set()
 
+    def republish_retained(self) -> None:
+        """Publish every retained topic again (Home Assistant restarted and asks for it)."""
+        for topic in self._box.retained:
+            self._box.dirty[topic] = None
+        self._wakeup.set()
+
     def send(self, topic: str, payload: bytes) -> None:
         """Queue a QoS 1 event."""
         self._enqueue(_Queued(topic, payload))

@@ -29,7 +29,7 @@ if TYPE_CHECKING:
     from agent.status import Route
     from agent.topics import Topics
 
-__all__ = ["Publisher", "Reporter"]
+__all__ = ["Publisher", "Reporter", "StatusObserver"]
 
 _SPATIAL_COLUMNS: Final = 9
 
@@ -57,10 +57,23 @@ class Publisher(Protocol):
         """Publish a detection now if it can go; else drop and count it."""
 
 
+class StatusObserver(Protocol):
+    """Told of the retained state as it is published (Home Assistant discovery follows it)."""
+
+    def info(self, info: Info) -> None:
+        """The agent's info, with its cameras, was published."""
+
+    def nn_status(self, camera: str, stream: str, status: NNStatus) -> None:
+        """A stream's NN status was published."""
+
+
 class Reporter:
-    def __init__(self, link: Publisher, topics: Topics) -> None:
+    def __init__(
+        self, link: Publisher, topics: Topics, observer: StatusObserver | None = None
+    ) -> None:
         self._link = link
         self._topics = topics
+        self._observer = observer
         self._routes: dict[str, Mapping[str, Route]] = {}  # camera -> stream -> route
 
     # --- retained state ------------------------------------------------------------------
@@ -70,6 +83,8 @@ class Reporter:
 
     def info(self, info: Info) -> None:
         self._link.retain(self._topics.info, encode_json(info))
+        if self._observer is not None:
+            self._observer.info(info)
 
     def camera_availability(self, camera: str, online: bool) -> None:
         payload = b"online" if online else b"offline"
@@ -80,6 +95,8 @@ class Reporter:
 
     def nn_status(self, camera: str, stream: str, status: NNStatus) -> None:
         self._link.retain(self._topics.nn_status(camera, stream), encode_json(status))
+        if self._observer is not None:
+            self._observer.nn_status(camera, stream, status)
 
     # --- events --------------------------------------------------------------------------
 

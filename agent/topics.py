@@ -13,6 +13,7 @@ __all__ = [
     "MXID_RE",
     "STREAM_RE",
     "CommandTopic",
+    "DiscoveryTopics",
     "SimulatorTopic",
     "Topics",
     "is_depth_stream",
@@ -77,6 +78,10 @@ class Topics:
         return f"{self.base}/errors"
 
     @property
+    def stats(self) -> str:
+        return f"{self.base}/stats"
+
+    @property
     def command_filters(self) -> tuple[str, str]:
         return (
             f"{self.base}/cameras/+/streams/+/nn/deploy",
@@ -92,6 +97,12 @@ class Topics:
 
     def camera_status(self, camera: str) -> str:
         return f"{self.base}/cameras/{camera}/status"
+
+    def camera_stats(self, camera: str) -> str:
+        return f"{self.base}/cameras/{camera}/stats"
+
+    def counts(self, camera: str, stream: str) -> str:
+        return f"{self.base}/cameras/{camera}/streams/{stream}/nn/counts"
 
     def nn_status(self, camera: str, stream: str) -> str:
         return f"{self.base}/cameras/{camera}/streams/{stream}/nn/status"
@@ -122,3 +133,31 @@ class Topics:
                 return SimulatorTopic(camera, f)
             case _:
                 return None
+
+
+@dataclass(frozen=True, slots=True)
+class DiscoveryTopics:
+    """Home Assistant's MQTT discovery topics under its `discovery_prefix`."""
+
+    prefix: str
+
+    @property
+    def birth(self) -> str:
+        """Where Home Assistant says `online` when it (re)starts."""
+        return f"{self.prefix}/status"
+
+    @property
+    def device_filter(self) -> str:
+        """Every device-based discovery config, of any publisher."""
+        return f"{self.prefix}/device/+/config"
+
+    def device(self, node: str) -> str:
+        return f"{self.prefix}/device/{node}/config"
+
+    def node_of(self, topic: str) -> str | None:
+        """The node id of a device discovery config topic; None for any other topic."""
+        start, end = f"{self.prefix}/device/", "/config"
+        if not (topic.startswith(start) and topic.endswith(end)):
+            return None
+        node = topic[len(start) : -len(end)]
+        return node if node and "/" not in node else None

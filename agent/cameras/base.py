@@ -90,6 +90,14 @@ class Camera(Protocol):
     def name(self) -> str: ...
 
     @property
+    def product(self) -> str:
+        """The product name the device reports (e.g. "OAK-D-LITE"); for dashboards."""
+
+    @property
+    def firmware(self) -> str | None:
+        """The device's bootloader version where known; for dashboards."""
+
+    @property
     def features(self) -> CameraFeatures:
         """The sensors and stereo pairs an NN can be fed from."""
 

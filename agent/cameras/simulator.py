@@ -61,6 +61,14 @@ class SimulatedCamera(Camera):
         return self._spec.name or self._spec.mxid
 
     @property
+    def product(self) -> str:
+        return "OAK (simulated)"
+
+    @property
+    def firmware(self) -> str | None:
+        return None
+
+    @property
     def features(self) -> CameraFeatures:
         return self._features
 

@@ -42,6 +42,8 @@ class DepthaiCamera(Camera):
         *,
         name: str,
         features: CameraFeatures,
+        product: str = "OAK",
+        firmware: str | None = None,
         target: str,
         settings: DepthaiSection,
         listener: CameraListener,
@@ -49,6 +51,8 @@ class DepthaiCamera(Camera):
     ) -> None:
         self._mxid = mxid
         self._name = name
+        self._product = product
+        self._firmware = firmware
         self._features = features
         self.target = target  # what `dai.DeviceInfo` opens: mxid (USB) or IP address (PoE)
         self.unicast = unicast  # found by address: broadcast discovery may never list it
@@ -79,6 +83,14 @@ class DepthaiCamera(Camera):
     @property
     def name(self) -> str:
         return self._name
+
+    @property
+    def product(self) -> str:
+        return self._product
+
+    @property
+    def firmware(self) -> str | None:
+        return self._firmware
 
     @property
     def features(self) -> CameraFeatures:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import threading
 from collections import deque
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final
 
 import depthai as dai
@@ -26,6 +27,7 @@ __all__ = [
     "Boot",
     "BootAbandoned",
     "DeviceBusy",
+    "Probed",
     "Session",
     "probe",
 ]
@@ -86,13 +88,29 @@ def _exclusive(lock: threading.Lock, timeout: float, *, target: str) -> Iterator
         lock.release()
 
 
-def probe(target: str, timeout: float) -> tuple[str, str, CameraFeatures]:
+@dataclass(frozen=True, slots=True)
+class Probed:
+    """What opening a device once without a pipeline tells about it."""
+
+    mxid: str
+    product: str
+    bootloader: str | None  # None when it was not booted through its bootloader
+    features: CameraFeatures
+
+
+def probe(target: str, timeout: float) -> Probed:
     """Boot a device without a pipeline; return its mxid, product name and features."""
     with (
         _exclusive(_probe_lock, timeout, target=target),
         dai.Device(dai.DeviceInfo(target)) as device,
     ):
-        return str(device.getMxId()), str(device.getProductName()), _read_features(device)
+        bootloader = device.getBootloaderVersion()
+        return Probed(
+            mxid=str(device.getMxId()),
+            product=str(device.getProductName()),
+            bootloader=None if bootloader is None else str(bootloader),
+            features=_read_features(device),
+        )
 
 
 class Session:
