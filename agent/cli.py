@@ -1,7 +1,7 @@
 """Command line: argv -> config -> logging -> run; exit codes.
 
 oak-agent run --config PATH        the daemon
-oak-agent deploy|delete|watch ...  a small MQTT client for trying the agent out (client.py)
+oak-agent deploy|delete|watch|status ...  a small MQTT client for the agent (client.py)
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ EXIT_CONFIG = 2
 
 DESCRIPTION = """\
 Deploy neural networks onto Luxonis OAK cameras over MQTT: `run` the agent,
-or talk to a running one with `deploy`, `delete` and `watch`."""
+or talk to a running one with `deploy`, `delete`, `watch` and `status`."""
 EPILOG = """\
 try it without hardware (from the repository; scripts/demo runs the agent with an
 embedded broker on 127.0.0.1:1883 and two simulated cameras):
