@@ -11,6 +11,7 @@ from typing import Annotated, Literal
 import msgspec
 from msgspec import Meta
 
+from agent.messages import OutputOptions
 from agent.topics import MXID_RE
 
 __all__ = [
@@ -62,6 +63,8 @@ class AgentSection(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     event_queue_size: Annotated[int, Meta(ge=1)] = 10_000
     # detection messages waiting for the publisher; newer ones are dropped when full
     detection_queue_size: Annotated[int, Meta(ge=1)] = 1024
+    # seconds between the retained `{base}/stats` and `{base}/cameras/{mxid}/stats`
+    stats_interval: Annotated[float, Meta(ge=1.0, le=86_400.0)] = 30.0
 
 
 class TlsSection(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -148,6 +151,8 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     simulator: SimulatorSection | None = None
     # real cameras; the backend when there is no [simulator] section
     depthai: DepthaiSection | None = None
+    # how NN output is shaped when a deploy does not say (its `output` fields override these)
+    output: OutputOptions = OutputOptions()
 
     @property
     def client_id(self) -> str:
