@@ -131,6 +131,7 @@ class HealthMonitor:
         async with anyio.create_task_group() as tg:
             tg.start_soon(self._probe_lag, name="stats.lag_probe")
             task_status.started()
+            self.publish()  # a dashboard gets figures at once, not after the first interval
             while True:
                 with anyio.move_on_after(self._interval):
                     await self._requested.wait()
