@@ -3,7 +3,9 @@ driven by its objects knob (`{base}/simulator/cameras/{mxid}/objects`)."""
 
 from __future__ import annotations
 
+import shutil
 import uuid
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import aiomqtt
@@ -15,8 +17,6 @@ from agent.messages import OutputOptions
 from tests.harness import CAM1, CAM2, WAIT, agent_and_observer, camera_spec, make_config
 
 if TYPE_CHECKING:
-    from pathlib import Path
-
     from agent.config import Config
     from tests.brokers import Broker
     from tests.harness import Observer
@@ -461,3 +461,74 @@ async def retained(broker: Broker, topic: str) -> bytes:
                 assert isinstance(message.payload, bytes)
                 return message.payload
     raise AssertionError(topic)  # pragma: no cover
+
+
+# --- the README's dashboards examples, run as a user runs them --------------------------------
+
+ROOT = Path(__file__).resolve().parent.parent
+_MOSQUITTO_SUB_TIMED_OUT = 27  # how `mosquitto_sub -W` ends
+
+
+def readme_commands(heading: str) -> list[str]:
+    """The shell commands of the first sh block under `heading` (continuations joined)."""
+    text = (ROOT / "README.md").read_text()
+    section = text.split(f"\n{heading}\n", 1)[1]
+    block = section.split("```sh\n", 1)[1].split("\n```", 1)[0]
+    commands, current = [], ""
+    for line in block.splitlines():
+        if not current and (not line.strip() or line.lstrip().startswith("#")):
+            continue
+        current += line.removesuffix("\\") if line.endswith("\\") else line
+        if not line.endswith("\\"):
+            commands.append(current)
+            current = ""
+    return commands
+
+
+@pytest.mark.skipif(shutil.which("mosquitto_pub") is None, reason="needs mosquitto-clients")
+async def test_the_dashboards_examples_work_as_written(
+    broker: Broker, tmp_path: Path, own_blobs: dict[str, Path]
+) -> None:
+    config = make_config(broker, tmp_path / "state", cameras=(camera_spec(CAM1),))
+    agent_id = config.agent.id
+    client_config = tmp_path / "client.toml"
+    client_config.write_text(
+        f'[agent]\nid = "{agent_id}"\n\n[mqtt]\nhost = "{broker.host}"\nport = {broker.port}\n'
+        f'prefix = "oaktest"\nprotocol = "{broker.protocol}"\n'
+    )
+    commands = [
+        command.replace("--config config/demo.toml", f"--config {client_config}")
+        .replace("-p 1883", f"-p {broker.port}")
+        .replace("oak/demo/", f"oaktest/{agent_id}/")
+        for command in readme_commands("### Dashboards")
+    ]
+    assert [c.split()[0] for c in commands] == [
+        ".venv/bin/oak-agent",
+        "mosquitto_sub",
+        "mosquitto_pub",
+        "mosquitto_pub",
+    ]
+    async with agent_and_observer(broker, config) as (app, obs):
+        results = []
+        for command in commands:
+            with anyio.fail_after(WAIT):
+                results.append(
+                    await anyio.run_process(["bash", "-c", command], check=False, cwd=ROOT)
+                )
+        deployed, watched, requested, scheduled = results
+        assert deployed.returncode == 0, deployed
+        assert b'"state":"succeeded"' in deployed.stdout.splitlines()[-1]
+        assert watched.returncode == _MOSQUITTO_SUB_TIMED_OUT, watched
+        shown = {line.split()[0] for line in watched.stdout.decode().splitlines()}
+        assert {
+            obs.topics.counts(CAM1, "CAM_A"),
+            obs.topics.stats,
+            obs.topics.camera_stats(CAM1),
+        } <= shown
+        assert (requested.returncode, scheduled.returncode) == (0, 0)
+        running = app.coordinator.workers[CAM1].running["CAM_A"].output
+        assert running == OutputOptions(max_rate=2.0, min_confidence=0.6)
+        # the schedule: label 15 twice for three frames, then once, again and again
+        await obs.wait_for(
+            lambda: {m.by_label.get("15") for m in counts(obs)} >= {1, 2}, what="the schedule"
+        )
