@@ -349,6 +349,25 @@ async def test_counts_cleared_when_the_nn_is_deleted_and_none_for_generic(
         assert obs.on(obs.topics.counts(CAM1, "CAM_B")) == []
 
 
+async def test_a_bad_objects_schedule_is_reported_naming_the_field(
+    broker: Broker, tmp_path: Path
+) -> None:
+    config = config_for(broker, tmp_path)
+    async with agent_and_observer(broker, config) as (_, obs):
+        topic = obs.topics.simulator(CAM1, "objects")
+        await obs.send(topic, b'{"frames": [[1, {"label": 2, "confidence": 7}]]}')
+        error = await obs.wait_for(lambda: obs.latest_json(obs.topics.errors), what="error")
+        assert error["code"] == "invalid_payload"
+        assert "`$.frames[0][1].confidence`" in error["message"]
+        await obs.send(topic, b"[]")
+        await obs.wait_for(lambda: len(obs.on(obs.topics.errors)) == 2, what="second error")
+        assert "`$`" in obs.latest_json(obs.topics.errors)["message"]
+        # the agent carries on: it still answers
+        before = len(obs.on(obs.topics.stats))
+        await obs.send(obs.topics.stats_request, b"")
+        await obs.wait_for(lambda: len(obs.on(obs.topics.stats)) > before, what="stats")
+
+
 # --- health stats ---------------------------------------------------------------------------
 
 
