@@ -260,6 +260,10 @@ async def serve(
             await tg.start(backend.run, listener, name="backend")
             listener.publish_info()  # real cameras are known only once the backend ran
             await tg.start(health.run, name="stats")
+            if config.metrics is not None:
+                from agent.metrics import MetricsServer  # noqa: PLC0415  # prometheus only when used
+
+                await tg.start(MetricsServer(config.metrics.listen, health).run, name="metrics")
             if not backend.cameras:
                 log.warning("no cameras found yet; they are adopted when they appear")
             await tg.start(intake.run, name="commands")

@@ -145,12 +145,18 @@ class HealthMonitor:
             lag = time.monotonic() - before - _LAG_PROBE_SECONDS
             self._lag_max = max(self._lag_max, lag)
 
-    def publish(self) -> None:
+    def snapshot(self) -> tuple[AgentHealth, dict[str, CameraHealth]]:
+        """The agent's and every camera's figures as of now."""
         self._rates.sample()
         now = time.time()
-        for camera in self._cameras().values():
-            self._reporter.camera_health(camera.mxid, self.camera(camera, now))
-        self._reporter.agent_health(self.agent(now))
+        cameras = {c.mxid: self.camera(c, now) for c in self._cameras().values()}
+        return self.agent(now), cameras
+
+    def publish(self) -> None:
+        agent, cameras = self.snapshot()
+        for mxid, camera in cameras.items():
+            self._reporter.camera_health(mxid, camera)
+        self._reporter.agent_health(agent)
         self._lag_max = 0.0  # the worst lag since the previous stats
 
     def camera(self, camera: Camera, now: float) -> CameraHealth:
