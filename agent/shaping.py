@@ -113,11 +113,15 @@ class Shaper:
         return self.tick(now)
 
     def tick(self, now: float) -> Counts | None:
-        """Let time pass: labels unseen for `off_seconds` go absent, and a change held back by
-        `counts_max_rate` is returned once the window opens."""
+        """Let time pass: labels unseen for `off_seconds` go absent (and count 0: no frame may
+        have come to say so), and a change held back by `counts_max_rate` is returned once the
+        window opens."""
         off = self.options.off_seconds
-        gone = [name for name in self._present if now - self._last_seen[name] >= off]
-        self._present.difference_update(gone)
+        for name, last_seen in self._last_seen.items():
+            if now - last_seen >= off:
+                self._present.discard(name)
+                # without frames (a camera restarting or gone) the latest count is stale
+                self._by_label[name] = 0
         by_label = tuple(self._by_label.items())
         present = tuple(name for name in self._by_label if name in self._present)
         state = (by_label, present)

@@ -100,6 +100,16 @@ def test_absent_after_off_seconds_without_it_even_without_frames() -> None:
     assert (gone.total, gone.present) == (0, ())
 
 
+def test_without_frames_a_stale_count_goes_to_zero_with_the_presence() -> None:
+    s = shaper(on_frames=2, off_seconds=3.0)
+    s.observe([0, 0, 1], 0.0)  # person twice: not yet present; then the frames stop
+    s.observe([0, 0], FRAME)
+    assert s.tick(2.0) is None
+    later = s.tick(3.1)
+    assert later is not None
+    assert (later.total, later.by_label, later.present) == (0, {"person": 0, "car": 0}, ())
+
+
 # --- rate limits ----------------------------------------------------------------------------
 
 
