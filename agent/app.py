@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from functools import partial
 from importlib.metadata import version
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Final
 
 import anyio
 import msgspec
@@ -24,6 +24,7 @@ from agent.connect import broker_options
 from agent.coordinator import Coordinator
 from agent.errors import ModelWriteFailed
 from agent.ha_publisher import HomeAssistant
+from agent.health import HealthMonitor
 from agent.homeassistant import Discovery
 from agent.intake import Intake
 from agent.messages import Info, InfoCamera, LinkCounters
@@ -75,6 +76,16 @@ class _Listener:
         if self._coordinator.presence_changed(self._backend.cameras[camera]):
             self.publish_info()  # a camera that appeared while running
         log.info("camera presence", camera=camera, present=present)
+
+
+_SHAPING_TICK: Final = 0.1
+
+
+async def _shaping_clock(reporter: Reporter) -> None:
+    """Presence times out and held-back counts go out even when no frame comes."""
+    while True:
+        await anyio.sleep(_SHAPING_TICK)
+        reporter.tick(time.monotonic())
 
 
 @dataclass(frozen=True, slots=True)
@@ -230,7 +241,7 @@ async def serve(
         # amqtt speaks 3.1.1 only, and stalls on a v5 CONNECT carrying a will
         log.info("the embedded broker speaks MQTT 3.1.1; using it")
         mqtt = msgspec.structs.replace(mqtt, protocol="3.1.1")
-    subscriptions: tuple[str, ...] = topics.command_filters
+    subscriptions: tuple[str, ...] = (*topics.command_filters, topics.stats_request)
     if simulator is not None:
         subscriptions = (*subscriptions, topics.simulator_filter)
     if config.homeassistant.enabled:
@@ -270,10 +281,18 @@ async def serve(
         state=StateFile(config.state_path),
         store=store,
         group_writes=group_writes,
+        output=config.output,
     )
     coordinator.load()
     for camera in backend.cameras.values():
         coordinator.add_camera(camera)
+    health = HealthMonitor(
+        reporter,
+        link.stats,
+        lambda: backend.cameras,
+        lambda mxid: worker.running.keys() if (worker := coordinator.workers.get(mxid)) else (),
+        interval=config.agent.stats_interval,
+    )
     handler = CommandHandler(
         topics=topics,
         coordinator=coordinator,
@@ -281,6 +300,8 @@ async def serve(
         reporter=reporter,
         max_payload_bytes=config.agent.max_payload_bytes,
         simulator=simulator,
+        output=config.output,
+        stats_requested=health.request,
     )
     intake = Intake(handler, coordinator, lanes=concurrent_commands)
     app = App(
@@ -303,8 +324,14 @@ async def serve(
         reporter.availability(True)
         async with anyio.create_task_group() as tg:
             await tg.start(coordinator.run, name="coordinator")
+            tg.start_soon(_shaping_clock, reporter, name="reporter.clock")
             await tg.start(backend.run, listener, name="backend")
             listener.publish_info()  # real cameras are known only once the backend ran
+            await tg.start(health.run, name="stats")
+            if config.metrics is not None:
+                from agent.metrics import MetricsServer  # noqa: PLC0415  # prometheus only when used
+
+                await tg.start(MetricsServer(config.metrics.listen, health).run, name="metrics")
             if not backend.cameras:
                 log.warning("no cameras found yet; they are adopted when they appear")
             await tg.start(intake.run, name="commands")

@@ -229,6 +229,13 @@ def add_client_commands(sub: Any) -> None:
     )
     deploy.add_argument("--labels", help="comma-separated class names, e.g. person,car")
     deploy.add_argument("--model-name", help="a name for dashboards (default: the file's name)")
+    deploy.add_argument(
+        "--output",
+        type=_json_object,
+        metavar="JSON",
+        help='output shaping, e.g. \'{"max_rate": 2, "min_confidence": 0.6}\' (default: the '
+        "agent's [output])",
+    )
     deploy.set_defaults(parser=deploy)
 
     delete = sub.add_parser(
@@ -375,6 +382,8 @@ def _body(args: argparse.Namespace) -> dict[str, Any]:
                 body["model_name"] = args.model_name
         if args.labels:
             body["labels"] = args.labels.split(",")
+        if args.output is not None:
+            body["output"] = args.output
     return body
 
 

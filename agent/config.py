@@ -11,6 +11,7 @@ from typing import Annotated, Literal
 import msgspec
 from msgspec import Meta
 
+from agent.messages import OutputOptions
 from agent.topics import MXID_RE
 
 __all__ = [
@@ -21,6 +22,7 @@ __all__ = [
     "ConfigError",
     "DepthaiSection",
     "HomeAssistantSection",
+    "MetricsSection",
     "MqttSection",
     "SensorKind",
     "SimulatedCamera",
@@ -28,6 +30,7 @@ __all__ = [
     "TlsSection",
     "load_config",
     "locate",
+    "split_listen",
     "with_located_files",
 ]
 
@@ -64,6 +67,8 @@ class AgentSection(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     event_queue_size: Annotated[int, Meta(ge=1)] = 10_000
     # detection messages waiting for the publisher; newer ones are dropped when full
     detection_queue_size: Annotated[int, Meta(ge=1)] = 1024
+    # seconds between the retained `{base}/stats` and `{base}/cameras/{mxid}/stats`
+    stats_interval: Annotated[float, Meta(ge=1.0, le=86_400.0)] = 30.0
 
 
 class TlsSection(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -165,6 +170,25 @@ class HomeAssistantSection(msgspec.Struct, frozen=True, forbid_unknown_fields=Tr
     ) = None
 
 
+class MetricsSection(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """`[metrics]`: its presence turns the Prometheus exposition on."""
+
+    # host:port (`[::1]:9464` for IPv6) to serve GET /metrics on
+    listen: str = "127.0.0.1:9464"
+
+
+def split_listen(listen: str) -> tuple[str, int]:
+    """`host:port` (`[v6]:port`) as (host, port); raise ValueError naming what is wrong."""
+    host, sep, port = listen.rpartition(":")
+    if not sep or not host:
+        raise ValueError(f"{listen!r} is not host:port")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    if not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise ValueError(f"port {port!r} is not 1-65535")
+    return host, int(port)
+
+
 class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     agent: AgentSection = AgentSection()
     mqtt: MqttSection = MqttSection()
@@ -173,6 +197,10 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     # real cameras; the backend when there is no [simulator] section
     depthai: DepthaiSection | None = None
     homeassistant: HomeAssistantSection = HomeAssistantSection()
+    # how NN output is shaped when a deploy does not say (its `output` fields override these)
+    output: OutputOptions = OutputOptions()
+    # Prometheus exposition of the stats; off unless the section is there
+    metrics: MetricsSection | None = None
 
     @property
     def client_id(self) -> str:
@@ -189,6 +217,11 @@ def _check(config: Config) -> None:
         raise ConfigError("mqtt: set password or password_file, not both")
     if mqtt.tls is not None and (mqtt.tls.cert_file is None) != (mqtt.tls.key_file is None):
         raise ConfigError("mqtt.tls: set both cert_file and key_file (mutual TLS), or neither")
+    if config.metrics is not None:
+        try:
+            split_listen(config.metrics.listen)
+        except ValueError as exc:
+            raise ConfigError(f"metrics.listen: {exc}") from None
     if config.simulator is not None and config.depthai is not None:
         raise ConfigError("[simulator] and [depthai] exclude each other: choose one backend")
     if config.simulator is None:

@@ -24,6 +24,7 @@ from agent.errors import (
     UnknownStream,
     error_info,
 )
+from agent.messages import OutputOptions
 from agent.requests import Phase, Request, RequestLog
 from agent.state import CameraState, StateDocument, StoredRequest
 from agent.topics import MXID_RE, STREAM_RE
@@ -60,8 +61,10 @@ class Coordinator:
         state: StateFile,
         store: ModelStore,
         group_writes: bool = True,
+        output: OutputOptions | None = None,
     ) -> None:
         self._reporter = reporter
+        self._output = output if output is not None else OutputOptions()
         self._topics = topics
         self._state = state
         self._store = store
@@ -166,7 +169,7 @@ class Coordinator:
                 log.error("model missing from the store", camera=camera, stream=stream)  # noqa: TRY400
                 self._reporter.agent_error(exc, context=f"cannot restore {camera}/{stream}")
                 continue
-            resolved[stream] = item.deployment(model)
+            resolved[stream] = item.deployment(model, self._output)
         return resolved
 
     # --- cameras -------------------------------------------------------------------------
@@ -235,7 +238,7 @@ class Coordinator:
             known.replies.append(reply)
         if self.is_held(known.last):
             return True  # goes out, to the new reply too, once the state file records it
-        self._reporter.event(known.last, [reply] if reply else [])
+        self._reporter.event(known.last, [reply] if reply else [], replay=True)
         return True
 
     # --- requests ------------------------------------------------------------------------

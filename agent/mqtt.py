@@ -91,6 +91,7 @@ class LinkStats:
     detections_sent: int = 0
     detections_dropped_disconnected: int = 0
     detections_dropped_backpressure: int = 0
+    retained_sent: int = 0
 
     def counters(self) -> LinkCounters:
         """A copy for the retained `info`."""
@@ -545,6 +546,7 @@ class MqttLink:
             except BaseException:
                 box.dirty[topic] = None
                 raise
+            self.stats.retained_sent += 1
             return True
         if box.events:
             item = box.events[0]

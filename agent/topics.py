@@ -15,6 +15,7 @@ __all__ = [
     "CommandTopic",
     "DiscoveryTopics",
     "SimulatorTopic",
+    "StatsRequest",
     "Topics",
     "is_depth_stream",
 ]
@@ -22,7 +23,7 @@ __all__ = [
 MXID_RE = re.compile(r"[A-Z0-9]{1,64}")
 STREAM_RE = re.compile(r"CAM_[A-H]|DEPTH_[A-H]_[A-H]")
 
-Fault = Literal["unplug", "replug", "fail_next_boot"]
+Fault = Literal["unplug", "replug", "fail_next_boot", "objects"]
 
 
 def is_depth_stream(stream: str) -> bool:
@@ -40,6 +41,11 @@ class CommandTopic:
 class SimulatorTopic:
     camera: str
     fault: Fault
+
+
+@dataclass(frozen=True, slots=True)
+class StatsRequest:
+    """A request to publish the stats now."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,6 +88,10 @@ class Topics:
         return f"{self.base}/stats"
 
     @property
+    def stats_request(self) -> str:
+        return f"{self.base}/stats/request"
+
+    @property
     def command_filters(self) -> tuple[str, str]:
         return (
             f"{self.base}/cameras/+/streams/+/nn/deploy",
@@ -116,7 +126,7 @@ class Topics:
     def simulator(self, camera: str, fault: Fault) -> str:
         return f"{self.base}/simulator/cameras/{camera}/{fault}"
 
-    def parse(self, topic: str) -> CommandTopic | SimulatorTopic | None:
+    def parse(self, topic: str) -> CommandTopic | SimulatorTopic | StatsRequest | None:
         """Parse a topic under this base; None when it is not one the agent acts on.
 
         The camera and stream segments are returned as given, even when they are not
@@ -129,8 +139,15 @@ class Topics:
         match parts:
             case ["cameras", camera, "streams", stream, "nn", ("deploy" | "delete") as action]:
                 return CommandTopic(camera, stream, action)
-            case ["simulator", "cameras", camera, ("unplug" | "replug" | "fail_next_boot") as f]:
+            case [
+                "simulator",
+                "cameras",
+                camera,
+                ("unplug" | "replug" | "fail_next_boot" | "objects") as f,
+            ]:
                 return SimulatorTopic(camera, f)
+            case ["stats", "request"]:
+                return StatsRequest()
             case _:
                 return None
 

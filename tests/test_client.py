@@ -512,6 +512,8 @@ def _state_topics(topics: Topics) -> set[str]:
         topics.camera_availability(CAM1),
         topics.camera_status(CAM1),
         *(topics.nn_status(CAM1, stream) for stream in streams),
+        topics.stats,
+        topics.camera_stats(CAM1),
     }
 
 

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, Final
 import depthai as dai
 
 from agent.cameras.features import CameraFeatures, Sensor
-from agent.cameras.pipeline import xlink_name
+from agent.cameras.pipeline import SYSINFO_XLINK, xlink_name
 
 if TYPE_CHECKING:
     from collections.abc import Iterator, Sequence
@@ -126,6 +126,8 @@ class Session:
             xlink_name(s): device.getOutputQueue(xlink_name(s), _HOST_QUEUE, blocking=False)
             for s in streams
         }
+        # the newest SystemLogger report is all that matters
+        self.queues[SYSINFO_XLINK] = device.getOutputQueue(SYSINFO_XLINK, 1, blocking=False)
         # the device's last warnings say why an NN produced nothing
         self.device_log: deque[str] = deque(maxlen=_DEVICE_LOG_LINES)
         device.addLogCallback(self._on_log)
