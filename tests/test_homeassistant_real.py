@@ -210,11 +210,12 @@ class Hass:
         return state
 
     async def until(self, what: str, check: Callable[[], Any], timeout: float = _WAIT) -> Any:
-        """Poll HA (its REST API has no way to wait) until `check` returns something true."""
+        """Poll HA (its REST API has no way to wait) until `check` returns neither None nor
+        False."""
         with anyio.fail_after(timeout):
             while True:
                 found = await check()
-                if found:
+                if found is not None and found is not False:
                     return found
                 await anyio.sleep(_POLL)
         raise AssertionError(what)  # pragma: no cover
@@ -258,6 +259,33 @@ def running_hass(hass_bin: Path, workdir: Path) -> Iterator[Hass]:
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait(timeout=10)
+
+
+async def _health(hass: Hass, agent: str) -> None:
+    """The camera's and the agent's stats, as HA sensors."""
+    temperature = _entity("sensor", agent, CAM1, "temperature")
+    heat = await hass.until("temperature", lambda: _numeric(hass, temperature))
+    assert 20.0 < heat < 100.0
+    fps = _entity("sensor", agent, CAM1, "CAM_A", "fps")
+    assert await hass.until("NN rate", lambda: _numeric(hass, fps)) > 0
+    memory = _entity("sensor", agent, CAM1, "memory_ddr")
+    assert 0 <= await hass.until("DDR use", lambda: _numeric(hass, memory)) <= 100
+    rss = _entity("sensor", agent, "rss")
+    assert await hass.until("agent RSS", lambda: _numeric(hass, rss)) > 1_000_000
+    dropped = _entity("sensor", agent, "detections_dropped")
+    assert await hass.until("drops", lambda: _numeric(hass, dropped)) >= 0
+
+
+async def _numeric(hass: Hass, entity: str) -> float | None:
+    """The entity's state as a number; None while unknown."""
+    found = await hass.state(entity)
+    if found is None:
+        return None
+    try:
+        value = float(found["state"])
+    except ValueError:  # unknown, unavailable
+        return None
+    return value
 
 
 def _entity(platform: str, *parts: str) -> str:
@@ -314,7 +342,11 @@ async def test_home_assistant_shows_the_cameras_and_follows_the_agent(
 
 def _config(broker: Broker, state_dir: Path, *, embedded: bool) -> Config:
     config = make_config(broker, state_dir)
-    config = msgspec.structs.replace(config, homeassistant=HomeAssistantSection(enabled=True))
+    config = msgspec.structs.replace(
+        config,
+        homeassistant=HomeAssistantSection(enabled=True),
+        agent=msgspec.structs.replace(config.agent, stats_interval=1.0),
+    )
     if embedded:
         mqtt: MqttSection = msgspec.structs.replace(config.mqtt, protocol="3.1.1")
         config = msgspec.structs.replace(config, mqtt=mqtt, broker=BrokerSection(embedded=True))
@@ -330,6 +362,8 @@ async def _run(
     nn = _entity("sensor", agent, CAM1, "CAM_A", "nn")
     present = _entity("binary_sensor", agent, CAM1, "CAM_A", "person", "present")
     button = _entity("button", agent, CAM1, "CAM_A", "remove_nn")
+    objects = _entity("sensor", agent, CAM1, "CAM_A", "objects")
+    persons = _entity("sensor", agent, CAM1, "CAM_A", "person", "count")
 
     async def is_(entity: str, value: str) -> Any:
         found = await hass.state(entity)
@@ -379,7 +413,16 @@ async def _run(
         assert running["attributes"]["model_name"] is None  # a deploy without model_name
         assert running["attributes"]["type"] == "MobileNet"
         assert running["attributes"]["request_id"] == "real-ha-1"
-        assert await hass.state(present) is not None
+        # the simulated camera shows two persons: counts and presence reach HA
+        schedule = b'{"frames": [[1, 1]], "loop": false}'
+        await observer.send(topics.simulator(CAM1, "objects"), schedule)
+        await hass.until("person present", lambda: is_(present, "on"))
+        await hass.until("two objects", lambda: is_(objects, "2"))
+        await hass.until("two persons", lambda: is_(persons, "2"))
+        # no car in the schedule: absent once off_seconds passed
+        car = _entity("binary_sensor", agent, CAM1, "CAM_A", "car", "present")
+        await hass.until("car absent", lambda: is_(car, "off"))
+        await _health(hass, agent)
         lap("deploy seen")
 
         # the dashboard's remove button: HA publishes a delete, the agent carries it out
