@@ -8,8 +8,10 @@ The run against a real Home Assistant is tests/test_homeassistant_real.py (marke
 from __future__ import annotations
 
 import contextlib
+import sys
 import uuid
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import aiomqtt
@@ -20,6 +22,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from agent.config import ConfigError, HomeAssistantSection, load_config
+from agent.connect import BrokerOptions
 from agent.homeassistant import (
     ORIGIN_NAME,
     CameraView,
@@ -27,13 +30,14 @@ from agent.homeassistant import (
     StreamView,
     label_slugs,
 )
+from agent.retained import collect_retained
 from agent.topics import DiscoveryTopics, Topics
+from tests.brokers import free_port
 from tests.ha_schema import NODE, BinarySensor, Button, Removal, Sensor, decode_config
 from tests.harness import CAM1, CAM2, WAIT, agent_and_observer, make_config
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Callable
-    from pathlib import Path
 
     from agent.config import Config
     from tests.brokers import Broker
@@ -501,3 +505,81 @@ async def test_unique_ids_are_stable_across_restarts(
             )
     assert seen[0] == seen[1]
     assert f"{config.agent.id}_{CAM1}_CAM_A_person_present" in seen[0]
+
+
+# --- the README's Home Assistant steps, run as a user runs them --------------------------------
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _readme_blocks(heading: str) -> list[list[str]]:
+    """The commands of each sh block of the README section `heading` (comments skipped)."""
+    section = (ROOT / "README.md").read_text().split(f"\n{heading}\n", 1)[1].split("\n## ", 1)[0]
+    blocks = []
+    for block in section.split("```sh\n")[1:]:
+        lines = block.split("\n```", 1)[0].splitlines()
+        blocks.append([line for line in lines if line.strip() and not line.startswith("#")])
+    return blocks
+
+
+@pytest.mark.anyio
+async def test_the_readme_home_assistant_steps_work_as_written(tmp_path: Path) -> None:
+    (enable, demo), (status,) = _readme_blocks("## Home Assistant")
+    assert demo == "scripts/demo"  # runs `oak-agent run --config config/demo.toml`
+    port = free_port()
+    config = tmp_path / "demo.toml"
+    text = (ROOT / "config" / "demo.toml").read_text()
+    config.write_text(
+        text.replace("port = 1883", f"port = {port}").replace(
+            '"../.state/demo"', f'"{tmp_path / "state"}"'
+        )
+    )
+    enabled = await anyio.run_process(
+        ["bash", "-c", enable.replace("config/demo.toml", str(config))], cwd=ROOT
+    )
+    assert enabled.returncode == 0
+    assert load_config(config).homeassistant.enabled
+    log = (tmp_path / "agent.log").open("wb")
+    agent = await anyio.open_process(
+        [sys.executable, "-m", "agent.cli", "--log-format", "json", "run", "--config", str(config)],
+        stdout=log,
+        stderr=log,
+        cwd=ROOT,
+    )
+    try:
+        broker = BrokerOptions(host="127.0.0.1", port=port)
+        with anyio.fail_after(WAIT):
+            while True:  # the embedded broker comes up with the agent
+                with contextlib.suppress(OSError):
+                    await (await anyio.connect_tcp("127.0.0.1", port)).aclose()
+                    break
+                await anyio.sleep(0.05)
+        discovery = Discovery(
+            topics=Topics.for_agent("oak", "demo"),
+            discovery=DiscoveryTopics("homeassistant"),
+            agent_id="demo",
+            version="x",
+        )
+        wanted = {discovery.agent_topic, discovery.camera_topic(CAM1), discovery.camera_topic(CAM2)}
+        with anyio.fail_after(WAIT):
+            while True:
+                found = await collect_retained(
+                    broker, ("homeassistant/device/+/config",), quiet=0.5
+                )
+                if wanted <= set(found):
+                    break
+        for topic in wanted:
+            decode_config(found[topic])
+        shown = await anyio.run_process(
+            ["bash", "-c", status.replace("config/demo.toml", str(config))], cwd=ROOT, check=False
+        )
+    finally:
+        agent.terminate()
+        with anyio.fail_after(WAIT):
+            await agent.wait()
+        log.close()
+    assert shown.returncode == 0, shown
+    lines = shown.stdout.decode().splitlines()
+    assert lines[0].split()[0] == "AGENT"
+    assert any("front-door (14442C10D13EABCE00)" in line for line in lines)
+    assert any("loading-bay (18443010C1E1D31200)" in line for line in lines)
