@@ -177,7 +177,7 @@ class HomeAssistant:
                         limit=_SCAN_LIMIT,
                         client_prefix=f"{self._client_id}-ha-scan",
                     )
-                except aiomqtt.MqttError as exc:
+                except (aiomqtt.MqttError, OSError) as exc:
                     log.warning(
                         "cannot read the retained discovery configs",
                         error=str(exc),

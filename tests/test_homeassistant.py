@@ -228,6 +228,39 @@ def test_only_this_agents_configs_are_its_own() -> None:
     assert mine.owned(mine.camera_topic("C"), b"not json") is None
 
 
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.text(max_size=20),
+    lambda inner: (
+        st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner, max_size=4)
+    ),
+    max_leaves=15,
+)
+
+
+@settings(max_examples=300)
+@given(
+    payload=st.one_of(
+        st.binary(max_size=200),
+        json_values.map(msgspec.json.encode),
+        st.fixed_dictionaries(
+            {
+                "dev": st.fixed_dictionaries({"ids": st.just(["oak_demo_AB1"]) | json_values}),
+                "o": st.fixed_dictionaries({"name": st.just(ORIGIN_NAME) | st.text()}),
+                "cmps": st.dictionaries(st.text(max_size=8), json_values, max_size=3),
+            }
+        ).map(msgspec.json.encode),
+    ),
+    node=st.sampled_from(["oak_demo_AB1", "oak_demo_agent", "x", ""]),
+)
+def test_any_retained_config_is_read_without_raising(payload: bytes, node: str) -> None:
+    discovery = _discovery()
+    owned = discovery.owned(f"homeassistant/device/{node}/config", payload)
+    if owned is not None:
+        assert owned.node == node
+        assert owned.mxid in (None, "AB1")
+        assert set(owned.stubs) <= set(owned.components)
+
+
 @pytest.mark.parametrize(
     ("text", "error"),
     [
