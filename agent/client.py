@@ -378,13 +378,13 @@ def add_client_commands(sub: Any) -> None:
 
 
 def run_client_command(args: argparse.Namespace) -> int:
-    """Run `deploy`, `delete` or `watch`; the exit code."""
+    """Run `deploy`, `delete`, `watch`, `status` or `keygen`; the exit code."""
     parser: argparse.ArgumentParser = args.parser
     if args.command == "keygen":
         return _keygen(args)
     try:
         target = _target(args)
-        signer = None if args.command == "watch" else _signer(args)
+        signer = None if args.command in ("watch", "status") else _signer(args)
     except ClientExit as exc:
         parser.error(exc.message)  # usage and exit 2
     try:

@@ -18,10 +18,17 @@ import aiomqtt
 import anyio
 import msgspec
 import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from agent.config import ConfigError, HomeAssistantSection, load_config
+from agent.config import (
+    ConfigError,
+    HomeAssistantSection,
+    SecurityKey,
+    SecuritySection,
+    load_config,
+)
 from agent.connect import BrokerOptions
 from agent.homeassistant import (
     ORIGIN_NAME,
@@ -31,6 +38,7 @@ from agent.homeassistant import (
     label_slugs,
 )
 from agent.retained import collect_retained
+from agent.signing import public_key_text
 from agent.topics import DiscoveryTopics, Topics
 from tests.brokers import free_port
 from tests.ha_schema import NODE, BinarySensor, Button, Removal, Sensor, decode_config
@@ -440,6 +448,31 @@ async def test_the_remove_button_deletes_the_nn(
         await observer.wait_for(
             lambda: (observer.latest_json(nn) or {}).get("state") == "none", what="nn none"
         )
+
+
+@pytest.mark.anyio
+async def test_the_remove_button_is_refused_when_commands_must_be_signed(
+    broker: Broker, tmp_path: Path
+) -> None:
+    config, discovery = _ha_config(broker, tmp_path / "state")
+    key = Ed25519PrivateKey.generate().public_key()
+    security = SecuritySection(
+        require_signed=True, keys=(SecurityKey(id="ops", public_key=public_key_text(key)),)
+    )
+    config = msgspec.structs.replace(config, security=security)
+    camera_topic = discovery.camera_topic(CAM1)
+    async with (
+        watch_discovery(broker, config.homeassistant.discovery_prefix) as retained,
+        agent_and_observer(broker, config) as (_, observer),
+    ):
+        await retained.wait_for(_has(retained, camera_topic, "state", Sensor), "camera device")
+        # the button HA shows once an NN runs publishes exactly this, unsigned
+        delete = observer.topics.command(CAM1, "CAM_A", "delete")
+        await observer.send(delete, b'{"request_id": "homeassistant-1795736467.25"}')
+        event = await observer.outcome("homeassistant-1795736467.25")
+        assert event.state == "rejected"
+        assert event.error is not None
+        assert event.error.code == "unauthorized"
 
 
 @pytest.mark.anyio
