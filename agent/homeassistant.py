@@ -8,8 +8,8 @@ discovery configs out. Every entity reads the agent's own retained topics throug
 One device per camera (`oak_{agent_id}_{mxid}`) and one for the agent
 (`oak_{agent_id}_agent`, the cameras' `via_device`). Camera entities are available only
 while both the agent and the camera say `online` (`availability_mode: all`). Keys are
-HA's abbreviations where it has one (`agent/homeassistant.py` is checked against a schema
-of the keys HA accepts in tests/test_homeassistant.py).
+HA's abbreviations where it has one; tests/ha_schema.py holds the keys HA accepts, and
+every config this module can build is checked against it.
 """
 
 from __future__ import annotations
