@@ -476,6 +476,30 @@ async def test_the_remove_button_is_refused_when_commands_must_be_signed(
 
 
 @pytest.mark.anyio
+async def test_an_unplugged_camera_keeps_its_device(broker: Broker, tmp_path: Path) -> None:
+    config, discovery = _ha_config(broker, tmp_path / "state")
+    camera_topic = discovery.camera_topic(CAM2)
+    async with (
+        watch_discovery(broker, config.homeassistant.discovery_prefix) as retained,
+        agent_and_observer(broker, config) as (_, observer),
+    ):
+        await retained.wait_for(_has(retained, camera_topic, "state", Sensor), "camera device")
+        before = retained.latest(camera_topic)
+        availability = observer.topics.camera_availability(CAM2)
+        await observer.send(observer.topics.simulator(CAM2, "unplug"), b"")
+        await observer.wait_for(lambda: observer.latest(availability) == b"offline", what="off")
+        status = observer.topics.camera_status(CAM2)
+        await observer.wait_for(
+            lambda: (observer.latest_json(status) or {}).get("state") == "offline", what="status"
+        )
+        # its entities go unavailable through the camera's availability; the device stays
+        config_now = decode_config(retained.latest(camera_topic) or b"")[0]
+        assert [a.t for a in config_now.avty or []][1] == availability
+        assert retained.latest(camera_topic) == before
+        assert b"" not in retained.on(camera_topic)
+
+
+@pytest.mark.anyio
 async def test_birth_message_republishes_discovery_and_state(
     broker: Broker, tmp_path: Path
 ) -> None:

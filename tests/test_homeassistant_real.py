@@ -261,6 +261,39 @@ def running_hass(hass_bin: Path, workdir: Path) -> Iterator[Hass]:
             process.wait(timeout=10)
 
 
+async def _device(hass: Hass, state: str, connectivity: str) -> None:
+    """The camera's device as HA's device registry holds it, with the agent as its hub."""
+    device = f"device_id('{state}')"
+    asks = ["'manufacturer'", "'model'", "'serial_number'"]
+    described = await hass.template(
+        "|".join("{{ device_attr(" + device + ", " + ask + ") }}" for ask in asks)
+        + "|{{ device_attr("
+        + device
+        + ", 'via_device_id') == device_id('"
+        + connectivity
+        + "') }}"
+    )
+    assert described == f"Luxonis|OAK (simulated)|{CAM1}|True"
+
+
+async def _is(hass: Hass, entity: str, value: str) -> bool:
+    found = await hass.state(entity)
+    return found is not None and found["state"] == value
+
+
+async def _counts(hass: Hass, agent: str) -> None:
+    """Two persons in every frame: the counts and presence entities show them."""
+    present = _entity("binary_sensor", agent, CAM1, "CAM_A", "person", "present")
+    await hass.until("person present", lambda: _is(hass, present, "on"))
+    objects = _entity("sensor", agent, CAM1, "CAM_A", "objects")
+    await hass.until("two objects", lambda: _is(hass, objects, "2"))
+    persons = _entity("sensor", agent, CAM1, "CAM_A", "person", "count")
+    await hass.until("two persons", lambda: _is(hass, persons, "2"))
+    # no car in the schedule: absent once off_seconds passed
+    car = _entity("binary_sensor", agent, CAM1, "CAM_A", "car", "present")
+    await hass.until("car absent", lambda: _is(hass, car, "off"))
+
+
 async def _health(hass: Hass, agent: str) -> None:
     """The camera's and the agent's stats, as HA sensors."""
     temperature = _entity("sensor", agent, CAM1, "temperature")
@@ -360,10 +393,7 @@ async def _run(
     state = _entity("sensor", agent, CAM1, "state")
     connectivity = _entity("binary_sensor", agent, "connectivity")
     nn = _entity("sensor", agent, CAM1, "CAM_A", "nn")
-    present = _entity("binary_sensor", agent, CAM1, "CAM_A", "person", "present")
     button = _entity("button", agent, CAM1, "CAM_A", "remove_nn")
-    objects = _entity("sensor", agent, CAM1, "CAM_A", "objects")
-    persons = _entity("sensor", agent, CAM1, "CAM_A", "person", "count")
 
     async def is_(entity: str, value: str) -> Any:
         found = await hass.state(entity)
@@ -383,17 +413,7 @@ async def _run(
         await hass.until("second camera", lambda: is_(second, "online"))
         await hass.until("agent connected", lambda: is_(connectivity, "on"))
         lap("entities")
-        device = f"device_id('{state}')"
-        asks = ["'manufacturer'", "'model'", "'serial_number'"]
-        described = await hass.template(
-            "|".join("{{ device_attr(" + device + ", " + ask + ") }}" for ask in asks)
-            + "|{{ device_attr("
-            + device
-            + ", 'via_device_id') == device_id('"
-            + connectivity
-            + "') }}"
-        )
-        assert described == f"Luxonis|OAK (simulated)|{CAM1}|True"
+        await _device(hass, state, connectivity)
         assert await hass.state(nn) is None  # nothing deployed: no NN entities
 
         model = await anyio.Path(blob).read_bytes()
@@ -416,12 +436,7 @@ async def _run(
         # the simulated camera shows two persons: counts and presence reach HA
         schedule = b'{"frames": [[1, 1]], "loop": false}'
         await observer.send(topics.simulator(CAM1, "objects"), schedule)
-        await hass.until("person present", lambda: is_(present, "on"))
-        await hass.until("two objects", lambda: is_(objects, "2"))
-        await hass.until("two persons", lambda: is_(persons, "2"))
-        # no car in the schedule: absent once off_seconds passed
-        car = _entity("binary_sensor", agent, CAM1, "CAM_A", "car", "present")
-        await hass.until("car absent", lambda: is_(car, "off"))
+        await _counts(hass, agent)
         await _health(hass, agent)
         lap("deploy seen")
 
@@ -441,6 +456,12 @@ async def _run(
 
         await hass.until("the NN's entities removed", gone)
         lap("button")
+        # an unplugged camera: its entities unavailable while the agent stays connected
+        await observer.send(topics.simulator(CAM2, "unplug"), b"")
+        await hass.until("unplugged camera unavailable", lambda: is_(second, "unavailable"))
+        assert await is_(connectivity, "on")
+        assert await is_(state, "online")
+        lap("unplug seen")
     # the agent stopped (its broker too, when embedded): everything it made is unavailable
     await hass.until("camera unavailable", lambda: is_(state, "unavailable"))
     lap("stop seen")
