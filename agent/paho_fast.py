@@ -124,6 +124,11 @@ class ReadGate:
     def __init__(self) -> None:
         self._paused: Callable[[], None] | None = None
 
+    @property
+    def paused(self) -> bool:
+        """Whether the socket is not being read now."""
+        return self._paused is not None
+
     def pause(self, resume: Callable[[], None]) -> None:
         self._paused = resume
 
