@@ -2,21 +2,30 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import uuid
 from typing import TYPE_CHECKING
 
 import anyio
 import pytest
 
-from tests.harness import CAM1, CAM2, WAIT, YOLO, agent_and_observer, make_config
+from agent.topics import Topics
+from tests.agent_process import agent_process, write_config
+from tests.brokers import mosquitto_path, run_broker
+from tests.harness import CAM1, CAM2, WAIT, YOLO, agent_and_observer, make_config, observe
 
 if TYPE_CHECKING:
     from pathlib import Path
 
+    from tests.agent_process import AgentProcess
     from tests.brokers import Broker
 
 pytestmark = pytest.mark.anyio
 
 _STREAMS = ("CAM_A", "CAM_B", "CAM_C", "DEPTH_B_C")
+_POLL_SECONDS = 0.05
+_SILENT = "no acknowledgement and nothing else from the broker"
 
 
 async def test_a_flood_of_commands_past_the_event_queue_answers_every_one_once(
@@ -52,3 +61,45 @@ async def test_a_flood_of_commands_past_the_event_queue_answers_every_one_once(
     twice = {i: states for i, states in terminal.items() if len(states) != 1}
     assert not twice, twice
     assert app.link.stats.events_dropped == 0
+
+
+def _went_silent(agent: AgentProcess) -> bool:
+    reconnects = agent.logged("mqtt disconnected, reconnecting")
+    return any(_SILENT in str(line.get("error")) for line in reconnects)
+
+
+@pytest.mark.skipif(mosquitto_path() is None, reason="needs mosquitto (stopped with SIGSTOP)")
+async def test_a_broker_gone_silent_while_an_answer_waits_ends_the_connection(
+    tmp_path: Path, own_blobs: dict[str, Path]
+) -> None:
+    """PUBACKs have no deadline of their own any more: the watchdog still finds a dead broker."""
+    blob = own_blobs["yolo_tiny"].read_bytes()
+    agent_id = f"silent-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+    topics = Topics.for_agent("oaktest", agent_id)
+    with run_broker("mosquitto", tmp_path / "broker") as broker:
+        config = write_config(
+            tmp_path / "agent.toml",
+            broker,
+            tmp_path / "state",
+            agent_id,
+            boot_seconds=1.5,  # its `succeeded` comes once the broker is stopped
+            mqtt_extra="publish_timeout = 1.0",
+        )
+        async with observe(broker, topics) as obs:
+            with agent_process(config, tmp_path / "agent.log") as agent:
+                await obs.wait_for(lambda: obs.latest(topics.availability) == b"online")
+                body = {"request_id": "late", "nn_config": YOLO, "model": blob}
+                await obs.deploy(CAM1, "CAM_A", body, encoding="msgpack")
+                await obs.wait_for(lambda: "applying" in obs.states("late"))
+                os.kill(broker.pid, signal.SIGSTOP)
+                try:
+                    for _ in range(round(WAIT / _POLL_SECONDS)):  # the log file has no event
+                        if _went_silent(agent):
+                            break
+                        await anyio.sleep(_POLL_SECONDS)
+                finally:
+                    os.kill(broker.pid, signal.SIGCONT)
+                assert _went_silent(agent), "the link never gave up on the silent broker"
+                # the answer was kept, and goes out on the next connection
+                await obs.outcome("late", 2 * WAIT)
+                assert [e.state for e in obs.events("late") if e.terminal] == ["succeeded"]
