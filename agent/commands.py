@@ -131,7 +131,7 @@ class CommandHandler:
         structlog.contextvars.bind_contextvars(camera=clip(topic.camera), stream=clip(topic.stream))
         try:
             reply = _reply_to(message, self._topics)
-            request = await self._validate(topic, message.retain, payload, reply)
+            request = await self._validate(topic, message, reply)
             if request is None:
                 return _nothing  # a replay: the original request's record answers it
             await self._coordinator.submit(request)
@@ -147,10 +147,11 @@ class CommandHandler:
         return None
 
     async def _validate(
-        self, topic: CommandTopic, retain: bool, payload: bytes, reply: ReplyTo | None
+        self, topic: CommandTopic, message: Inbound, reply: ReplyTo | None
     ) -> Request | None:
         """The accepted request, or None when a repeated request_id was answered instead."""
-        if retain:
+        payload = message.payload
+        if message.retain:
             raise RetainedCommand
         if len(payload) > self._max_payload:
             raise PayloadTooLarge(size=len(payload), limit=self._max_payload)
@@ -159,7 +160,7 @@ class CommandHandler:
         )
         request_id = command.request_id or f"auto-{uuid.uuid4().hex}"
         structlog.contextvars.bind_contextvars(request_id=request_id)
-        if self._coordinator.replay(request_id, reply):
+        if self._coordinator.replay(request_id, reply, resent=message.resent):
             return None
         now = time.time()
         if command.expires_at is not None and now > command.expires_at:

@@ -179,6 +179,7 @@ class MqttLink:
         # False: aiomqtt's public API only (agent/paho_fast.py), as with other versions
         self._fast_path = fast_path
         self._fast = False  # the fast path is used with the current client
+        self._sent_before: Callable[[int], bool] = lambda _mid: False  # the MQTT DUP flag
         if fast_path and not paho_fast.FAST_PATH:
             log.warning(
                 "paho fast path off: written for other versions; using aiomqtt's public API "
@@ -428,6 +429,7 @@ class MqttLink:
             socket_options=((socket.IPPROTO_TCP, socket.TCP_NODELAY, 1),),
         )
         ack = paho_fast.manual_acks(client, self._note_session)
+        self._sent_before = paho_fast.duplicates(client)
         self._fast = fast = self._fast_path and paho_fast.fast_path_for(client)
         paho_fast.register_writers_safely(client, fast=fast)
         # The broker should stop at our Receive Maximum, but mosquitto 2.0.11 does not once
@@ -473,6 +475,7 @@ class MqttLink:
             retain=message.retain,
             response_topic=(getattr(properties, "ResponseTopic", None) if properties else None),
             correlation_data=bytes(data) if data is not None else None,
+            resent=self._sent_before(message.mid),
         )
         self._heard = time.monotonic()
         receipt = connection.receive(self, message.mid, message.qos, len(payload))

@@ -37,6 +37,7 @@ __all__ = [
     "VERSIONS",
     "ReadGate",
     "close_unanswered",
+    "duplicates",
     "fast_path_for",
     "has_socket",
     "manual_acks",
@@ -109,6 +110,34 @@ def manual_acks(
         paho.ack(mid, 1)
 
     return ack
+
+
+def duplicates(client: aiomqtt.Client) -> Callable[[int], bool]:
+    """Return what tells, for a message id just received, whether the broker flagged it DUP.
+
+    aiomqtt's Message leaves out paho's `dup` (the broker sent this message before, to a
+    connection that did not acknowledge it); paho's public `on_message` sees it. Each id
+    is asked about once, when its message is delivered. Call before connecting.
+    """
+    paho = _paho(client)
+    on_message: Any = paho.on_message  # aiomqtt's
+    flagged: set[int] = set()
+
+    def note(*args: Any) -> None:
+        message = args[2]  # (client, userdata, message)
+        if message.dup and message.qos > 0:
+            flagged.add(message.mid)
+        on_message(*args)
+
+    paho.on_message = note
+
+    def take(mid: int) -> bool:
+        if mid in flagged:
+            flagged.discard(mid)
+            return True
+        return False
+
+    return take
 
 
 def _fail_session(client: aiomqtt.Client, exc: Exception) -> None:

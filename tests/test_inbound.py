@@ -4,12 +4,19 @@ from __future__ import annotations
 
 import os
 import signal
+import threading
 import uuid
 from typing import TYPE_CHECKING
 
 import anyio
+import paho.mqtt.client as paho
 import pytest
+from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+from paho.mqtt.subscribeoptions import SubscribeOptions
 
+from agent.state import StateDocument, StateFile, StoredRequest
 from agent.topics import Topics
 from tests.agent_process import agent_process, write_config
 from tests.brokers import mosquitto_path, run_broker
@@ -103,3 +110,56 @@ async def test_a_broker_gone_silent_while_an_answer_waits_ends_the_connection(
                 # the answer was kept, and goes out on the next connection
                 await obs.outcome("late", 2 * WAIT)
                 assert [e.state for e in obs.events("late") if e.terminal] == ["succeeded"]
+
+
+async def test_a_redelivered_command_answered_interrupted_at_start_is_answered_once(
+    mqtt5: Broker, tmp_path: Path
+) -> None:
+    """The flake of stop 17, made to happen: killed after the write that recorded a command
+    and before its PUBACK, the agent answers it `interrupted` from the state file at start,
+    and the broker then sends the command again (DUP): that copy is not answered again."""
+    config = make_config(mqtt5, tmp_path / "state")
+    topics = Topics.for_agent(config.mqtt.prefix, config.agent.id)
+    command = topics.command(CAM1, "CAM_A", "delete")
+    # what the killed agent left: the request recorded as unfinished ...
+    recorded = StateDocument(in_flight=(StoredRequest("dup-1", "delete", CAM1, "CAM_A"),))
+    config.state_path.mkdir()
+    await StateFile(config.state_path).save(lambda: recorded)
+    # ... and its session at the broker, holding the command it never acknowledged
+    await anyio.to_thread.run_sync(_leave_unacknowledged, mqtt5, config.client_id, topics, command)
+    async with agent_and_observer(mqtt5, config) as (_, obs):
+        await obs.outcome("dup-1")
+        # events leave in order: once a later command is answered, no second answer is coming
+        await obs.delete(CAM2, "CAM_A", {"request_id": "barrier"})
+        await obs.outcome("barrier")
+        answers = [(e.state, e.error.code if e.error else None) for e in obs.events("dup-1")]
+    assert answers == [("failed", "interrupted")]
+
+
+def _leave_unacknowledged(broker: Broker, client_id: str, topics: Topics, command: str) -> None:
+    """Receive `command` in the agent's persistent session and leave without a PUBACK."""
+    received = threading.Event()
+    session = paho.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=paho.MQTTv5)
+    session.manual_ack_set(True)
+    session.on_message = lambda *_: received.set()
+    connect = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+    connect.SessionExpiryInterval = 300
+    session.connect(broker.host, broker.port, clean_start=True, properties=connect)
+    session.loop_start()
+    try:
+        subscribed = threading.Event()
+        session.on_subscribe = lambda *_: subscribed.set()
+        session.subscribe([(f, SubscribeOptions(qos=1)) for f in topics.command_filters])
+        assert subscribed.wait(WAIT), "no SUBACK"
+        sender = paho.Client(CallbackAPIVersion.VERSION2, protocol=paho.MQTTv5)
+        sender.connect(broker.host, broker.port)
+        sender.loop_start()
+        try:
+            sender.publish(command, b'{"request_id": "dup-1"}', qos=1).wait_for_publish(WAIT)
+        finally:
+            sender.loop_stop()
+            sender.disconnect()
+        assert received.wait(WAIT), "the session never got the command"
+    finally:
+        session.disconnect()  # the session and its unacknowledged command stay
+        session.loop_stop()
