@@ -194,25 +194,31 @@ class _Case:
     twice: int
     dropped: int
     reconnects: int
+    causes: frozenset[str]
     agent_peak_kib: int
     agent_idle_kib: int
     broker_peak_kib: int
     seconds: float
 
 
-def _log_counts(logs: list[Path]) -> tuple[int, int]:
+def _log_counts(logs: list[Path]) -> tuple[int, int, set[str]]:
+    """Dropped events and reconnects the agent logged, and why it reconnected."""
     dropped = reconnects = 0
+    causes: set[str] = set()
     for path in logs:
         if not path.exists():
             continue
         for line in path.read_text(errors="replace").splitlines():
             try:
-                event = json.loads(line).get("event")
+                record = json.loads(line)
+                event = record.get("event")
             except (ValueError, AttributeError):
                 continue
             dropped += event in _DROPPED
-            reconnects += event == _RECONNECT
-    return dropped, reconnects
+            if event == _RECONNECT:
+                reconnects += 1
+                causes.add(str(record.get("error"))[:120])
+    return dropped, reconnects, causes
 
 
 def _broker_peak(broker: Broker) -> int:
@@ -288,13 +294,14 @@ def _case(site: Site, options: Options, receive_maximum: int, *, offline: bool) 
             peak = agent.kib("VmHWM")
         ours = {f"f{i}" for i in range(sent)}
         answered = [n for rid, n in listener.answers.items() if rid in ours]
-        dropped, reconnects = _log_counts(logs)
+        dropped, reconnects, causes = _log_counts(logs)
         return _Case(
             sent=sent,
             answered=len(answered),
             twice=sum(1 for n in answered if n > 1),
             dropped=dropped,
             reconnects=reconnects,
+            causes=frozenset(causes),
             agent_peak_kib=peak,
             agent_idle_kib=idle,
             broker_peak_kib=_broker_peak(site.broker),
@@ -339,12 +346,14 @@ def _rows(mode: str, cases: dict[int, _Case]) -> list[Row]:
 
 def measure(options: Options) -> Table:
     rows: list[Row] = []
+    causes: set[str] = set()
     for mode, offline in (("online", False), ("offline, then started", True)):
         cases = {}
         for receive_maximum in options.receive_maximum:
             with bench_site("inbound") as site:  # a fresh broker: its peak RSS is this case's
                 cases[receive_maximum] = _case(site, options, receive_maximum, offline=offline)
         rows += _rows(mode, cases)
+        causes.update(c for case in cases.values() for c in case.causes)
     source = options.agent_source or "this checkout"
     return Table(
         f"inbound: {options.commands:,} commands, {options.cameras} cameras x 4 streams "
@@ -356,6 +365,7 @@ def measure(options: Options) -> Table:
             "answered = request_ids with a terminal event; peak RSS = VmHWM by PID",
             "RSS once online: idle (online), or already reading the flood (offline)",
             f"a case ends at the last answer, or {options.stall:g} s without a new one",
+            *(f"reconnected because: {cause}" for cause in sorted(causes)),
         ],
     )
 
