@@ -573,6 +573,7 @@ class MqttLink:
         While we do not read the socket ourselves, the broker is not to blame.
         """
         timeout = self._settings.publish_timeout
+        overdue = False
         while True:
             await anyio.sleep(timeout / 4)
             now = time.monotonic()
@@ -581,10 +582,15 @@ class MqttLink:
                 continue
             awaiting = self._awaiting
             if awaiting is None or now - max(awaiting, self._heard) < timeout:
+                overdue = False
                 continue
-            raise aiomqtt.MqttError(
-                f"no acknowledgement and nothing else from the broker for {timeout:g} s"
-            )
+            # a second look: after a stall of our own loop, what was read meanwhile has
+            # not been handed on yet when this wakes up
+            if overdue:
+                raise aiomqtt.MqttError(
+                    f"no acknowledgement and nothing else from the broker for {timeout:g} s"
+                )
+            overdue = True
 
     async def _publish_next(self, client: aiomqtt.Client, ack_wait: float = math.inf) -> bool:
         """Publish one queued item, retained state first; False when nothing is queued.
