@@ -2,7 +2,8 @@
 
 aiomqtt 2.x wraps one paho client (`Client._client`) and exposes neither manual
 acknowledgements nor the CONNACK's session-present flag: `manual_acks` switches them on
-through paho's public API on that client, and the link cannot work without it.
+through paho's public API on that client, and the link cannot work without it. Nor does
+its Message keep paho's DUP flag: `duplicates` reads it through paho's public `on_message`.
 
 The fast path proper also uses private attributes, of aiomqtt (`Client._disconnected`) and
 of paho (`_registered_write`, `_call_socket_register_write`, `_sock_close`). It is used
