@@ -478,9 +478,9 @@ def test_a_real_event_decodes(state: str, request_id: str) -> None:
 def test_every_option_has_help() -> None:
     parser = cli_parser()
     subparsers = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
-    assert set(subparsers.choices) == {"run", "deploy", "delete", "watch", "keygen"}
+    assert set(subparsers.choices) == {"run", "deploy", "delete", "watch", "status", "keygen"}
     for name, sub in [("oak-agent", parser), *subparsers.choices.items()]:
-        if name in ("deploy", "delete", "watch"):
+        if name in ("deploy", "delete", "watch", "status"):
             assert "exit codes:" in sub.format_help()
         for action in sub._actions:
             assert action.help, f"{name} {action.option_strings or action.dest} has no help"
@@ -512,6 +512,8 @@ def _state_topics(topics: Topics) -> set[str]:
         topics.camera_availability(CAM1),
         topics.camera_status(CAM1),
         *(topics.nn_status(CAM1, stream) for stream in streams),
+        topics.stats,
+        topics.camera_stats(CAM1),
     }
 
 
