@@ -109,8 +109,6 @@ class Reporter:
     def nn_status(self, camera: str, stream: str, status: NNStatus) -> None:
         self._link.retain(self._topics.nn_status(camera, stream), encode_json(status))
 
-    # --- events --------------------------------------------------------------------------
-
     def camera_health(self, camera: str, health: CameraHealth) -> None:
         self._link.retain(self._topics.camera_stats(camera), encode_json(health))
 
@@ -119,6 +117,8 @@ class Reporter:
 
     def command_counts(self) -> CommandCounts:
         return CommandCounts(**{state: self.commands[state] for state in _OUTCOMES})
+
+    # --- events --------------------------------------------------------------------------
 
     def event(self, event: Event, replies: Iterable[ReplyTo] = (), *, replay: bool = False) -> None:
         """Publish a request's event; `replay`: one published before, not counted again."""
