@@ -13,7 +13,7 @@ import anyio
 import msgspec
 import pytest
 
-from agent.messages import OutputOptions
+from agent.messages import ObjectSchedule, OutputOptions
 from tests.harness import CAM1, CAM2, WAIT, agent_and_observer, camera_spec, make_config
 
 if TYPE_CHECKING:
@@ -347,6 +347,17 @@ async def test_counts_cleared_when_the_nn_is_deleted_and_none_for_generic(
         layers = obs.detections(CAM1, "CAM_B")
         assert layers[-1]["seq"] - layers[0]["seq"] >= (len(layers) - 1) * 2
         assert obs.on(obs.topics.counts(CAM1, "CAM_B")) == []
+
+
+async def test_a_schedule_in_the_config_runs_from_the_start(
+    broker: Broker, tmp_path: Path, own_blobs: dict[str, Path]
+) -> None:
+    schedule = ObjectSchedule(frames=((1, 1), (1, 1), (1,), (1,)))
+    config = make_config(broker, tmp_path, cameras=(camera_spec(CAM1, schedule=schedule),))
+    async with agent_and_observer(broker, config) as (_, obs):
+        await deploy(obs, own_blobs["ssd_tiny"], "k1", output={"counts_max_rate": 1000})
+        await obs.wait_for(lambda: len(counts(obs)) >= 3, what="counts changing")
+        assert {m.by_label["person"] for m in counts(obs)} == {1, 2}
 
 
 async def test_a_bad_objects_schedule_is_reported_naming_the_field(
