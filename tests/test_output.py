@@ -221,6 +221,22 @@ async def test_presence_holds_over_one_missed_frame_and_goes_after_off_seconds(
         assert messages[-1].ts - messages[-2].ts >= 1.0 - 2 / FPS
 
 
+async def test_without_frames_presence_times_out_and_the_count_goes_to_zero(
+    broker: Broker, tmp_path: Path, own_blobs: dict[str, Path]
+) -> None:
+    config = config_for(broker, tmp_path)
+    output = {"counts_max_rate": 1000, "on_frames": 1, "off_seconds": 1.0}
+    async with agent_and_observer(broker, config) as (_, obs):
+        await deploy(obs, own_blobs["ssd_tiny"], "u1", output=output)
+        await schedule(obs, [[1]], loop=True)
+        await obs.wait_for(lambda: counts(obs) and counts(obs)[-1].present == ["person"])
+        await obs.send(obs.topics.simulator(CAM1, "unplug"), b"")  # no more frames
+        await obs.wait_for(lambda: obs.latest(obs.topics.camera_availability(CAM1)) == b"offline")
+        await obs.wait_for(lambda: counts(obs)[-1].present == [], what="absent")
+        # the count the last frame left is not kept once nothing has been seen for a while
+        assert shape(counts(obs)[-1]) == (0, {"person": 0}, [])
+
+
 async def test_min_confidence_filters_before_counting_and_publishing(
     broker: Broker, tmp_path: Path, own_blobs: dict[str, Path]
 ) -> None:
