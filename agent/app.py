@@ -28,6 +28,7 @@ from agent.messages import Info, InfoCamera, LinkCounters
 from agent.models import ModelStore
 from agent.mqtt import MqttLink
 from agent.reporter import Reporter
+from agent.signing import Policy
 from agent.state import StateFile
 from agent.topics import Topics
 
@@ -216,6 +217,7 @@ async def serve(
         store=store,
         group_writes=group_writes,
         output=config.output,
+        max_signed_requests=config.security.max_signed_requests,
     )
     coordinator.load()
     for camera in backend.cameras.values():
@@ -236,6 +238,11 @@ async def serve(
         simulator=simulator,
         output=config.output,
         stats_requested=health.request,
+        policy=Policy(
+            keys=config.security.trusted_keys(),
+            require_signed=config.security.require_signed,
+            max_command_age=config.security.max_command_age,
+        ),
     )
     intake = Intake(handler, coordinator, lanes=concurrent_commands)
     app = App(

@@ -9,8 +9,10 @@ from __future__ import annotations
 import time
 import uuid
 from functools import partial
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Final
 
+import anyio
+import anyio.to_thread
 import structlog
 
 from agent.cameras.base import Deployment
@@ -40,6 +42,7 @@ from agent.messages import (
     salvage_request_id,
 )
 from agent.requests import Request
+from agent.signing import UNSIGNED, Authenticity, Policy, Signature, find_signature
 from agent.topics import CommandTopic, SimulatorTopic, StatsRequest
 
 if TYPE_CHECKING:
@@ -60,6 +63,8 @@ def _nothing() -> None:
 
 
 log = structlog.get_logger(__name__)
+
+_VERIFY_INLINE_BYTES: Final = 1024 * 1024  # larger signed payloads are verified in a thread
 
 
 def _reply_to(message: Inbound, topics: Topics) -> ReplyTo | None:
@@ -92,8 +97,10 @@ class CommandHandler:
         simulator: SimulatorBackend | None = None,
         output: OutputOptions | None = None,
         stats_requested: Callable[[], None] | None = None,
+        policy: Policy | None = None,
     ) -> None:
         self._topics = topics
+        self._policy = policy if policy is not None else Policy()
         self._coordinator = coordinator
         self._store = store
         self._reporter = reporter
@@ -131,45 +138,81 @@ class CommandHandler:
             reply = _reply_to(message, self._topics)
         except AgentError:
             reply = None
-        self._reject(topic, message.payload, reply, ShuttingDown())
+        payload = message.payload
+        try:  # an envelope's request_id is inside it
+            signature = find_signature(payload, message.user_properties)
+        except AgentError:
+            signature = None
+        if signature is not None:
+            payload = signature.payload
+        self._reject(topic, payload, reply, ShuttingDown())
 
     async def _command(self, topic: CommandTopic, message: Inbound) -> Callable[[], None] | None:
         payload = message.payload
         reply = None
+        authenticity = UNSIGNED
         structlog.contextvars.bind_contextvars(camera=clip(topic.camera), stream=clip(topic.stream))
         try:
             reply = _reply_to(message, self._topics)
-            request = await self._validate(topic, message.retain, payload, reply)
+            self._admit(message)
+            signature = find_signature(payload, message.user_properties)
+            if signature is not None:
+                payload = signature.payload  # the command; an envelope's request_id is in it
+                authenticity = Authenticity(signed=True, key_id=None)  # not verified yet
+            authenticity = await self._authenticate(message.topic, topic.camera, signature)
+            request = await self._validate(topic, payload, reply, authenticity)
             if request is None:
                 return _nothing  # a replay: the original request's record answers it
             await self._coordinator.submit(request)
         except AgentError as exc:
-            self._reject(topic, payload, reply, exc)
+            self._reject(topic, payload, reply, exc, authenticity)
         except Exception as exc:
             log.exception("command failed unexpectedly")
-            self._reject(topic, payload, reply, Internal(f"{type(exc).__name__}: {exc}"))
+            error = Internal(f"{type(exc).__name__}: {exc}")
+            self._reject(topic, payload, reply, error, authenticity)
         else:
             return partial(self._answer, topic, request.id, reply, ShuttingDown())
         finally:
             structlog.contextvars.unbind_contextvars("camera", "stream", "request_id")
         return None
 
+    async def _authenticate(
+        self, topic: str, camera: str, signature: Signature | None
+    ) -> Authenticity:
+        """Check the signature, in a thread for a large payload (20 MB: ~50 ms of hashing)."""
+        if signature is not None and len(signature.payload) > _VERIFY_INLINE_BYTES:
+            return await anyio.to_thread.run_sync(self._policy.check, topic, camera, signature)
+        return self._policy.check(topic, camera, signature)
+
+    def _admit(self, message: Inbound) -> None:
+        """Refuse what is never looked into: retained, or too large."""
+        if message.retain:
+            raise RetainedCommand
+        if len(message.payload) > self._max_payload:
+            raise PayloadTooLarge(size=len(message.payload), limit=self._max_payload)
+
     async def _validate(
-        self, topic: CommandTopic, retain: bool, payload: bytes, reply: ReplyTo | None
+        self,
+        topic: CommandTopic,
+        payload: bytes,
+        reply: ReplyTo | None,
+        authenticity: Authenticity,
     ) -> Request | None:
         """The accepted request, or None when a repeated request_id was answered instead."""
-        if retain:
-            raise RetainedCommand
-        if len(payload) > self._max_payload:
-            raise PayloadTooLarge(size=len(payload), limit=self._max_payload)
         command: Deploy | DeleteCommand = (
             decode_deploy(payload) if topic.action == "deploy" else decode_delete(payload)
         )
+        now = time.time()
+        if authenticity.signed:
+            self._policy.check_fresh(command.request_id, command.expires_at, now)
+            # before the record: a signed command past its expires_at is never answered
+            # from it, so a replay after that is `expired`, however the original ended
+            if command.expires_at is not None and now > command.expires_at:
+                raise Expired(expires_at=command.expires_at, now=now)
         request_id = command.request_id or f"auto-{uuid.uuid4().hex}"
         structlog.contextvars.bind_contextvars(request_id=request_id)
         if self._coordinator.replay(request_id, reply):
             return None
-        now = time.time()
         if command.expires_at is not None and now > command.expires_at:
             raise Expired(expires_at=command.expires_at, now=now)
         self._coordinator.check_target(topic.camera, topic.stream)
@@ -185,6 +228,8 @@ class CommandHandler:
             stream=topic.stream,
             deployment=deployment,
             replies=[reply] if reply else [],
+            authenticity=authenticity,
+            keep_until=command.expires_at if authenticity.signed else None,
         )
 
     async def _deployment(self, command: Deploy, request_id: str) -> Deployment:
@@ -206,14 +251,31 @@ class CommandHandler:
                 return await self._store.get(sha256)
 
     def _reject(
-        self, topic: CommandTopic, payload: bytes, reply: ReplyTo | None, exc: AgentError
+        self,
+        topic: CommandTopic,
+        payload: bytes,
+        reply: ReplyTo | None,
+        exc: AgentError,
+        authenticity: Authenticity = UNSIGNED,
     ) -> None:
-        self._answer(topic, self._salvage(payload) or f"auto-{uuid.uuid4().hex}", reply, exc)
+        request_id = self._salvage(payload) or f"auto-{uuid.uuid4().hex}"
+        self._answer(topic, request_id, reply, exc, authenticity)
 
     def _answer(
-        self, topic: CommandTopic, request_id: str, reply: ReplyTo | None, exc: AgentError
+        self,
+        topic: CommandTopic,
+        request_id: str,
+        reply: ReplyTo | None,
+        exc: AgentError,
+        authenticity: Authenticity = UNSIGNED,
     ) -> None:
-        log.warning("command rejected", code=exc.code, error=exc.message)
+        log.warning(
+            "command rejected",
+            code=exc.code,
+            error=exc.message,
+            signed=authenticity.signed,
+            key_id=authenticity.key_id,
+        )
         event = Event(
             request_id=request_id,
             action=topic.action,
@@ -246,15 +308,35 @@ class CommandHandler:
         if message.retain:
             log.warning("retained simulator command ignored", camera=clip(topic.camera))
             return
+        try:  # the same rule as for commands: see the README, "Signed commands"
+            signature = find_signature(message.payload, message.user_properties)
+            authenticity = self._policy.check(message.topic, topic.camera, signature)
+        except AgentError as exc:
+            log.warning(
+                "simulator command refused",
+                camera=clip(topic.camera),
+                fault=topic.fault,
+                code=exc.code,
+                error=exc.message,
+            )
+            return
         camera = self._simulator.cameras.get(topic.camera)
         if camera is None:
             log.warning("simulator command for unknown camera", camera=clip(topic.camera))
             return
-        log.info("simulator fault", camera=topic.camera, fault=topic.fault)
+        log.info(
+            "simulator fault",
+            camera=topic.camera,
+            fault=topic.fault,
+            signed=authenticity.signed,
+            key_id=authenticity.key_id,
+        )
         match topic.fault:
             case "objects":
+                # the schedule itself: inside the envelope when it came in one
+                payload = signature.payload if signature is not None else message.payload
                 try:
-                    camera.schedule_objects(decode_objects(message.payload))
+                    camera.schedule_objects(decode_objects(payload))
                 except InvalidPayload as exc:
                     log.warning("simulator objects refused", error=exc.message)
                     self._reporter.agent_error(exc, context=f"simulator objects for {topic.camera}")

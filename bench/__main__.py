@@ -16,6 +16,7 @@ from bench import (
     load,
     overtake,
     shaping,
+    signing,
     startup,
     storm,
     throughput,
@@ -34,6 +35,7 @@ _BENCHES = {
         startup,
         discovery_lag,
         shaping,
+        signing,
     )
 }
 
