@@ -4,6 +4,7 @@ driven by its objects knob (`{base}/simulator/cameras/{mxid}/objects`)."""
 from __future__ import annotations
 
 import shutil
+import time
 import uuid
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -12,8 +13,11 @@ import aiomqtt
 import anyio
 import msgspec
 import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from agent.config import SecurityKey, SecuritySection
 from agent.messages import ObjectSchedule, OutputOptions
+from agent.signing import envelope, public_key_text, sign
 from tests.harness import CAM1, CAM2, WAIT, agent_and_observer, camera_spec, make_config
 
 if TYPE_CHECKING:
@@ -374,6 +378,33 @@ async def test_a_schedule_in_the_config_runs_from_the_start(
         await deploy(obs, own_blobs["ssd_tiny"], "k1", output={"counts_max_rate": 1000})
         await obs.wait_for(lambda: len(counts(obs)) >= 3, what="counts changing")
         assert {m.by_label["person"] for m in counts(obs)} == {1, 2}
+
+
+async def test_with_signing_required_the_objects_knob_takes_a_signed_envelope(
+    broker: Broker, tmp_path: Path, own_blobs: dict[str, Path]
+) -> None:
+    key = Ed25519PrivateKey.generate()
+    section = SecuritySection(
+        require_signed=True,
+        keys=(SecurityKey(id="ops", public_key=public_key_text(key.public_key())),),
+    )
+    config = config_for(broker, tmp_path, security=section)
+    async with agent_and_observer(broker, config) as (_, obs):
+        body = _body(own_blobs["ssd_tiny"], "e1", output={"counts_max_rate": 1000})
+        body["expires_at"] = time.time() + 60
+        topic = obs.topics.command(CAM1, "CAM_A", "deploy")
+        payload = msgspec.json.encode(body)
+        await obs.send(topic, envelope(payload, "ops", sign(key, topic, payload)))
+        assert (await obs.outcome("e1")).state == "succeeded"
+        await obs.wait_for(lambda: counts(obs), what="first counts")
+        knob = obs.topics.simulator(CAM1, "objects")
+        unsigned = msgspec.json.encode({"frames": [[1, 1, 1]]})
+        await obs.send(knob, unsigned)  # refused: unsigned
+        await frames_pass(obs, 10)
+        assert all(m.total == 0 for m in counts(obs))
+        schedule = msgspec.json.encode({"frames": [[1]]})
+        await obs.send(knob, envelope(schedule, "ops", sign(key, knob, schedule)))
+        await obs.wait_for(lambda: counts(obs)[-1].total == 1, what="the signed schedule")
 
 
 async def test_a_bad_objects_schedule_is_reported_naming_the_field(
