@@ -284,6 +284,24 @@ async def test_max_rate_bounds_the_detections_and_counts_still_follow_every_fram
         assert len(frame_seqs) > len(messages)
 
 
+async def test_counts_max_rate_bounds_counts_and_the_latest_state_still_goes_out(
+    broker: Broker, tmp_path: Path, own_blobs: dict[str, Path]
+) -> None:
+    config = config_for(broker, tmp_path)
+    output = {"counts_max_rate": 2, "on_frames": 1, "off_seconds": 600}
+    async with agent_and_observer(broker, config) as (_, obs):
+        await deploy(obs, own_blobs["ssd_tiny"], "cr1", output=output)
+        await schedule(obs, [[1], [1, 1]], loop=True)  # a change on every frame
+        await obs.wait_for(lambda: len(counts(obs)) >= 5, what="counts")
+        seen = _frames(obs)
+        span = seen[-1].frame_seq - seen[0].frame_seq
+        # 2 a second at 20 fps: one message per 10 frames or more (generous margin)
+        assert len(seen) - 1 <= span * 2 / FPS * 1.5 + 1
+        # the changes stop: the final state goes out, at once or when the window opens
+        await schedule(obs, [[1, 1, 1]])
+        await obs.wait_for(lambda: counts(obs)[-1].total == 3, what="the latest state")
+
+
 def _frames(obs: Observer) -> list[Any]:
     topic = obs.topics.counts(CAM1, "CAM_A")
     return [msgspec.json.decode(m.payload, type=_WithFrame) for m in obs.on(topic) if m.payload]
