@@ -160,7 +160,9 @@ class CommandHandler:
                 payload = signature.payload  # the command; an envelope's request_id is in it
                 authenticity = Authenticity(signed=True, key_id=None)  # not verified yet
             authenticity = await self._authenticate(message.topic, topic.camera, signature)
-            request = await self._validate(topic, payload, reply, authenticity)
+            request = await self._validate(
+                topic, payload, reply, authenticity, resent=message.resent
+            )
             if request is None:
                 return _nothing  # a replay: the original request's record answers it
             await self._coordinator.submit(request)
@@ -197,6 +199,8 @@ class CommandHandler:
         payload: bytes,
         reply: ReplyTo | None,
         authenticity: Authenticity,
+        *,
+        resent: bool = False,
     ) -> Request | None:
         """The accepted request, or None when a repeated request_id was answered instead."""
         command: Deploy | DeleteCommand = (
@@ -211,7 +215,7 @@ class CommandHandler:
                 raise Expired(expires_at=command.expires_at, now=now)
         request_id = command.request_id or f"auto-{uuid.uuid4().hex}"
         structlog.contextvars.bind_contextvars(request_id=request_id)
-        if self._coordinator.replay(request_id, reply):
+        if self._coordinator.replay(request_id, reply, resent=resent):
             return None
         if command.expires_at is not None and now > command.expires_at:
             raise Expired(expires_at=command.expires_at, now=now)

@@ -58,6 +58,9 @@ class _Sink:
     def send_reply(self, reply: ReplyTo, payload: bytes) -> None:
         self.bytes += len(payload)
 
+    def report(self, topic: str, payload: bytes) -> None:
+        self.bytes += len(payload)
+
     @property
     def has_room_for_detections(self) -> bool:
         return True
