@@ -129,8 +129,6 @@ class Reporter:
         if self._observer is not None:
             self._observer.nn_status(camera, stream, status)
 
-    # --- events --------------------------------------------------------------------------
-
     def camera_health(self, camera: str, health: CameraHealth) -> None:
         self._link.retain(self._topics.camera_stats(camera), encode_json(health))
 
@@ -139,6 +137,8 @@ class Reporter:
 
     def command_counts(self) -> CommandCounts:
         return CommandCounts(**{state: self.commands[state] for state in _OUTCOMES})
+
+    # --- events --------------------------------------------------------------------------
 
     def event(self, event: Event, replies: Iterable[ReplyTo] = (), *, replay: bool = False) -> None:
         """Publish a request's event; `replay`: one published before, not counted again."""
