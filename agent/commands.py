@@ -365,8 +365,10 @@ class CommandHandler:
         )
         match topic.fault:
             case "objects":
+                # the schedule itself: inside the envelope when it came in one
+                payload = signature.payload if signature is not None else message.payload
                 try:
-                    camera.schedule_objects(decode_objects(message.payload))
+                    camera.schedule_objects(decode_objects(payload))
                 except InvalidPayload as exc:
                     log.warning("simulator objects refused", error=exc.message)
                     self._reporter.agent_error(exc, context=f"simulator objects for {topic.camera}")

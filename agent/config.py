@@ -11,7 +11,7 @@ from typing import Annotated, Literal
 import msgspec
 from msgspec import Meta
 
-from agent.messages import OutputOptions
+from agent.messages import ObjectSchedule, OutputOptions
 from agent.signing import ANY_CAMERA, TrustedKey, read_public_key
 from agent.topics import MXID_RE
 
@@ -171,6 +171,8 @@ class SimulatedCamera(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     fps: Annotated[float, Meta(gt=0.0, le=1000.0)] = 10.0
     # synthetic objects per frame from YOLO and MobileNet networks
     objects: Annotated[int, Meta(ge=0, le=100)] = 3
+    # instead of them, what the objects knob would set: {frames = [[0, 0], [0], []], loop = true}
+    schedule: ObjectSchedule | None = None
 
 
 class SimulatorSection(msgspec.Struct, frozen=True, forbid_unknown_fields=True):

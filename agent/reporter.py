@@ -139,8 +139,6 @@ class Reporter:
     def models(self, entries: Iterable[ModelEntry]) -> None:
         self._link.retain(self._topics.models, encode_json(tuple(entries)))
 
-    # --- events --------------------------------------------------------------------------
-
     def camera_health(self, camera: str, health: CameraHealth) -> None:
         self._link.retain(self._topics.camera_stats(camera), encode_json(health))
 
@@ -149,6 +147,8 @@ class Reporter:
 
     def command_counts(self) -> CommandCounts:
         return CommandCounts(**{state: self.commands[state] for state in _OUTCOMES})
+
+    # --- events --------------------------------------------------------------------------
 
     def event(self, event: Event, replies: Iterable[ReplyTo] = (), *, replay: bool = False) -> None:
         """Publish a request's event; `replay`: one published before, not counted again."""
