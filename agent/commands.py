@@ -35,14 +35,16 @@ from agent.messages import (
     ModelByHash,
     ModelUpload,
     ModelUrl,
+    OutputOptions,
     ReplyTo,
     decode_delete,
     decode_deploy,
+    decode_objects,
     salvage_request_id,
 )
 from agent.requests import Request
 from agent.signing import UNSIGNED, Authenticity, Policy, Signature, find_signature
-from agent.topics import CommandTopic, SimulatorTopic
+from agent.topics import CommandTopic, SimulatorTopic, StatsRequest
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -97,6 +99,8 @@ class CommandHandler:
         max_payload_bytes: int,
         simulator: SimulatorBackend | None = None,
         transfers: Transfers | None = None,
+        output: OutputOptions | None = None,
+        stats_requested: Callable[[], None] | None = None,
         policy: Policy | None = None,
     ) -> None:
         self._topics = topics
@@ -107,6 +111,8 @@ class CommandHandler:
         self._max_payload = max_payload_bytes
         self._simulator = simulator
         self._transfers = transfers  # models on their way: uploads, downloads
+        self._output = output if output is not None else OutputOptions()
+        self._stats_requested = stats_requested
 
     def lane(self, message: Inbound) -> str:
         """A camera's commands (and simulator knobs) go in one lane: the camera's id."""
@@ -124,6 +130,8 @@ class CommandHandler:
             return await self._command(parsed, message)
         if isinstance(parsed, SimulatorTopic):
             self._fault(parsed, message)
+        elif isinstance(parsed, StatsRequest):
+            self._stats(message)
         return None
 
     def refuse(self, message: Inbound) -> None:
@@ -157,7 +165,9 @@ class CommandHandler:
                 payload = signature.payload  # the command; an envelope's request_id is in it
                 authenticity = Authenticity(signed=True, key_id=None)  # not verified yet
             authenticity = await self._authenticate(message.topic, topic.camera, signature)
-            request = await self._validate(topic, payload, reply, authenticity)
+            request = await self._validate(
+                topic, payload, reply, authenticity, resent=message.resent
+            )
             if request is None:
                 return _nothing  # a replay: the original request's record answers it
             await self._coordinator.submit(request)
@@ -194,6 +204,8 @@ class CommandHandler:
         payload: bytes,
         reply: ReplyTo | None,
         authenticity: Authenticity,
+        *,
+        resent: bool = False,
     ) -> Request | None:
         """The accepted request, or None when a repeated request_id was answered instead."""
         command: Deploy | DeleteCommand = (
@@ -208,7 +220,7 @@ class CommandHandler:
                 raise Expired(expires_at=command.expires_at, now=now)
         request_id = command.request_id or f"auto-{uuid.uuid4().hex}"
         structlog.contextvars.bind_contextvars(request_id=request_id)
-        if self._coordinator.replay(request_id, reply):
+        if self._coordinator.replay(request_id, reply, resent=resent):
             return None
         if command.expires_at is not None and now > command.expires_at:
             raise Expired(expires_at=command.expires_at, now=now)
@@ -259,6 +271,7 @@ class CommandHandler:
             labels=command.labels,
             model_name=command.model_name,
             request_id=request_id,
+            output=self._output if command.output is None else command.output.over(self._output),
         )
 
     async def _model(self, source: ModelUpload | ModelByHash | ModelUrl) -> StoredModel:
@@ -314,6 +327,13 @@ class CommandHandler:
             log.exception("request_id not recoverable from a rejected payload")
             return None
 
+    def _stats(self, message: Inbound) -> None:
+        if message.retain:  # a retained request would fire at every subscribe
+            log.warning("retained stats request ignored")
+            return
+        if self._stats_requested is not None:
+            self._stats_requested()
+
     def _fault(self, topic: SimulatorTopic, message: Inbound) -> None:
         if self._simulator is None:
             return
@@ -344,6 +364,12 @@ class CommandHandler:
             key_id=authenticity.key_id,
         )
         match topic.fault:
+            case "objects":
+                try:
+                    camera.schedule_objects(decode_objects(message.payload))
+                except InvalidPayload as exc:
+                    log.warning("simulator objects refused", error=exc.message)
+                    self._reporter.agent_error(exc, context=f"simulator objects for {topic.camera}")
             case "unplug":
                 camera.unplug()
             case "replug":

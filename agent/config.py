@@ -11,16 +11,20 @@ from typing import Annotated, Literal
 import msgspec
 from msgspec import Meta
 
+from agent.messages import OutputOptions
 from agent.signing import ANY_CAMERA, TrustedKey, read_public_key
 from agent.topics import MXID_RE
 
 __all__ = [
+    "HA_MAX_LABELS",
     "AgentSection",
     "BrokerSection",
     "Config",
     "ConfigError",
     "DepthaiSection",
     "DownloadSettings",
+    "HomeAssistantSection",
+    "MetricsSection",
     "ModelsSection",
     "MqttSection",
     "SecurityKey",
@@ -31,6 +35,7 @@ __all__ = [
     "TlsSection",
     "load_config",
     "locate",
+    "split_listen",
     "with_located_files",
 ]
 
@@ -63,10 +68,12 @@ class AgentSection(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     state_dir: str = msgspec.field(default_factory=_default_state_dir)
     # inbound command payloads above this are answered `payload_too_large`
     max_payload_bytes: Annotated[int, Meta(ge=1024)] = 32 * 1024 * 1024
-    # events kept while the broker is unreachable; the oldest go first when full
+    # events waiting for the broker; answers are never dropped, reports beyond it are
     event_queue_size: Annotated[int, Meta(ge=1)] = 10_000
     # detection messages waiting for the publisher; newer ones are dropped when full
     detection_queue_size: Annotated[int, Meta(ge=1)] = 1024
+    # seconds between the retained `{base}/stats` and `{base}/cameras/{mxid}/stats`
+    stats_interval: Annotated[float, Meta(ge=1.0, le=86_400.0)] = 30.0
 
 
 class ModelsSection(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -113,6 +120,7 @@ class MqttSection(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     session_expiry: Annotated[int, Meta(ge=0)] = 86_400
     # MQTT 5 Receive Maximum: commands the broker may send before the agent acknowledged them
     receive_maximum: Annotated[int, Meta(ge=1, le=65535)] = 8
+    # a PUBACK overdue while nothing else came from the broker this long ends the connection
     publish_timeout: Annotated[float, Meta(gt=0.0)] = 10.0
     reconnect_min: Annotated[float, Meta(gt=0.0)] = 1.0
     reconnect_max: Annotated[float, Meta(gt=0.0)] = 30.0
@@ -204,6 +212,47 @@ class DownloadSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     max_model_bytes: Annotated[int, Meta(ge=1024)] = 256 * 1024 * 1024
 
 
+# a topic name (levels separated by /) without wildcards, empty levels or a leading $
+DiscoveryPrefix = Annotated[
+    str, Meta(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9._-]+(/[A-Za-z0-9._-]+)*$")
+]
+HA_MAX_LABELS = 20
+
+
+class HomeAssistantSection(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """`[homeassistant]`: MQTT discovery of the cameras as Home Assistant devices."""
+
+    enabled: bool = False
+    discovery_prefix: DiscoveryPrefix = "homeassistant"
+    # labels that get count and presence entities; unset: the first 20 of each deploy's labels
+    labels: (
+        Annotated[
+            tuple[Annotated[str, Meta(min_length=1, max_length=256)], ...],
+            Meta(max_length=HA_MAX_LABELS),
+        ]
+        | None
+    ) = None
+
+
+class MetricsSection(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """`[metrics]`: its presence turns the Prometheus exposition on."""
+
+    # host:port (`[::1]:9464` for IPv6) to serve GET /metrics on
+    listen: str = "127.0.0.1:9464"
+
+
+def split_listen(listen: str) -> tuple[str, int]:
+    """`host:port` (`[v6]:port`) as (host, port); raise ValueError naming what is wrong."""
+    host, sep, port = listen.rpartition(":")
+    if not sep or not host:
+        raise ValueError(f"{listen!r} is not host:port")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    if not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise ValueError(f"port {port!r} is not 1-65535")
+    return host, int(port)
+
+
 class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     agent: AgentSection = AgentSection()
     mqtt: MqttSection = MqttSection()
@@ -213,6 +262,11 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     # real cameras; the backend when there is no [simulator] section
     depthai: DepthaiSection | None = None
     download: DownloadSettings = DownloadSettings()
+    homeassistant: HomeAssistantSection = HomeAssistantSection()
+    # how NN output is shaped when a deploy does not say (its `output` fields override these)
+    output: OutputOptions = OutputOptions()
+    # Prometheus exposition of the stats; off unless the section is there
+    metrics: MetricsSection | None = None
     security: SecuritySection = SecuritySection()
 
     @property
@@ -230,6 +284,11 @@ def _check(config: Config) -> None:
         raise ConfigError("mqtt: set password or password_file, not both")
     if mqtt.tls is not None and (mqtt.tls.cert_file is None) != (mqtt.tls.key_file is None):
         raise ConfigError("mqtt.tls: set both cert_file and key_file (mutual TLS), or neither")
+    if config.metrics is not None:
+        try:
+            split_listen(config.metrics.listen)
+        except ValueError as exc:
+            raise ConfigError(f"metrics.listen: {exc}") from None
     _check_security(config.security)
     if config.simulator is not None and config.depthai is not None:
         raise ConfigError("[simulator] and [depthai] exclude each other: choose one backend")

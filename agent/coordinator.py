@@ -27,6 +27,7 @@ from agent.errors import (
     UnknownStream,
     error_info,
 )
+from agent.messages import OutputOptions
 from agent.requests import Phase, Request, RequestLog
 from agent.state import CameraState, StateDocument, StoredRequest
 from agent.topics import MXID_RE, STREAM_RE
@@ -65,9 +66,11 @@ class Coordinator:
         state: StateFile,
         store: ModelStore,
         group_writes: bool = True,
+        output: OutputOptions | None = None,
         max_signed_requests: int = 4096,
     ) -> None:
         self._reporter = reporter
+        self._output = output if output is not None else OutputOptions()
         self._topics = topics
         self._state = state
         self._store = store
@@ -111,6 +114,7 @@ class Coordinator:
                     camera=outcome.camera,
                     stream=outcome.stream,
                     events=[outcome],
+                    recorded_before=True,
                     phase=Phase.DONE,
                     keep_until=document.signed_until.get(outcome.request_id),
                 )
@@ -175,10 +179,15 @@ class Coordinator:
                 log.error("model missing from the store", camera=camera, stream=stream)  # noqa: TRY400
                 self._reporter.agent_error(exc, context=f"cannot restore {camera}/{stream}")
                 continue
-            resolved[stream] = item.deployment(model)
+            resolved[stream] = item.deployment(model, self._output)
         return resolved
 
     # --- cameras -------------------------------------------------------------------------
+
+    @property
+    def saved_cameras(self) -> set[str]:
+        """The cameras this run drives and those the state file knows (present or not)."""
+        return set(self._saved) | set(self.workers)
 
     def add_camera(self, camera: Camera) -> CameraWorker:
         worker = self.workers.get(camera.mxid)
@@ -229,17 +238,24 @@ class Coordinator:
             others=worker.running,
         )
 
-    def replay(self, request_id: str, reply: ReplyTo | None) -> bool:
-        """Answer a repeated request_id from the record; False when it is new."""
+    def replay(self, request_id: str, reply: ReplyTo | None, *, resent: bool = False) -> bool:
+        """Answer a repeated request_id from the record; False when it is new.
+
+        `resent`: the transport's own second delivery of a command (MQTT DUP) whose answer
+        this agent has already sent (or holds): answered once is enough.
+        """
         known = self.requests.get(request_id)
         if known is None or known.last is None:
             return False
-        log.info("duplicate request_id, replaying its outcome", state=known.last.state)
         if reply is not None and reply not in known.replies:
             known.replies.append(reply)
+        if resent and not known.recorded_before:
+            log.info("command sent again by the broker, answered already", state=known.last.state)
+            return True
+        log.info("duplicate request_id, replaying its outcome", state=known.last.state)
         if self.is_held(known.last):
             return True  # goes out, to the new reply too, once the state file records it
-        self._reporter.event(known.last, [reply] if reply else [])
+        self._reporter.event(known.last, [reply] if reply else [], replay=True)
         return True
 
     # --- requests ------------------------------------------------------------------------

@@ -63,6 +63,8 @@ class Request:
     events: list[Event] = field(default_factory=list)
     # restores an interrupted request's change after a restart; its answer was already sent
     silent: bool = False
+    # read from the state file: its answer went out from an earlier run, or was lost with it
+    recorded_before: bool = False
     phase: Phase = Phase.STAGED
     # a deploy whose model is still on its way: how to get it (deployment None until then)
     acquire: Acquire | None = None

@@ -17,7 +17,9 @@ __all__ = [
     "SHA256_RE",
     "STREAM_RE",
     "CommandTopic",
+    "DiscoveryTopics",
     "SimulatorTopic",
+    "StatsRequest",
     "Topics",
     "UploadTopic",
     "is_depth_stream",
@@ -29,7 +31,7 @@ SHA256_RE = re.compile(r"[0-9a-f]{64}")
 # a byte offset in decimal: no sign, no leading zero, below 10^15 (far above any model)
 OFFSET_RE = re.compile(r"0|[1-9][0-9]{0,14}")
 
-Fault = Literal["unplug", "replug", "fail_next_boot"]
+Fault = Literal["unplug", "replug", "fail_next_boot", "objects"]
 
 
 def is_depth_stream(stream: str) -> bool:
@@ -61,6 +63,11 @@ class UploadTopic:
     kind: Literal["upload", "chunk"]
     offset: int | None = None  # a chunk's, when it parses
     problem: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class StatsRequest:
+    """A request to publish the stats now."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,6 +104,14 @@ class Topics:
     @property
     def errors(self) -> str:
         return f"{self.base}/errors"
+
+    @property
+    def stats(self) -> str:
+        return f"{self.base}/stats"
+
+    @property
+    def stats_request(self) -> str:
+        return f"{self.base}/stats/request"
 
     @property
     def command_filters(self) -> tuple[str, str]:
@@ -154,6 +169,12 @@ class Topics:
     def camera_status(self, camera: str) -> str:
         return f"{self.base}/cameras/{camera}/status"
 
+    def camera_stats(self, camera: str) -> str:
+        return f"{self.base}/cameras/{camera}/stats"
+
+    def counts(self, camera: str, stream: str) -> str:
+        return f"{self.base}/cameras/{camera}/streams/{stream}/nn/counts"
+
     def nn_status(self, camera: str, stream: str) -> str:
         return f"{self.base}/cameras/{camera}/streams/{stream}/nn/status"
 
@@ -166,7 +187,7 @@ class Topics:
     def simulator(self, camera: str, fault: Fault) -> str:
         return f"{self.base}/simulator/cameras/{camera}/{fault}"
 
-    def parse(self, topic: str) -> CommandTopic | SimulatorTopic | None:
+    def parse(self, topic: str) -> CommandTopic | SimulatorTopic | StatsRequest | None:
         """Parse a topic under this base; None when it is not one the agent acts on.
 
         The camera and stream segments are returned as given, even when they are not
@@ -179,7 +200,42 @@ class Topics:
         match parts:
             case ["cameras", camera, "streams", stream, "nn", ("deploy" | "delete") as action]:
                 return CommandTopic(camera, stream, action)
-            case ["simulator", "cameras", camera, ("unplug" | "replug" | "fail_next_boot") as f]:
+            case [
+                "simulator",
+                "cameras",
+                camera,
+                ("unplug" | "replug" | "fail_next_boot" | "objects") as f,
+            ]:
                 return SimulatorTopic(camera, f)
+            case ["stats", "request"]:
+                return StatsRequest()
             case _:
                 return None
+
+
+@dataclass(frozen=True, slots=True)
+class DiscoveryTopics:
+    """Home Assistant's MQTT discovery topics under its `discovery_prefix`."""
+
+    prefix: str
+
+    @property
+    def birth(self) -> str:
+        """Where Home Assistant says `online` when it (re)starts."""
+        return f"{self.prefix}/status"
+
+    @property
+    def device_filter(self) -> str:
+        """Every device-based discovery config, of any publisher."""
+        return f"{self.prefix}/device/+/config"
+
+    def device(self, node: str) -> str:
+        return f"{self.prefix}/device/{node}/config"
+
+    def node_of(self, topic: str) -> str | None:
+        """The node id of a device discovery config topic; None for any other topic."""
+        start, end = f"{self.prefix}/device/", "/config"
+        if not (topic.startswith(start) and topic.endswith(end)):
+            return None
+        node = topic[len(start) : -len(end)]
+        return node if node and "/" not in node else None

@@ -16,6 +16,7 @@ from bench import (
     latency,
     load,
     overtake,
+    shaping,
     signing,
     startup,
     storm,
@@ -35,6 +36,7 @@ _BENCHES = {
         chunked,
         startup,
         discovery_lag,
+        shaping,
         signing,
     )
 }

@@ -483,12 +483,13 @@ def test_every_option_has_help() -> None:
         "deploy",
         "delete",
         "watch",
+        "status",
         "upload",
         "models",
         "keygen",
     }
     for name, sub in [("oak-agent", parser), *subparsers.choices.items()]:
-        if name in ("deploy", "delete", "watch", "upload", "models"):
+        if name in ("deploy", "delete", "watch", "status", "upload", "models"):
             assert "exit codes:" in sub.format_help()
         for action in sub._actions:
             assert action.help, f"{name} {action.option_strings or action.dest} has no help"
@@ -520,6 +521,8 @@ def _state_topics(topics: Topics) -> set[str]:
         topics.camera_availability(CAM1),
         topics.camera_status(CAM1),
         *(topics.nn_status(CAM1, stream) for stream in streams),
+        topics.stats,
+        topics.camera_stats(CAM1),
     }
 
 
