@@ -493,3 +493,39 @@ async def test_upload_on_a_terminal_draws_a_progress_bar(
     assert f"upload {model.name}" in text
     assert "1.0/1.0 MB" in text  # rich's bar at its end
     assert "%" not in text.replace("100%", "")  # not the plain lines
+
+
+async def test_a_signed_deploy_of_a_large_model_uploads_then_signs_the_deploy(
+    capped: Broker, wheel_blobs: dict[str, Path], tmp_path: Path
+) -> None:
+    model = _model(wheel_blobs, tmp_path, 1_000_000, seed=31)
+    made = await oak("keygen", "--out", str(tmp_path / "keys"), "--key-id", "operator")
+    assert made.code == 0, made
+    snippet = made.out[made.out.index("[security]") :]
+    agent_id = f"chunks-{uuid.uuid4().hex[:8]}"
+    config = write_config(
+        tmp_path / "agent.toml", capped, tmp_path / "state", agent_id, mqtt_extra="\n" + snippet
+    )
+    topics = Topics.for_agent("oaktest", agent_id)
+    target = ("--config", str(config), "--camera", CAM1, "--stream", "CAM_A", "--model", str(model))
+    async with observe(capped, topics) as obs:
+        with agent_process(config, tmp_path / "agent.log"):
+            await obs.wait_for(lambda: obs.latest(topics.availability) == b"online")
+            signed = await oak(
+                "deploy", *target, "--sign-key", str(tmp_path / "keys" / "operator.key")
+            )
+            unsigned = await oak("deploy", *target)
+            command = obs.on(topics.command(CAM1, "CAM_A", "deploy"))
+    _no_traceback(signed)
+    assert signed.code == 0, signed
+    assert "sending the model in chunks first" in signed.err
+    assert _states(signed) == ["accepted", "applying", "succeeded"]
+    assert unsigned.code == 1, unsigned  # the agent requires signed commands
+    assert json.loads(unsigned.out.splitlines()[-1])["error"]["code"] == "unauthorized"
+    first = command[0]
+    assert first.properties is not None  # MQTT 5: the signature in user properties
+    names = [name for name, _ in getattr(first.properties, "UserProperty", [])]
+    assert len(names) == 2, names
+    assert (
+        json.loads(first.payload)["model_sha256"] == hashlib.sha256(model.read_bytes()).hexdigest()
+    )
