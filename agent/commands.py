@@ -34,6 +34,7 @@ from agent.messages import (
     Event,
     ModelByHash,
     ModelUpload,
+    ModelUrl,
     OutputOptions,
     ReplyTo,
     decode_delete,
@@ -53,7 +54,9 @@ if TYPE_CHECKING:
     from agent.inbox import Inbound
     from agent.models import ModelStore, StoredModel
     from agent.reporter import Reporter
+    from agent.requests import Acquire
     from agent.topics import Topics
+    from agent.transfers import Transfers
 
 __all__ = ["CommandHandler"]
 
@@ -95,6 +98,7 @@ class CommandHandler:
         reporter: Reporter,
         max_payload_bytes: int,
         simulator: SimulatorBackend | None = None,
+        transfers: Transfers | None = None,
         output: OutputOptions | None = None,
         stats_requested: Callable[[], None] | None = None,
         policy: Policy | None = None,
@@ -106,6 +110,7 @@ class CommandHandler:
         self._reporter = reporter
         self._max_payload = max_payload_bytes
         self._simulator = simulator
+        self._transfers = transfers  # models on their way: uploads, downloads
         self._output = output if output is not None else OutputOptions()
         self._stats_requested = stats_requested
 
@@ -220,11 +225,13 @@ class CommandHandler:
         if command.expires_at is not None and now > command.expires_at:
             raise Expired(expires_at=command.expires_at, now=now)
         self._coordinator.check_target(topic.camera, topic.stream)
-        deployment = None
+        deployment = acquire = None
         if isinstance(command, Deploy):
-            deployment = await self._deployment(command, request_id)
-            # refuse what cannot run before the camera is taken down for it
-            self._coordinator.check_runnable(topic.camera, topic.stream, deployment)
+            acquire = self._acquire(command, request_id)
+            if acquire is None:
+                deployment = await self._deployment(command, request_id)
+                # refuse what cannot run before the camera is taken down for it
+                self._coordinator.check_runnable(topic.camera, topic.stream, deployment)
         return Request(
             id=request_id,
             action=topic.action,
@@ -232,9 +239,30 @@ class CommandHandler:
             stream=topic.stream,
             deployment=deployment,
             replies=[reply] if reply else [],
+            acquire=acquire,
             authenticity=authenticity,
             keep_until=command.expires_at if authenticity.signed else None,
         )
+
+    def _acquire(self, command: Deploy, request_id: str) -> Acquire | None:
+        """How to get a model that is on its way, an upload in progress or a `model_url`
+        (accepted now, `transferring` until it is there); None when it is at hand."""
+        model, transfers = command.model, self._transfers
+        if transfers is None or isinstance(model, ModelUpload) or not transfers.on_its_way(model):
+            return None
+
+        async def acquire(progress: Callable[[int, int | None], None]) -> Deployment:
+            stored = await transfers.model(model, progress, name=command.model_name)
+            progress(stored.size, stored.size)  # all of it (said once, if not said yet)
+            return Deployment(
+                model=stored,
+                nn_config=command.nn_config,
+                labels=command.labels,
+                model_name=command.model_name,
+                request_id=request_id,
+            )
+
+        return acquire
 
     async def _deployment(self, command: Deploy, request_id: str) -> Deployment:
         return Deployment(
@@ -246,12 +274,12 @@ class CommandHandler:
             output=self._output if command.output is None else command.output.over(self._output),
         )
 
-    async def _model(self, source: ModelUpload | ModelByHash) -> StoredModel:
+    async def _model(self, source: ModelUpload | ModelByHash | ModelUrl) -> StoredModel:
         """Hash, store and parse an uploaded model, or find a stored one."""
         match source:
             case ModelUpload(data=data, sha256=expected):
                 return await self._store.put(data, expected_sha256=expected)
-            case ModelByHash(sha256=sha256):
+            case ModelByHash(sha256=sha256) | ModelUrl(sha256=sha256):
                 return await self._store.get(sha256)
 
     def _reject(

@@ -10,12 +10,15 @@ __all__ = [
     "CameraStateName",
     "NNStateName",
     "RequestState",
+    "UploadStateName",
 ]
 
 Action = Literal["deploy", "delete"]
 """What a command asks for one stream: the last segment of its topic."""
 
-RequestState = Literal["accepted", "applying", "succeeded", "failed", "superseded", "rejected"]
+RequestState = Literal[
+    "accepted", "transferring", "applying", "succeeded", "failed", "superseded", "rejected"
+]
 """The `state` of a request event."""
 
 TERMINAL_STATES: Final = frozenset({"succeeded", "failed", "superseded", "rejected"})
@@ -25,3 +28,6 @@ CameraStateName = Literal["online", "restarting", "offline"]
 
 NNStateName = Literal["none", "deploying", "running", "failed"]
 """The `state` of one stream's NN status."""
+
+UploadStateName = Literal["receiving", "stored", "failed"]
+"""The `state` of a chunked model upload's status."""
