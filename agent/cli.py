@@ -2,6 +2,7 @@
 
 oak-agent run --config PATH        the daemon
 oak-agent deploy|delete|watch ...  a small MQTT client for trying the agent out (client.py)
+oak-agent audit --config PATH      the audit log as a table (auditview.py)
 """
 
 from __future__ import annotations
@@ -108,6 +109,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--config", type=Path, required=True, help="the agent's TOML config file")
     add_client_commands(sub)
+    from agent.auditview import add_audit_command  # noqa: PLC0415
+
+    add_audit_command(sub)
     return parser
 
 
@@ -118,6 +122,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "run":
             anyio.run(_run_until_signalled, args.config)
             return EXIT_OK
+        if args.command == "audit":
+            from agent.auditview import run_audit_command  # noqa: PLC0415
+
+            return run_audit_command(args)
         from agent.client import run_client_command  # noqa: PLC0415
 
         return run_client_command(args)

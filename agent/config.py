@@ -20,6 +20,7 @@ __all__ = [
     "ConfigError",
     "DepthaiSection",
     "MqttSection",
+    "SecuritySection",
     "SensorKind",
     "SimulatedCamera",
     "SimulatorSection",
@@ -141,6 +142,15 @@ class DepthaiSection(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     discovery_interval: Annotated[float, Meta(ge=1.0, le=3600.0)] = 5.0
 
 
+class SecuritySection(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """`[security]`: the audit log (signed commands add their keys here)."""
+
+    # append every command received and every request's outcome to {state_dir}/audit/
+    audit: bool = True
+    # the audit file is rotated when a line would take it past this; 5 rotated files kept
+    audit_max_bytes: Annotated[int, Meta(ge=1024)] = 10 * 1024 * 1024
+
+
 class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     agent: AgentSection = AgentSection()
     mqtt: MqttSection = MqttSection()
@@ -148,6 +158,7 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     simulator: SimulatorSection | None = None
     # real cameras; the backend when there is no [simulator] section
     depthai: DepthaiSection | None = None
+    security: SecuritySection = SecuritySection()
 
     @property
     def client_id(self) -> str:

@@ -8,11 +8,13 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Final, NamedTuple
 
+from agent.audit import UNSIGNED
 from agent.messages import Event
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
 
+    from agent.audit import Authenticity
     from agent.cameras.base import Deployment
     from agent.errors import ErrorInfo
     from agent.messages import ReplyTo
@@ -54,6 +56,8 @@ class Request:
     # restores an interrupted request's change after a restart; its answer was already sent
     silent: bool = False
     phase: Phase = Phase.STAGED
+    # whether its command was signed, and by which key; None: not known (after a restart)
+    authenticity: Authenticity | None = UNSIGNED
 
     @property
     def last(self) -> Event | None:

@@ -1,0 +1,317 @@
+"""The audit log: one JSON line per command received, and one when its request ends.
+
+`{state_dir}/audit/audit.jsonl`, rotated by size into `audit.jsonl.1` (newest) …
+`audit.jsonl.5` (oldest). Lines are taken without blocking (`AuditLog.record`) into a
+bounded queue and written by one task through a thread, each line with its own `write`
+(flushed to the OS, not fsynced). A write that fails is reported once per spell (the
+`on_failure` callback: `{base}/errors`), the lines it could not write are counted and
+logged, and writing resumes with the next line once the folder takes it again. Commands
+never wait for it. No transport here: the command boundary and the coordinator call it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import stat
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Final, Literal
+
+import anyio
+import msgspec
+import structlog
+
+from agent.errors import AuditWriteFailed, ErrorInfo, clip
+from agent.state import make_private_folder
+
+if TYPE_CHECKING:
+    from collections.abc import AsyncIterator, Callable
+    from pathlib import Path
+
+    from anyio.abc import TaskStatus
+    from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
+
+    from agent.errors import AgentError
+    from agent.messages import Event
+
+__all__ = [
+    "AUDIT_FILE",
+    "DEFAULT_MAX_BYTES",
+    "KEEP",
+    "UNSIGNED",
+    "AuditLine",
+    "AuditLog",
+    "Authenticity",
+    "audit_files",
+    "outcome_line",
+]
+
+log = structlog.get_logger(__name__)
+
+AUDIT_FILE: Final = "audit.jsonl"
+DEFAULT_MAX_BYTES: Final = 10 * 1024 * 1024
+KEEP: Final = 5  # rotated files kept: audit.jsonl.1 … audit.jsonl.5
+_QUEUE: Final = 4096  # lines waiting for the writer; more are dropped (counted)
+_BATCH: Final = 256  # lines per thread hop
+_DRAIN_SECONDS: Final = 2.0  # for the lines still queued at shutdown
+_TEXT: Final = 256  # untrusted strings (topic, camera, …) are cut to this many characters
+_FILE_MODE: Final = 0o600
+
+Kind = Literal["received", "outcome"]
+
+
+@dataclass(frozen=True, slots=True)
+class Authenticity:
+    """Whether a command was signed, and by which key: what the signature check found."""
+
+    signed: bool = False
+    key_id: str | None = None
+
+
+UNSIGNED: Final = Authenticity()
+
+
+class AuditLine(msgspec.Struct, frozen=True, kw_only=True):
+    """One line of the audit log; every field is written, null when not known.
+
+    `received` lines: `state` is `submitted` (an `outcome` line follows when the request
+    ends), `replayed` (answered from the record; `replayed_state` is what was replayed),
+    `rejected` (final: no other line follows), or for a simulator fault knob `executed` /
+    `ignored`. `outcome` lines: `succeeded`, `failed`, `superseded` or `rejected` (refused
+    after it was submitted: the state write failed, or the agent stopped).
+    """
+
+    ts: float
+    kind: Kind
+    topic: str
+    action: str
+    camera: str
+    stream: str | None = None
+    request_id: str | None = None
+    key_id: str | None = None
+    signed: bool | None = None  # None: not known (an outcome after a restart)
+    payload_sha256: str | None = None
+    payload_bytes: int | None = None
+    model_sha256: str | None = None
+    state: str | None = None
+    error: ErrorInfo | None = None
+    superseded_by: str | None = None
+    replayed_state: str | None = None
+
+    def clipped(self) -> AuditLine:
+        """This line with untrusted strings cut to a bounded length."""
+        return msgspec.structs.replace(
+            self,
+            topic=clip(self.topic, _TEXT),
+            action=clip(self.action, _TEXT),
+            camera=clip(self.camera, _TEXT),
+            stream=None if self.stream is None else clip(self.stream, _TEXT),
+            request_id=None if self.request_id is None else clip(self.request_id, _TEXT),
+        )
+
+
+def outcome_line(
+    event: Event,
+    *,
+    topic: str,
+    authenticity: Authenticity | None,
+    model_sha256: str | None,
+) -> AuditLine:
+    """The `outcome` line of a request's terminal event."""
+    return AuditLine(
+        ts=event.ts,
+        kind="outcome",
+        topic=topic,
+        action=event.action,
+        camera=event.camera,
+        stream=event.stream,
+        request_id=event.request_id,
+        key_id=None if authenticity is None else authenticity.key_id,
+        signed=None if authenticity is None else authenticity.signed,
+        model_sha256=model_sha256,
+        state=event.state,
+        error=event.error,
+        superseded_by=event.superseded_by,
+    )
+
+
+def audit_files(folder: Path, keep: int = KEEP) -> list[Path]:
+    """The audit files in `folder`, oldest first (those that may exist)."""
+    rotated = [folder / f"{AUDIT_FILE}.{n}" for n in range(keep, 0, -1)]
+    return [*rotated, folder / AUDIT_FILE]
+
+
+_encoder: Final = msgspec.json.Encoder()
+
+
+class _AuditFile:
+    """The current audit file, appended to and rotated by size; used from one thread."""
+
+    def __init__(self, folder: Path, max_bytes: int, keep: int) -> None:
+        self.folder = folder
+        self.path = folder / AUDIT_FILE
+        self._max_bytes = max_bytes
+        self._keep = keep
+        self._fd: int | None = None
+        self._size = 0
+
+    def append(self, lines: list[AuditLine]) -> tuple[int, str | None]:
+        """Write `lines`; how many were written, and why the rest were not (or None)."""
+        written = 0
+        try:
+            for line in lines:
+                self._write(_encoder.encode(line.clipped()) + b"\n")
+                written += 1
+        except OSError as exc:
+            self.close()
+            return written, f"cannot write {self.path}: {exc.strerror or exc}"
+        return written, None
+
+    def close(self) -> None:
+        if self._fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(self._fd)
+            self._fd = None
+
+    def _write(self, data: bytes) -> None:
+        fd = self._open()
+        if self._size and self._size + len(data) > self._max_bytes:
+            fd = self._rotate()
+        view = memoryview(data)
+        while view:  # one line per write; a short write (disk full) writes the rest or raises
+            done = os.write(fd, view)
+            if done == 0:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            view = view[done:]
+            self._size += done
+
+    def _open(self) -> int:
+        if self._fd is not None:
+            return self._fd
+        make_private_folder(self.folder)
+        flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC
+        fd = os.open(self.path, flags, _FILE_MODE)
+        try:
+            info = os.fstat(fd)
+            if stat.S_IMODE(info.st_mode) != _FILE_MODE:  # the umask, or an older file
+                os.fchmod(fd, _FILE_MODE)
+            self._size = info.st_size
+            if self._size and os.pread(fd, 1, self._size - 1) != b"\n":
+                # a line a crash cut off: the next line starts on a line of its own
+                self._size += os.write(fd, b"\n")
+        except BaseException:
+            os.close(fd)
+            raise
+        self._fd = fd
+        return fd
+
+    def _rotate(self) -> int:
+        """audit.jsonl -> .1 -> .2 … -> .keep (the oldest is dropped); a fresh audit.jsonl."""
+        self.close()
+        for n in range(self._keep - 1, 0, -1):
+            older = self.folder / f"{AUDIT_FILE}.{n}"
+            with contextlib.suppress(FileNotFoundError):
+                older.replace(self.folder / f"{AUDIT_FILE}.{n + 1}")
+        self.path.replace(self.folder / f"{AUDIT_FILE}.1")
+        return self._open()
+
+
+class AuditLog:
+    """Takes audit lines without blocking; one writer task puts them on disk."""
+
+    def __init__(
+        self,
+        folder: Path,
+        *,
+        on_failure: Callable[[AgentError], None],
+        max_bytes: int = DEFAULT_MAX_BYTES,
+        keep: int = KEEP,
+        enabled: bool = True,
+        queue_size: int = _QUEUE,
+    ) -> None:
+        self.enabled = enabled
+        self._file = _AuditFile(folder, max_bytes, keep)
+        self._on_failure = on_failure
+        send: MemoryObjectSendStream[AuditLine]
+        receive: MemoryObjectReceiveStream[AuditLine]
+        send, receive = anyio.create_memory_object_stream[AuditLine](queue_size)
+        self._send, self._receive = send, receive
+        self.written = 0
+        self.lost = 0  # lines that could not be written, or found the queue full
+        self._failing = False
+        self._full = False
+
+    @property
+    def path(self) -> Path:
+        return self._file.path
+
+    def record(self, line: AuditLine) -> None:
+        """Queue a line for the writer; never blocks (a full queue drops it, counted)."""
+        if not self.enabled:
+            return
+        try:
+            self._send.send_nowait(line)
+        except anyio.WouldBlock:
+            self.lost += 1
+            if not self._full:  # once per spell
+                log.warning("audit queue full, lines dropped", path=str(self.path))
+                self._full = True
+
+    @contextlib.asynccontextmanager
+    async def running(self) -> AsyncIterator[None]:
+        """Write lines while the body runs; at exit, write what is queued (time-bounded)."""
+        if not self.enabled:
+            yield
+            return
+        try:
+            async with anyio.create_task_group() as tg:
+                await tg.start(self._writer, name="audit.writer")
+                try:
+                    yield
+                finally:
+                    tg.cancel_scope.cancel()
+        finally:
+            # the lines recorded while the agent stopped (refusals, the last answers)
+            with anyio.move_on_after(_DRAIN_SECONDS, shield=True):
+                while batch := self._take():
+                    await self._write(batch)
+            await anyio.to_thread.run_sync(self._file.close)
+            if self.lost:
+                log.warning("audit lines lost", lost=self.lost, written=self.written)
+
+    async def _writer(self, *, task_status: TaskStatus[None]) -> None:
+        task_status.started()
+        while True:
+            first = await self._receive.receive()
+            await self._write([first, *self._take(_BATCH - 1)])
+
+    def _take(self, most: int = _BATCH) -> list[AuditLine]:
+        batch: list[AuditLine] = []
+        with contextlib.suppress(anyio.WouldBlock):
+            while len(batch) < most:
+                batch.append(self._receive.receive_nowait())
+        return batch
+
+    async def _write(self, batch: list[AuditLine]) -> None:
+        written, problem = await anyio.to_thread.run_sync(self._file.append, batch)
+        self.written += written
+        if self._full and written:
+            self._full = False
+        if problem is None:
+            if self._failing:
+                log.info("audit log written again", path=str(self.path), lost=self.lost)
+                self._failing = False
+            return
+        self.lost += len(batch) - written
+        if self._failing:
+            log.debug("audit lines not written", count=len(batch) - written, lost=self.lost)
+            return
+        self._failing = True  # reported once per spell; its recovery only in the log
+        log.error("audit write failed", error=problem, lost=self.lost)
+        self._on_failure(
+            AuditWriteFailed(
+                f"{problem}; commands are still handled, their audit lines are lost "
+                "(counted in the agent's log) until it can be written"
+            )
+        )
