@@ -85,6 +85,7 @@ class App:
     backend: CameraBackend
     reporter: Reporter
     hints: dict[str, str]
+    audit: AuditLog
 
 
 def _backend(config: Config) -> CameraBackend:
@@ -234,6 +235,7 @@ async def serve(
         backend,
         reporter,
         _hints(config, topics, backend, source),
+        audit,
     )
     async with AsyncExitStack() as stack:
         # entered first, left last: it writes the lines of the shutdown's answers too

@@ -15,6 +15,7 @@ import contextlib
 import errno
 import os
 import stat
+from collections import deque
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Final, Literal
 
@@ -30,7 +31,6 @@ if TYPE_CHECKING:
     from pathlib import Path
 
     from anyio.abc import TaskStatus
-    from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
     from agent.errors import AgentError
     from agent.messages import Event
@@ -190,7 +190,7 @@ class _AuditFile:
         if self._fd is not None:
             return self._fd
         make_private_folder(self.folder)
-        flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC
+        flags = os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC  # read: the last byte
         fd = os.open(self.path, flags, _FILE_MODE)
         try:
             info = os.fstat(fd)
@@ -233,10 +233,9 @@ class AuditLog:
         self.enabled = enabled
         self._file = _AuditFile(folder, max_bytes, keep)
         self._on_failure = on_failure
-        send: MemoryObjectSendStream[AuditLine]
-        receive: MemoryObjectReceiveStream[AuditLine]
-        send, receive = anyio.create_memory_object_stream[AuditLine](queue_size)
-        self._send, self._receive = send, receive
+        self._queue: deque[AuditLine] = deque()
+        self._queue_size = queue_size
+        self._queued = anyio.Event()
         self.written = 0
         self.lost = 0  # lines that could not be written, or found the queue full
         self._failing = False
@@ -250,13 +249,14 @@ class AuditLog:
         """Queue a line for the writer; never blocks (a full queue drops it, counted)."""
         if not self.enabled:
             return
-        try:
-            self._send.send_nowait(line)
-        except anyio.WouldBlock:
+        if len(self._queue) >= self._queue_size:
             self.lost += 1
             if not self._full:  # once per spell
                 log.warning("audit queue full, lines dropped", path=str(self.path))
                 self._full = True
+            return
+        self._queue.append(line)
+        self._queued.set()
 
     @contextlib.asynccontextmanager
     async def running(self) -> AsyncIterator[None]:
@@ -283,14 +283,15 @@ class AuditLog:
     async def _writer(self, *, task_status: TaskStatus[None]) -> None:
         task_status.started()
         while True:
-            first = await self._receive.receive()
-            await self._write([first, *self._take(_BATCH - 1)])
+            while not self._queue:
+                self._queued = anyio.Event()
+                await self._queued.wait()
+            await self._write(self._take())
 
-    def _take(self, most: int = _BATCH) -> list[AuditLine]:
+    def _take(self) -> list[AuditLine]:
         batch: list[AuditLine] = []
-        with contextlib.suppress(anyio.WouldBlock):
-            while len(batch) < most:
-                batch.append(self._receive.receive_nowait())
+        while self._queue and len(batch) < _BATCH:
+            batch.append(self._queue.popleft())
         return batch
 
     async def _write(self, batch: list[AuditLine]) -> None:

@@ -41,7 +41,7 @@ MAX_LINE: Final = 64 * 1024  # the writer's lines are a few hundred bytes
 
 COLUMNS: Final = (
     "time (UTC)",
-    "line",
+    "kind",
     "state",
     "error",
     "action",
