@@ -31,6 +31,7 @@ __all__ = [
     "decode_line",
     "read_audit",
     "render_plain",
+    "render_rich",
     "row",
     "run_audit_command",
 ]
@@ -169,7 +170,10 @@ def render_plain(rows: list[tuple[str, ...]]) -> str:
     return "\n".join(line.rstrip() for line in lines) + "\n"
 
 
-def _render_rich(rows: list[tuple[str, ...]], out: TextIO, title: str) -> None:
+def render_rich(
+    rows: list[tuple[str, ...]], out: TextIO, title: str, *, width: int | None = None
+) -> None:
+    """A rich table, for a terminal; cells are plain text (never markup)."""
     from rich.console import Console  # noqa: PLC0415  # only on a terminal
     from rich.table import Table  # noqa: PLC0415
     from rich.text import Text  # noqa: PLC0415
@@ -179,7 +183,7 @@ def _render_rich(rows: list[tuple[str, ...]], out: TextIO, title: str) -> None:
         table.add_column(name, overflow="fold")
     for cells in rows:
         table.add_row(*(Text(cell) for cell in cells))  # Text: no markup in untrusted cells
-    Console(file=out).print(table)
+    Console(file=out, width=width).print(table)
 
 
 def _since(value: str) -> float:
@@ -235,7 +239,7 @@ def run_audit_command(args: argparse.Namespace, out: TextIO | None = None) -> in
         print(f"oak-agent audit: cannot read {exc.filename}: {exc.strerror}", file=sys.stderr)
         return EXIT_USAGE
     if out.isatty():
-        _render_rich(rows, out, f"{folder / paths[-1].name}: {len(rows)} lines")
+        render_rich(rows, out, f"{folder / paths[-1].name}: {len(rows)} lines")
     else:
         out.write(render_plain(rows))
     return EXIT_OK
