@@ -421,8 +421,10 @@ class Site:
         fps: float = 30.0,
         boot_seconds: float = 0.2,
         objects: int | None = None,
+        extra: Sequence[str] = (),
     ) -> tuple[Path, Topics]:
-        """A TOML config for a new agent in a new folder; its path and the agent's topics."""
+        """A TOML config for a new agent in a new folder (`extra`: lines added at the end);
+        its path and the agent's topics."""
         agent_id = f"bench-{uuid.uuid4().hex[:8]}"
         folder = self.root / agent_id
         folder.mkdir()
@@ -452,6 +454,7 @@ class Site:
             ]
             if objects is not None:
                 lines.append(f"objects = {objects}")
+        lines += ["", *extra]
         path = folder / "agent.toml"
         path.write_text("\n".join(lines) + "\n")
         load_config(path)  # fail here, with the reason, rather than in the subprocess
