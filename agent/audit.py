@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import os
 import stat
+import time
 from collections import deque
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Final, Literal
@@ -43,6 +45,7 @@ __all__ = [
     "AuditLine",
     "AuditLog",
     "Authenticity",
+    "Received",
     "audit_files",
     "outcome_line",
 ]
@@ -57,6 +60,7 @@ _BATCH: Final = 256  # lines per thread hop
 _DRAIN_SECONDS: Final = 2.0  # for the lines still queued at shutdown
 _TEXT: Final = 256  # untrusted strings (topic, camera, …) are cut to this many characters
 _FILE_MODE: Final = 0o600
+_HASH_IN_THREAD_ABOVE: Final = 1024 * 1024  # payload bytes hashed off the event loop
 
 Kind = Literal["received", "outcome"]
 
@@ -134,6 +138,93 @@ def outcome_line(
         error=event.error,
         superseded_by=event.superseded_by,
     )
+
+
+def _sha256(payload: bytes) -> str:
+    return hashlib.sha256(payload).hexdigest()
+
+
+class Received:
+    """One command received: its `received` line, filled in while the command is handled
+    and recorded once its payload is hashed; later, maybe an `outcome` line of its own."""
+
+    def __init__(
+        self,
+        log: AuditLog,
+        *,
+        topic: str,
+        action: str,
+        camera: str,
+        stream: str | None,
+        payload_bytes: int,
+        authenticity: Authenticity,
+    ) -> None:
+        self._log = log
+        self.ts = time.time()  # when its handling began
+        self.topic = topic
+        self.action = action
+        self.camera = camera
+        self.stream = stream
+        self.payload_bytes = payload_bytes
+        self.authenticity = authenticity
+        self.request_id: str | None = None
+        self.model_sha256: str | None = None
+        self._payload_sha256: str | None = None
+        self._hashed = anyio.Event()
+
+    async def hash(self, payload: bytes) -> None:
+        """Hash the payload: in a thread when it is large (hashlib lets go of the GIL)."""
+        if len(payload) > _HASH_IN_THREAD_ABOVE:
+            self._payload_sha256 = await anyio.to_thread.run_sync(_sha256, payload)
+        else:
+            self._payload_sha256 = _sha256(payload)
+        self._hashed.set()
+
+    def hash_now(self, payload: bytes) -> None:
+        self._payload_sha256 = _sha256(payload)
+        self._hashed.set()
+
+    async def hashed(self) -> None:
+        """Return once the payload is hashed (see `hash`)."""
+        await self._hashed.wait()
+
+    async def record(
+        self, state: str, *, error: ErrorInfo | None = None, replayed_state: str | None = None
+    ) -> None:
+        """Record the `received` line once the payload is hashed."""
+        await self._hashed.wait()
+        self.record_now(state, error=error, replayed_state=replayed_state)
+
+    def record_now(
+        self, state: str, *, error: ErrorInfo | None = None, replayed_state: str | None = None
+    ) -> None:
+        """Record the `received` line; the payload is hashed already (`hash_now`)."""
+        self._log.record(
+            AuditLine(
+                ts=self.ts,
+                kind="received",
+                topic=self.topic,
+                action=self.action,
+                camera=self.camera,
+                stream=self.stream,
+                request_id=self.request_id,
+                key_id=self.authenticity.key_id,
+                signed=self.authenticity.signed,
+                payload_sha256=self._payload_sha256,
+                payload_bytes=self.payload_bytes,
+                model_sha256=self.model_sha256,
+                state=state,
+                error=error,
+                replayed_state=replayed_state,
+            )
+        )
+
+    def outcome(self, event: Event) -> None:
+        """Record the `outcome` line of its request (refused after it was submitted)."""
+        line = outcome_line(
+            event, topic=self.topic, authenticity=self.authenticity, model_sha256=self.model_sha256
+        )
+        self._log.record(line)
 
 
 def audit_files(folder: Path, keep: int = KEEP) -> list[Path]:
@@ -245,6 +336,29 @@ class AuditLog:
     def path(self) -> Path:
         return self._file.path
 
+    def received(
+        self,
+        *,
+        topic: str,
+        action: str,
+        camera: str,
+        stream: str | None,
+        payload_bytes: int,
+        authenticity: Authenticity = UNSIGNED,
+    ) -> Received | None:
+        """The audit record of one command received; None when the log is turned off."""
+        if not self.enabled:
+            return None
+        return Received(
+            self,
+            topic=topic,
+            action=action,
+            camera=camera,
+            stream=stream,
+            payload_bytes=payload_bytes,
+            authenticity=authenticity,
+        )
+
     def record(self, line: AuditLine) -> None:
         """Queue a line for the writer; never blocks (a full queue drops it, counted)."""
         if not self.enabled:
@@ -276,7 +390,9 @@ class AuditLog:
             with anyio.move_on_after(_DRAIN_SECONDS, shield=True):
                 while batch := self._take():
                     await self._write(batch)
-            await anyio.to_thread.run_sync(self._file.close)
+                await anyio.to_thread.run_sync(self._file.close)
+            self.lost += len(self._queue)  # not written in time
+            self._queue.clear()
             if self.lost:
                 log.warning("audit lines lost", lost=self.lost, written=self.written)
 
@@ -295,7 +411,9 @@ class AuditLog:
         return batch
 
     async def _write(self, batch: list[AuditLine]) -> None:
-        written, problem = await anyio.to_thread.run_sync(self._file.append, batch)
+        # shielded: a batch taken from the queue is written, even when cancelled meanwhile
+        with anyio.CancelScope(shield=True):
+            written, problem = await anyio.to_thread.run_sync(self._file.append, batch)
         self.written += written
         if self._full and written:
             self._full = False

@@ -6,17 +6,15 @@ runs each camera's messages in arrival order (`lane`) and different cameras conc
 
 from __future__ import annotations
 
-import hashlib
 import time
 import uuid
-from dataclasses import dataclass
 from functools import partial
 from typing import TYPE_CHECKING, Final
 
 import anyio
 import structlog
 
-from agent.audit import UNSIGNED, AuditLine, outcome_line
+from agent.audit import UNSIGNED
 from agent.cameras.base import Deployment
 from agent.errors import (
     AgentError,
@@ -48,7 +46,7 @@ from agent.topics import CommandTopic, SimulatorTopic
 if TYPE_CHECKING:
     from collections.abc import Callable
 
-    from agent.audit import AuditLog, Authenticity
+    from agent.audit import AuditLog, Authenticity, Received
     from agent.cameras.simulator import SimulatorBackend
     from agent.coordinator import Coordinator
     from agent.inbox import Inbound
@@ -65,57 +63,7 @@ def _nothing() -> None:
 
 log = structlog.get_logger(__name__)
 
-_HASH_IN_THREAD_ABOVE: Final = 1024 * 1024  # payload bytes hashed off the event loop
-
-
-async def _payload_sha256(payload: bytes) -> str:
-    if len(payload) > _HASH_IN_THREAD_ABOVE:  # hashlib lets go of the GIL meanwhile
-        return await anyio.to_thread.run_sync(_sha256, payload)
-    return _sha256(payload)
-
-
-def _sha256(payload: bytes) -> str:
-    return hashlib.sha256(payload).hexdigest()
-
-
-@dataclass(slots=True)
-class _Seen:
-    """What the audit log says about a command received, filled in as it is handled."""
-
-    topic: str
-    action: str
-    camera: str
-    stream: str | None
-    payload_sha256: str
-    payload_bytes: int
-    authenticity: Authenticity
-    request_id: str | None = None
-    model_sha256: str | None = None
-
-    def line(
-        self,
-        state: str,
-        *,
-        error: AgentError | None = None,
-        replayed_state: str | None = None,
-    ) -> AuditLine:
-        return AuditLine(
-            ts=time.time(),
-            kind="received",
-            topic=self.topic,
-            action=self.action,
-            camera=self.camera,
-            stream=self.stream,
-            request_id=self.request_id,
-            key_id=self.authenticity.key_id,
-            signed=self.authenticity.signed,
-            payload_sha256=self.payload_sha256,
-            payload_bytes=self.payload_bytes,
-            model_sha256=self.model_sha256,
-            state=state,
-            error=None if error is None else error_info(error),
-            replayed_state=replayed_state,
-        )
+_HASH_IN_TASK_ABOVE: Final = 64 * 1024  # payload bytes hashed beside the validation
 
 
 def _reply_to(message: Inbound, topics: Topics) -> ReplyTo | None:
@@ -171,8 +119,10 @@ class CommandHandler:
         if isinstance(parsed, CommandTopic):
             return await self._command(parsed, message)
         if isinstance(parsed, SimulatorTopic):
-            seen = await self._seen(message, parsed.fault, parsed.camera, None)
-            self._fault(parsed, message, seen)
+            received = self._received(message, parsed.fault, parsed.camera, None, UNSIGNED)
+            if received is not None:
+                await received.hash(message.payload)
+            self._fault(parsed, message, received)
         return None
 
     def refuse(self, message: Inbound) -> None:
@@ -184,80 +134,79 @@ class CommandHandler:
             reply = _reply_to(message, self._topics)
         except AgentError:
             reply = None
-        seen = self._seen_now(message, topic.action, topic.camera, topic.stream, UNSIGNED)
-        self._reject(topic, message.payload, reply, ShuttingDown(), seen)
+        event = self._reject(topic, message.payload, reply, ShuttingDown())
+        received = self._received(message, topic.action, topic.camera, topic.stream, UNSIGNED)
+        if received is not None:
+            received.request_id = event.request_id
+            received.hash_now(message.payload)
+            received.record_now("rejected", error=event.error)
 
-    async def _seen(
-        self,
-        message: Inbound,
-        action: str,
-        camera: str,
-        stream: str | None,
-        authenticity: Authenticity = UNSIGNED,
-    ) -> _Seen | None:
-        """The audit record of a command received; None when there is no audit log."""
-        if self._audit is None or not self._audit.enabled:
-            return None
-        return _Seen(
-            topic=message.topic,
-            action=action,
-            camera=camera,
-            stream=stream,
-            payload_sha256=await _payload_sha256(message.payload),
-            payload_bytes=len(message.payload),
-            authenticity=authenticity,
-        )
-
-    def _seen_now(
+    def _received(
         self,
         message: Inbound,
         action: str,
         camera: str,
         stream: str | None,
         authenticity: Authenticity,
-    ) -> _Seen | None:
-        """`_seen` without waiting: at shutdown, for a command refused unhandled."""
-        if self._audit is None or not self._audit.enabled:
+    ) -> Received | None:
+        """The audit record of a command received; None when there is no audit log."""
+        if self._audit is None:
             return None
-        return _Seen(
+        return self._audit.received(
             topic=message.topic,
             action=action,
             camera=camera,
             stream=stream,
-            payload_sha256=_sha256(message.payload),
             payload_bytes=len(message.payload),
             authenticity=authenticity,
         )
 
-    def _audited(self, seen: _Seen | None, line: Callable[[_Seen], AuditLine]) -> None:
-        if seen is not None and self._audit is not None:
-            self._audit.record(line(seen))
-
     async def _command(self, topic: CommandTopic, message: Inbound) -> Callable[[], None] | None:
-        payload = message.payload
-        reply = None
         structlog.contextvars.bind_contextvars(camera=clip(topic.camera), stream=clip(topic.stream))
         # the signature check (when configured) tells whether and by whom it was signed
         authenticity = UNSIGNED
-        seen = await self._seen(message, topic.action, topic.camera, topic.stream, authenticity)
+        received = self._received(message, topic.action, topic.camera, topic.stream, authenticity)
+        try:
+            async with anyio.create_task_group() as tg:
+                if received is not None:
+                    if len(message.payload) > _HASH_IN_TASK_ABOVE:  # while the model is stored
+                        tg.start_soon(received.hash, message.payload, name="audit.hash")
+                    else:
+                        received.hash_now(message.payload)
+                unrecorded = await self._handle_command(topic, message, authenticity, received)
+        finally:
+            structlog.contextvars.unbind_contextvars("camera", "stream", "request_id")
+        return unrecorded
+
+    async def _handle_command(
+        self,
+        topic: CommandTopic,
+        message: Inbound,
+        authenticity: Authenticity,
+        received: Received | None,
+    ) -> Callable[[], None] | None:
+        payload = message.payload
+        reply = None
         try:
             reply = _reply_to(message, self._topics)
-            request = await self._validate(topic, message.retain, payload, reply, seen)
+            request = await self._validate(topic, message.retain, payload, reply, received)
             if request is None:
                 return _nothing  # a replay: the original request's record answers it
             request.authenticity = authenticity
+            if received is not None:
+                await received.hashed()
             await self._coordinator.submit(request)
+            if received is not None:
+                # at once: no state write (whose answers bring outcome lines) ran in between
+                received.record_now("submitted")
         except AgentError as exc:
-            self._reject(topic, payload, reply, exc, seen)
+            await self._rejected(topic, payload, reply, exc, received)
         except Exception as exc:
             log.exception("command failed unexpectedly")
             error = Internal(f"{type(exc).__name__}: {exc}")
-            self._reject(topic, payload, reply, error, seen)
+            await self._rejected(topic, payload, reply, error, received)
         else:
-            self._audited(seen, lambda s: s.line("submitted"))
-            return partial(self._refused_late, request, reply)
-        finally:
-            structlog.contextvars.unbind_contextvars("camera", "stream", "request_id")
+            return partial(self._refused_late, request, reply, received)
         return None
 
     async def _validate(
@@ -266,7 +215,7 @@ class CommandHandler:
         retain: bool,
         payload: bytes,
         reply: ReplyTo | None,
-        seen: _Seen | None,
+        received: Received | None,
     ) -> Request | None:
         """The accepted request, or None when a repeated request_id was answered instead."""
         if retain:
@@ -278,12 +227,16 @@ class CommandHandler:
         )
         request_id = command.request_id or f"auto-{uuid.uuid4().hex}"
         structlog.contextvars.bind_contextvars(request_id=request_id)
-        if seen is not None:
-            seen.request_id = request_id
+        if received is not None:
+            received.request_id = request_id
             if isinstance(command, Deploy) and isinstance(command.model, ModelByHash):
-                seen.model_sha256 = command.model.sha256
+                received.model_sha256 = command.model.sha256
         if self._coordinator.replay(request_id, reply):
-            self._audited(seen, partial(self._replayed_line, request_id))
+            if received is not None:
+                known = self._coordinator.requests.get(request_id)
+                last = None if known is None else known.last
+                state = None if last is None else last.state
+                await received.record("replayed", replayed_state=state)
             return None
         now = time.time()
         if command.expires_at is not None and now > command.expires_at:
@@ -292,8 +245,8 @@ class CommandHandler:
         deployment = None
         if isinstance(command, Deploy):
             deployment = await self._deployment(command, request_id)
-            if seen is not None:
-                seen.model_sha256 = deployment.model.sha256
+            if received is not None:
+                received.model_sha256 = deployment.model.sha256
             # refuse what cannot run before the camera is taken down for it
             self._coordinator.check_runnable(topic.camera, topic.stream, deployment)
         return Request(
@@ -304,11 +257,6 @@ class CommandHandler:
             deployment=deployment,
             replies=[reply] if reply else [],
         )
-
-    def _replayed_line(self, request_id: str, seen: _Seen) -> AuditLine:
-        known = self._coordinator.requests.get(request_id)
-        last = None if known is None else known.last
-        return seen.line("replayed", replayed_state=None if last is None else last.state)
 
     async def _deployment(self, command: Deploy, request_id: str) -> Deployment:
         return Deployment(
@@ -328,32 +276,33 @@ class CommandHandler:
                 return await self._store.get(sha256)
 
     def _reject(
+        self, topic: CommandTopic, payload: bytes, reply: ReplyTo | None, exc: AgentError
+    ) -> Event:
+        return self._answer(topic, self._salvage(payload) or f"auto-{uuid.uuid4().hex}", reply, exc)
+
+    async def _rejected(
         self,
         topic: CommandTopic,
         payload: bytes,
         reply: ReplyTo | None,
         exc: AgentError,
-        seen: _Seen | None,
+        received: Received | None,
     ) -> None:
-        request_id = self._salvage(payload) or f"auto-{uuid.uuid4().hex}"
-        if seen is not None and seen.request_id is None:
-            seen.request_id = request_id
-        self._answer(topic, request_id, reply, exc)
-        self._audited(seen, lambda s: s.line("rejected", error=exc))  # final: one line
+        """Answer `rejected`; audit it: one received line, final at once."""
+        event = self._reject(topic, payload, reply, exc)
+        if received is None:
+            return
+        received.request_id = received.request_id or event.request_id
+        await received.record("rejected", error=event.error)
 
-    def _refused_late(self, request: Request, reply: ReplyTo | None) -> None:
+    def _refused_late(
+        self, request: Request, reply: ReplyTo | None, received: Received | None
+    ) -> None:
         """A submitted command no state write took in (the agent stopped): refused after all."""
         topic = CommandTopic(camera=request.camera, stream=request.stream, action=request.action)
         event = self._answer(topic, request.id, reply, ShuttingDown())
-        if self._audit is not None:
-            deployment = request.deployment
-            line = outcome_line(
-                event,
-                topic=self._topics.command(request.camera, request.stream, request.action),
-                authenticity=request.authenticity,
-                model_sha256=None if deployment is None else deployment.model.sha256,
-            )
-            self._audit.record(line)
+        if received is not None:
+            received.outcome(event)
 
     def _answer(
         self, topic: CommandTopic, request_id: str, reply: ReplyTo | None, exc: AgentError
@@ -379,21 +328,24 @@ class CommandHandler:
             log.exception("request_id not recoverable from a rejected payload")
             return None
 
-    def _fault(self, topic: SimulatorTopic, message: Inbound, seen: _Seen | None) -> None:
+    def _fault(self, topic: SimulatorTopic, message: Inbound, received: Received | None) -> None:
         if self._simulator is None:
             return
         if message.retain:
             log.warning("retained simulator command ignored", camera=clip(topic.camera))
-            self._audited(seen, lambda s: s.line("ignored", error=RetainedCommand()))
+            if received is not None:
+                received.record_now("ignored", error=error_info(RetainedCommand()))
             return
         camera = self._simulator.cameras.get(topic.camera)
         if camera is None:
             log.warning("simulator command for unknown camera", camera=clip(topic.camera))
-            error = UnknownCamera(camera=topic.camera)
-            self._audited(seen, lambda s: s.line("ignored", error=error))
+            if received is not None:
+                error = error_info(UnknownCamera(camera=topic.camera))
+                received.record_now("ignored", error=error)
             return
         log.info("simulator fault", camera=topic.camera, fault=topic.fault)
-        self._audited(seen, lambda s: s.line("executed"))
+        if received is not None:
+            received.record_now("executed")
         match topic.fault:
             case "unplug":
                 camera.unplug()

@@ -123,9 +123,11 @@ async def test_one_line_per_command_and_one_per_outcome(
         unplugged = obs.topics.camera_availability(CAM2)
         await obs.send(obs.topics.simulator(CAM2, "unplug"), b"")
         await obs.wait_for(lambda: obs.latest(unplugged) == b"offline")
+        await obs.delete(CAM2, "CAM_B", {"request_id": "off"})  # refused by the coordinator
+        assert (await obs.outcome("off")).error.code == "camera_offline"  # type: ignore[union-attr]
         await obs.send(obs.topics.simulator(CAM2, "replug"), b"")
         await obs.wait_for(lambda: obs.latest(unplugged) == b"online")
-        sent = 10
+        sent = 11
     audit = state / "audit"
     lines = _lines(audit)
     assert all(set(line) == FIELDS for line in lines), lines[0]
@@ -163,6 +165,7 @@ def _check_the_others(lines: list[dict[str, Any]]) -> None:
     bad = next(line for line in lines if line["request_id"] == "bad")
     assert bad["error"]["code"] == "invalid_payload"
     assert _of(lines, "nope") == [("received", "rejected")]
+    assert _of(lines, "off") == [("received", "rejected")]
     assert _of(lines, "s2") == [("received", "submitted"), ("outcome", "superseded")]
     assert (
         next(x for x in lines if x["request_id"] == "s2" and x["kind"] == "outcome")[
@@ -387,3 +390,47 @@ async def test_interrupted_after_restart_private_files_under_umask_0_and_the_aud
         f"audit after SIGKILL + restart under umask 0: {len(lines)} lines in "
         f"{len(rotated) + 1} files, all 0600; oak-agent audit shows them"
     )
+
+
+async def test_the_log_agrees_with_the_answers_across_a_clean_shutdown(
+    broker: Broker, tmp_path: Path, own_blobs: dict[str, Path]
+) -> None:
+    """Commands queued, handled and applied when the agent stops: each ends in the log as
+    it ends in the events (its outcome, `rejected`/`shutting_down`, `interrupted` after the
+    restart), with exactly one final line."""
+    slow = tuple(camera_spec(mxid, boot_seconds=3.0) for mxid in (CAM1, CAM2))
+    state = tmp_path / "state"
+    config = make_config(broker, state, cameras=slow)
+    topics = Topics.for_agent(config.mqtt.prefix, config.agent.id)
+    blob = own_blobs["yolo_tiny"].read_bytes()
+    ids = [f"stop-{i}" for i in range(12)]
+    async with observe(broker, topics) as obs:
+        async with running_agent(config):
+            await obs.wait_for(lambda: obs.latest(topics.availability) == b"online")
+            for i, request_id in enumerate(ids):
+                camera = (CAM1, CAM2)[i % 2]
+                stream = ("CAM_A", "CAM_B", "CAM_C")[i % 3]
+                body = {"request_id": request_id, "nn_config": YOLO, "model": blob}
+                await obs.deploy(camera, stream, body, encoding="msgpack")
+            await obs.wait_for(lambda: obs.events(ids[0]), what="the first command handled")
+        await obs.wait_for(lambda: obs.latest(topics.availability) == b"offline")
+        async with running_agent(config):
+            await obs.wait_for(lambda: all(obs.terminal(i) for i in ids), what="every answer")
+    lines = _lines(state / "audit")
+    outcomes = []
+    for request_id in ids:
+        event = obs.terminal(request_id)
+        assert event is not None
+        final = [
+            line
+            for line in lines
+            if line["request_id"] == request_id
+            and (line["kind"] == "outcome" or line["state"] == "rejected")
+        ]
+        assert len(final) == 1, (request_id, final)
+        code = event.error.code if event.error else None
+        assert (final[0]["state"], (final[0]["error"] or {}).get("code")) == (event.state, code)
+        received = [x for x in lines if x["request_id"] == request_id and x["kind"] == "received"]
+        assert received, request_id  # every command has its received line
+        outcomes.append((event.state, code))
+    print(f"audit across a clean shutdown: {sorted(outcomes)}")
