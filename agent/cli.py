@@ -28,7 +28,8 @@ EXIT_CONFIG = 2
 
 DESCRIPTION = """\
 Deploy neural networks onto Luxonis OAK cameras over MQTT: `run` the agent,
-or talk to a running one with `deploy`, `delete` and `watch`."""
+or talk to a running one with `deploy`, `delete` and `watch`; `audit` prints
+the commands it received and their outcomes."""
 EPILOG = """\
 try it without hardware (from the repository; scripts/demo runs the agent with an
 embedded broker on 127.0.0.1:1883 and two simulated cameras):

@@ -100,7 +100,9 @@ async def test_one_line_per_command_and_one_per_outcome(
         nn = {"type": "MobileNet", "nn_config": {"confidence_threshold": threshold}}
         return {"request_id": request_id, "nn_config": nn, "model_sha256": _sha(blob)}
 
-    ok = {"request_id": "ok", "nn_config": {"type": "MobileNet"}, "model": blob}
+    ok: dict[str, Any] = {"request_id": "ok", "nn_config": {"type": "MobileNet"}, "model": blob}
+    big_model = blob + os.urandom(1536 * 1024)
+    big = {**ok, "request_id": "big", "model": big_model}
     sent = 0
     async with agent_and_observer(broker, config) as (_, obs):
         await obs.deploy(CAM1, "CAM_A", ok)
@@ -118,6 +120,9 @@ async def test_one_line_per_command_and_one_per_outcome(
         assert (await obs.outcome("s3")).state == "succeeded"
         await obs.delete(CAM2, "CAM_B", {"request_id": "del"})
         assert (await obs.outcome("del")).state == "succeeded"
+        # above 1 MiB the payload is hashed in a thread, beside the model's own hashing
+        await obs.deploy(CAM2, "CAM_A", big, encoding="msgpack")
+        assert (await obs.outcome("big")).state == "succeeded"
         await obs.delete("NOPE", "CAM_A", {"request_id": "nope"})
         assert (await obs.outcome("nope")).error.code == "unknown_camera"  # type: ignore[union-attr]
         unplugged = obs.topics.camera_availability(CAM2)
@@ -127,18 +132,25 @@ async def test_one_line_per_command_and_one_per_outcome(
         assert (await obs.outcome("off")).error.code == "camera_offline"  # type: ignore[union-attr]
         await obs.send(obs.topics.simulator(CAM2, "replug"), b"")
         await obs.wait_for(lambda: obs.latest(unplugged) == b"online")
-        sent = 11
+        sent = 12
     audit = state / "audit"
     lines = _lines(audit)
     assert all(set(line) == FIELDS for line in lines), lines[0]
     assert len([line for line in lines if line["kind"] == "received"]) == sent
     _check_first(lines, obs.topics, msgspec.json.encode(ok), blob)
+    _check_large(lines, msgspec.msgpack.encode(big), big_model)
     _check_the_others(lines)
     text = (audit / "audit.jsonl").read_bytes()
     assert base64.b64encode(blob) not in text  # never the model
     assert blob[:64] not in text
     assert (_mode(audit), _mode(audit / "audit.jsonl")) == (0o700, 0o600)
     print(f"audit: {sent} commands -> {len(lines)} lines ({len(text)} bytes)")
+
+
+def _check_large(lines: list[dict[str, Any]], payload: bytes, model: bytes) -> None:
+    large = next(x for x in lines if x["request_id"] == "big" and x["kind"] == "received")
+    assert (large["payload_sha256"], large["payload_bytes"]) == (_sha(payload), len(payload))
+    assert large["model_sha256"] == _sha(model)
 
 
 def _check_first(lines: list[dict[str, Any]], topics: Topics, payload: bytes, blob: bytes) -> None:
@@ -315,6 +327,16 @@ def _check_audit_command(config: Path, tmp_path: Path, count: int) -> None:
     assert only[1][3] == "interrupted"
     assert _rows(_cli(config, "--since", "0").stdout) == []
     assert len(_rows(_cli(config, "--since", "3600").stdout)) == count
+    helped = subprocess.run(
+        [sys.executable, "-m", "agent.cli", "audit", "--help"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert helped.returncode == 0
+    assert "--request-id ID" in helped.stdout
+    assert "exit codes:" in helped.stdout
     bad_since = _cli(config, "--since", "-1")
     assert bad_since.returncode == 2
     assert "--since" in bad_since.stderr
