@@ -16,13 +16,14 @@ from __future__ import annotations
 import os
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from typing import TYPE_CHECKING, Final
 
 from bench._common import (
     BLOBS,
     YOLO,
+    BenchError,
     Row,
     Table,
     bench_site,
@@ -56,9 +57,11 @@ class Options:
 @dataclass(frozen=True, slots=True)
 class Run:
     rate: float  # deletes accepted per second
+    delete_cpu_us: float  # agent CPU per delete (all threads)
     accepted_ms: list[float]  # large deploys: publish -> accepted
-    audit_lines: int
-    audit_bytes: int
+    deploy_cpu_ms: float  # agent CPU per large deploy, its apply included
+    audit_lines: int = 0
+    audit_bytes: int = 0
 
 
 def _audit_size(state: Path) -> tuple[int, int]:
@@ -103,21 +106,33 @@ def measure(options: Options) -> Table:
                     extra=["[security]", f"audit = {str(audit).lower()}"],
                 )
 
-                async def job(watcher: Watcher, agent: Process) -> tuple[float, list[float]]:
+                async def job(watcher: Watcher, agent: Process) -> Run:
                     sender = _Sender(watcher, cameras)
                     await sender.upload()
+                    before = agent.cpu()
                     burst = await sender.burst(sender.deletes(options.commands, idle))
-                    assert burst.answered_once, "a command was not answered exactly once"
-                    return burst.rate, await _large_deploys(watcher, agent, cameras[0], options)
+                    between = agent.cpu()
+                    if not burst.answered_once:
+                        raise BenchError("a command was not answered exactly once")
+                    accepted = await _large_deploys(watcher, agent, cameras[0], options)
+                    after = agent.cpu()
+                    return Run(
+                        rate=burst.rate,
+                        delete_cpu_us=(between - before) / options.commands * 1e6,
+                        accepted_ms=accepted,
+                        deploy_cpu_ms=(after - between) / options.deploys * 1e3,
+                    )
 
                 started = time.perf_counter()
-                rate, accepted = site.run_agent(config, topics, job, cameras=[*cameras, *idle])
+                run = site.run_agent(config, topics, job, cameras=[*cameras, *idle])
                 lines, size = _audit_size(config.parent / "state")
-                runs[audit].append(Run(rate, accepted, lines, size))
+                runs[audit].append(replace(run, audit_lines=lines, audit_bytes=size))
                 print(
-                    f"  audit {'on ' if audit else 'off'}: {rate:,.0f} commands/s, "
-                    f"{options.model_mb} MB accepted p50 {percentile(accepted, 50):.0f} ms "
-                    f"({time.perf_counter() - started:.0f} s)",
+                    f"  audit {'on ' if audit else 'off'}: {run.rate:,.0f} commands/s "
+                    f"({run.delete_cpu_us:.0f} µs CPU each), {options.model_mb} MB accepted "
+                    f"p50 {percentile(run.accepted_ms, 50):.0f} ms "
+                    f"({run.deploy_cpu_ms:.0f} ms CPU each); "
+                    f"{time.perf_counter() - started:.0f} s",
                     file=sys.stderr,
                 )
     return _table(options, runs)
@@ -138,12 +153,24 @@ def _table(options: Options, runs: dict[bool, list[Run]]) -> Table:
             rate / base >= _RATE_TARGET,
         ),
         Row(
+            "  agent CPU per delete",
+            f"{median([r.delete_cpu_us for r in on]):.0f} µs",
+            f"{median([r.delete_cpu_us for r in off]):.0f} µs audit off",
+            f"{median([r.delete_cpu_us for r in on]) / median([r.delete_cpu_us for r in off]):.2f}",
+        ),
+        Row(
             f"{options.model_mb} MB inline deploy (msgpack): accepted p50",
             f"{latency_on:.0f} ms",
             f"{latency_off:.0f} ms audit off",
             f"{latency_on / latency_off:.2f}",
             f"<= {_LATENCY_TARGET:g}x",
             latency_on / latency_off <= _LATENCY_TARGET,
+        ),
+        Row(
+            "  agent CPU per deploy (apply included)",
+            f"{median([r.deploy_cpu_ms for r in on]):.0f} ms",
+            f"{median([r.deploy_cpu_ms for r in off]):.0f} ms audit off",
+            f"{median([r.deploy_cpu_ms for r in on]) / median([r.deploy_cpu_ms for r in off]):.2f}",
         ),
         Row(
             "  audit lines written per agent (median)",
