@@ -330,6 +330,8 @@ class AuditLog:
         self._queued = anyio.Event()
         self.written = 0
         self.lost = 0  # lines that could not be written, or found the queue full
+        self._recorded = 0  # lines offered to `record`
+        self._progress = anyio.Event()  # set after each write
         self._failing = False
         self._full = False
 
@@ -364,6 +366,7 @@ class AuditLog:
         """Queue a line for the writer; never blocks (a full queue drops it, counted)."""
         if not self.enabled:
             return
+        self._recorded += 1
         if len(self._queue) >= self._queue_size:
             self.lost += 1
             if not self._full:  # once per spell
@@ -372,6 +375,12 @@ class AuditLog:
             return
         self._queue.append(line)
         self._queued.set()
+
+    async def flushed(self) -> None:
+        """Return once every line recorded so far is written, or counted as lost."""
+        recorded = self._recorded
+        while self.written + self.lost < recorded:
+            await self._progress.wait()
 
     @contextlib.asynccontextmanager
     async def running(self) -> AsyncIterator[None]:
@@ -420,6 +429,9 @@ class AuditLog:
         with anyio.CancelScope(shield=True):
             written, problem = await anyio.to_thread.run_sync(self._file.append, batch)
         self.written += written
+        self.lost += len(batch) - written
+        self._progress.set()
+        self._progress = anyio.Event()
         if self._full and written:
             self._full = False
         if problem is None:
@@ -427,7 +439,6 @@ class AuditLog:
                 log.info("audit log written again", path=str(self.path), lost=self.lost)
                 self._failing = False
             return
-        self.lost += len(batch) - written
         if self._failing:
             log.debug("audit lines not written", count=len(batch) - written, lost=self.lost)
             return
