@@ -459,3 +459,29 @@ async def test_the_log_agrees_with_the_answers_across_a_clean_shutdown(
         assert received, request_id  # every command has its received line
         outcomes.append((event.state, code))
     print(f"audit across a clean shutdown: {sorted(outcomes)}")
+
+
+async def test_existing_files_are_tightened_a_torn_line_stays_apart_and_text_is_bounded(
+    broker: Broker, tmp_path: Path
+) -> None:
+    state = tmp_path / "state"
+    audit = state / "audit"
+    audit.mkdir(parents=True)
+    audit.chmod(0o755)
+    current = audit / "audit.jsonl"
+    current.write_bytes(b'{"ts": 1.0, "kind": "rece')  # a line a power cut cut off
+    current.chmod(0o644)
+    config = make_config(broker, state)
+    camera = "A" * 300
+    async with agent_and_observer(broker, config) as (_, obs):
+        await obs.delete(camera, "CAM_A", {"request_id": "long"})
+        assert (await obs.outcome("long")).error.code == "unknown_camera"  # type: ignore[union-attr]
+    assert (_mode(audit), _mode(current)) == (0o700, 0o600)
+    raw = current.read_bytes().split(b"\n")
+    assert raw[0] == b'{"ts": 1.0, "kind": "rece'  # kept as it was, on a line of its own
+    line = json.loads(raw[1])
+    assert line["request_id"] == "long"
+    assert line["camera"].startswith("A" * 256)
+    assert line["camera"].endswith("… (300 chars)")
+    assert len(line["topic"]) < 300
+    assert raw[2:] == [b""]
