@@ -7,6 +7,7 @@ that is not an audit line is a row `unreadable` with its file, line number and w
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from dataclasses import dataclass
@@ -221,6 +222,13 @@ def run_audit_command(args: argparse.Namespace, out: TextIO | None = None) -> in
     out = out or sys.stdout
     folder = load_config(args.config).state_path / "audit"
     paths = audit_files(folder)
+    try:
+        os.listdir(folder)  # a folder this user may not open would look empty
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        print(f"oak-agent audit: cannot read {folder}: {exc.strerror}", file=sys.stderr)
+        return EXIT_USAGE
     if not any(p.exists() for p in paths):
         missing = f"oak-agent audit: no audit log in {folder} ({paths[-1].name} is missing)"
         print(missing, file=sys.stderr)

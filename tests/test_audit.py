@@ -370,6 +370,12 @@ def _check_audit_command(config: Path, tmp_path: Path, count: int) -> None:
     odd = _cli(other)
     assert odd.returncode == 2
     assert "cannot read" in odd.stderr
+    (tmp_path / "odder").mkdir()
+    (tmp_path / "odder" / "audit").write_text("not a folder")
+    other.write_text(f'[agent]\nstate_dir = "{tmp_path / "odder"}"\n')
+    odder = _cli(other)
+    assert odder.returncode == 2
+    assert "cannot read" in odder.stderr
 
 
 async def test_interrupted_after_restart_private_files_under_umask_0_and_the_audit_command(
