@@ -3,10 +3,11 @@
 `{state_dir}/audit/audit.jsonl`, rotated by size into `audit.jsonl.1` (newest) …
 `audit.jsonl.5` (oldest). Lines are taken without blocking (`AuditLog.record`) into a
 bounded queue and written by one task through a thread, a burst's lines together (a line
-waits up to 5 ms for them), each with its own `write` (flushed to the OS, not fsynced). A write that fails is reported once per spell (the
-`on_failure` callback: `{base}/errors`), the lines it could not write are counted and
-logged, and writing resumes with the next line once the folder takes it again. Commands
-never wait for it. No transport here: the command boundary and the coordinator call it.
+waits up to 5 ms for them), each with its own `write` (flushed to the OS, not fsynced). A
+write that fails is reported once per spell (the `on_failure` callback: `{base}/errors`),
+the lines it could not write are counted and logged, and writing resumes with the next line
+once the folder takes it again. Commands never wait for it. No transport here: the command
+boundary and the coordinator call it.
 """
 
 from __future__ import annotations
