@@ -19,7 +19,6 @@ import os
 import stat
 import time
 from collections import deque
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Final, Literal
 
 import anyio
@@ -27,6 +26,7 @@ import msgspec
 import structlog
 
 from agent.errors import AuditWriteFailed, ErrorInfo, clip
+from agent.signing import UNSIGNED
 from agent.state import make_private_folder
 
 if TYPE_CHECKING:
@@ -37,15 +37,14 @@ if TYPE_CHECKING:
 
     from agent.errors import AgentError
     from agent.messages import Event
+    from agent.signing import Authenticity
 
 __all__ = [
     "AUDIT_FILE",
     "DEFAULT_MAX_BYTES",
     "KEEP",
-    "UNSIGNED",
     "AuditLine",
     "AuditLog",
-    "Authenticity",
     "Received",
     "audit_files",
     "outcome_line",
@@ -65,17 +64,6 @@ _FILE_MODE: Final = 0o600
 _HASH_IN_THREAD_ABOVE: Final = 1024 * 1024  # payload bytes hashed off the event loop
 
 Kind = Literal["received", "outcome"]
-
-
-@dataclass(frozen=True, slots=True)
-class Authenticity:
-    """Whether a command was signed, and by which key: what the signature check found."""
-
-    signed: bool = False
-    key_id: str | None = None
-
-
-UNSIGNED: Final = Authenticity()
 
 
 class AuditLine(msgspec.Struct, frozen=True, kw_only=True):

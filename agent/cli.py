@@ -2,6 +2,7 @@
 
 oak-agent run --config PATH        the daemon
 oak-agent deploy|delete|watch ...  a small MQTT client for trying the agent out (client.py)
+oak-agent keygen --out DIR         a key pair for signing commands (client.py, keyfiles.py)
 oak-agent audit --config PATH      the audit log as a table (auditview.py)
 """
 
@@ -28,8 +29,8 @@ EXIT_CONFIG = 2
 
 DESCRIPTION = """\
 Deploy neural networks onto Luxonis OAK cameras over MQTT: `run` the agent,
-or talk to a running one with `deploy`, `delete` and `watch`; `audit` prints
-the commands it received and their outcomes."""
+or talk to a running one with `deploy`, `delete` and `watch` (`keygen` makes a key
+to sign them with); `audit` prints the commands it received and their outcomes."""
 EPILOG = """\
 try it without hardware (from the repository; scripts/demo runs the agent with an
 embedded broker on 127.0.0.1:1883 and two simulated cameras):

@@ -12,9 +12,9 @@ from functools import partial
 from typing import TYPE_CHECKING, Final
 
 import anyio
+import anyio.to_thread
 import structlog
 
-from agent.audit import UNSIGNED
 from agent.cameras.base import Deployment
 from agent.errors import (
     AgentError,
@@ -41,12 +41,13 @@ from agent.messages import (
     salvage_request_id,
 )
 from agent.requests import Request
+from agent.signing import UNSIGNED, Authenticity, Policy, Signature, find_signature
 from agent.topics import CommandTopic, SimulatorTopic
 
 if TYPE_CHECKING:
     from collections.abc import Callable
 
-    from agent.audit import AuditLog, Authenticity, Received
+    from agent.audit import AuditLog, Received
     from agent.cameras.simulator import SimulatorBackend
     from agent.coordinator import Coordinator
     from agent.inbox import Inbound
@@ -63,7 +64,8 @@ def _nothing() -> None:
 
 log = structlog.get_logger(__name__)
 
-_HASH_IN_TASK_ABOVE: Final = 64 * 1024  # payload bytes hashed beside the validation
+_VERIFY_INLINE_BYTES: Final = 1024 * 1024  # larger signed payloads are verified in a thread
+_HASH_IN_TASK_ABOVE: Final = 64 * 1024  # payload bytes hashed for the audit log beside the rest
 
 
 def _reply_to(message: Inbound, topics: Topics) -> ReplyTo | None:
@@ -94,10 +96,12 @@ class CommandHandler:
         reporter: Reporter,
         max_payload_bytes: int,
         simulator: SimulatorBackend | None = None,
+        policy: Policy | None = None,
         audit: AuditLog | None = None,
     ) -> None:
         self._topics = topics
         self._audit = audit
+        self._policy = policy if policy is not None else Policy()
         self._coordinator = coordinator
         self._store = store
         self._reporter = reporter
@@ -119,7 +123,7 @@ class CommandHandler:
         if isinstance(parsed, CommandTopic):
             return await self._command(parsed, message)
         if isinstance(parsed, SimulatorTopic):
-            received = self._received(message, parsed.fault, parsed.camera, None, UNSIGNED)
+            received = self._received(message, parsed.fault, parsed.camera, None)
             if received is not None:
                 await received.hash(message.payload)
             self._fault(parsed, message, received)
@@ -134,20 +138,22 @@ class CommandHandler:
             reply = _reply_to(message, self._topics)
         except AgentError:
             reply = None
-        event = self._reject(topic, message.payload, reply, ShuttingDown())
-        received = self._received(message, topic.action, topic.camera, topic.stream, UNSIGNED)
+        payload = message.payload
+        try:  # an envelope's request_id is inside it
+            signature = find_signature(payload, message.user_properties)
+        except AgentError:
+            signature = None
+        if signature is not None:
+            payload = signature.payload
+        event = self._reject(topic, payload, reply, ShuttingDown())
+        received = self._received(message, topic.action, topic.camera, topic.stream)
         if received is not None:
             received.request_id = event.request_id
             received.hash_now(message.payload)
             received.record_now("rejected", error=event.error)
 
     def _received(
-        self,
-        message: Inbound,
-        action: str,
-        camera: str,
-        stream: str | None,
-        authenticity: Authenticity,
+        self, message: Inbound, action: str, camera: str, stream: str | None
     ) -> Received | None:
         """The audit record of a command received; None when there is no audit log."""
         if self._audit is None:
@@ -158,41 +164,40 @@ class CommandHandler:
             camera=camera,
             stream=stream,
             payload_bytes=len(message.payload),
-            authenticity=authenticity,
         )
 
     async def _command(self, topic: CommandTopic, message: Inbound) -> Callable[[], None] | None:
         structlog.contextvars.bind_contextvars(camera=clip(topic.camera), stream=clip(topic.stream))
-        # the signature check (when configured) tells whether and by whom it was signed
-        authenticity = UNSIGNED
-        received = self._received(message, topic.action, topic.camera, topic.stream, authenticity)
+        received = self._received(message, topic.action, topic.camera, topic.stream)
         try:
             async with anyio.create_task_group() as tg:
-                if received is not None:
+                if received is not None:  # the exact bytes received, envelope included
                     if len(message.payload) > _HASH_IN_TASK_ABOVE:  # while the model is stored
                         tg.start_soon(received.hash, message.payload, name="audit.hash")
                     else:
                         received.hash_now(message.payload)
-                unrecorded = await self._handle_command(topic, message, authenticity, received)
+                unrecorded = await self._handle_command(topic, message, received)
         finally:
             structlog.contextvars.unbind_contextvars("camera", "stream", "request_id")
         return unrecorded
 
     async def _handle_command(
-        self,
-        topic: CommandTopic,
-        message: Inbound,
-        authenticity: Authenticity,
-        received: Received | None,
+        self, topic: CommandTopic, message: Inbound, received: Received | None
     ) -> Callable[[], None] | None:
         payload = message.payload
         reply = None
+        authenticity = UNSIGNED
         try:
             reply = _reply_to(message, self._topics)
-            request = await self._validate(topic, message.retain, payload, reply, received)
+            self._admit(message)
+            signature = find_signature(payload, message.user_properties)
+            if signature is not None:
+                payload = signature.payload  # the command; an envelope's request_id is in it
+                authenticity = Authenticity(signed=True, key_id=None)  # not verified yet
+            authenticity = await self._authenticate(message.topic, topic.camera, signature)
+            request = await self._validate(topic, payload, reply, authenticity, received)
             if request is None:
                 return _nothing  # a replay: the original request's record answers it
-            request.authenticity = authenticity
             if received is not None:
                 await received.hashed()
             await self._coordinator.submit(request)
@@ -200,34 +205,53 @@ class CommandHandler:
                 # at once: no state write (whose answers bring outcome lines) ran in between
                 received.record_now("submitted")
         except AgentError as exc:
-            await self._rejected(topic, payload, reply, exc, received)
+            await self._rejected(topic, payload, reply, exc, authenticity, received=received)
         except Exception as exc:
             log.exception("command failed unexpectedly")
             error = Internal(f"{type(exc).__name__}: {exc}")
-            await self._rejected(topic, payload, reply, error, received)
+            await self._rejected(topic, payload, reply, error, authenticity, received=received)
         else:
             return partial(self._refused_late, request, reply, received)
         return None
 
+    async def _authenticate(
+        self, topic: str, camera: str, signature: Signature | None
+    ) -> Authenticity:
+        """Check the signature, in a thread for a large payload (20 MB: ~50 ms of hashing)."""
+        if signature is not None and len(signature.payload) > _VERIFY_INLINE_BYTES:
+            return await anyio.to_thread.run_sync(self._policy.check, topic, camera, signature)
+        return self._policy.check(topic, camera, signature)
+
+    def _admit(self, message: Inbound) -> None:
+        """Refuse what is never looked into: retained, or too large."""
+        if message.retain:
+            raise RetainedCommand
+        if len(message.payload) > self._max_payload:
+            raise PayloadTooLarge(size=len(message.payload), limit=self._max_payload)
+
     async def _validate(
         self,
         topic: CommandTopic,
-        retain: bool,
         payload: bytes,
         reply: ReplyTo | None,
+        authenticity: Authenticity,
         received: Received | None,
     ) -> Request | None:
         """The accepted request, or None when a repeated request_id was answered instead."""
-        if retain:
-            raise RetainedCommand
-        if len(payload) > self._max_payload:
-            raise PayloadTooLarge(size=len(payload), limit=self._max_payload)
         command: Deploy | DeleteCommand = (
             decode_deploy(payload) if topic.action == "deploy" else decode_delete(payload)
         )
+        now = time.time()
+        if authenticity.signed:
+            self._policy.check_fresh(command.request_id, command.expires_at, now)
+            # before the record: a signed command past its expires_at is never answered
+            # from it, so a replay after that is `expired`, however the original ended
+            if command.expires_at is not None and now > command.expires_at:
+                raise Expired(expires_at=command.expires_at, now=now)
         request_id = command.request_id or f"auto-{uuid.uuid4().hex}"
         structlog.contextvars.bind_contextvars(request_id=request_id)
         if received is not None:
+            received.authenticity = authenticity
             received.request_id = request_id
             if isinstance(command, Deploy) and isinstance(command.model, ModelByHash):
                 received.model_sha256 = command.model.sha256
@@ -238,7 +262,6 @@ class CommandHandler:
                 state = None if last is None else last.state
                 await received.record("replayed", replayed_state=state)
             return None
-        now = time.time()
         if command.expires_at is not None and now > command.expires_at:
             raise Expired(expires_at=command.expires_at, now=now)
         self._coordinator.check_target(topic.camera, topic.stream)
@@ -256,6 +279,8 @@ class CommandHandler:
             stream=topic.stream,
             deployment=deployment,
             replies=[reply] if reply else [],
+            authenticity=authenticity,
+            keep_until=command.expires_at if authenticity.signed else None,
         )
 
     async def _deployment(self, command: Deploy, request_id: str) -> Deployment:
@@ -276,9 +301,15 @@ class CommandHandler:
                 return await self._store.get(sha256)
 
     def _reject(
-        self, topic: CommandTopic, payload: bytes, reply: ReplyTo | None, exc: AgentError
+        self,
+        topic: CommandTopic,
+        payload: bytes,
+        reply: ReplyTo | None,
+        exc: AgentError,
+        authenticity: Authenticity = UNSIGNED,
     ) -> Event:
-        return self._answer(topic, self._salvage(payload) or f"auto-{uuid.uuid4().hex}", reply, exc)
+        request_id = self._salvage(payload) or f"auto-{uuid.uuid4().hex}"
+        return self._answer(topic, request_id, reply, exc, authenticity)
 
     async def _rejected(
         self,
@@ -286,12 +317,15 @@ class CommandHandler:
         payload: bytes,
         reply: ReplyTo | None,
         exc: AgentError,
+        authenticity: Authenticity,
+        *,
         received: Received | None,
     ) -> None:
         """Answer `rejected`; audit it: one received line, final at once."""
-        event = self._reject(topic, payload, reply, exc)
+        event = self._reject(topic, payload, reply, exc, authenticity)
         if received is None:
             return
+        received.authenticity = authenticity
         received.request_id = received.request_id or event.request_id
         await received.record("rejected", error=event.error)
 
@@ -300,14 +334,25 @@ class CommandHandler:
     ) -> None:
         """A submitted command no state write took in (the agent stopped): refused after all."""
         topic = CommandTopic(camera=request.camera, stream=request.stream, action=request.action)
-        event = self._answer(topic, request.id, reply, ShuttingDown())
+        event = self._answer(topic, request.id, reply, ShuttingDown(), request.authenticity)
         if received is not None:
             received.outcome(event)
 
     def _answer(
-        self, topic: CommandTopic, request_id: str, reply: ReplyTo | None, exc: AgentError
+        self,
+        topic: CommandTopic,
+        request_id: str,
+        reply: ReplyTo | None,
+        exc: AgentError,
+        authenticity: Authenticity | None = UNSIGNED,
     ) -> Event:
-        log.warning("command rejected", code=exc.code, error=exc.message)
+        log.warning(
+            "command rejected",
+            code=exc.code,
+            error=exc.message,
+            signed=authenticity is not None and authenticity.signed,
+            key_id=None if authenticity is None else authenticity.key_id,
+        )
         event = Event(
             request_id=request_id,
             action=topic.action,
@@ -336,14 +381,35 @@ class CommandHandler:
             if received is not None:
                 received.record_now("ignored", error=error_info(RetainedCommand()))
             return
+        try:  # the same rule as for commands: see the README, "Signed commands"
+            signature = find_signature(message.payload, message.user_properties)
+            authenticity = self._policy.check(message.topic, topic.camera, signature)
+        except AgentError as exc:
+            log.warning(
+                "simulator command refused",
+                camera=clip(topic.camera),
+                fault=topic.fault,
+                code=exc.code,
+                error=exc.message,
+            )
+            if received is not None:
+                received.record_now("ignored", error=error_info(exc))
+            return
+        if received is not None:
+            received.authenticity = authenticity
         camera = self._simulator.cameras.get(topic.camera)
         if camera is None:
             log.warning("simulator command for unknown camera", camera=clip(topic.camera))
             if received is not None:
-                error = error_info(UnknownCamera(camera=topic.camera))
-                received.record_now("ignored", error=error)
+                received.record_now("ignored", error=error_info(UnknownCamera(camera=topic.camera)))
             return
-        log.info("simulator fault", camera=topic.camera, fault=topic.fault)
+        log.info(
+            "simulator fault",
+            camera=topic.camera,
+            fault=topic.fault,
+            signed=authenticity.signed,
+            key_id=authenticity.key_id,
+        )
         if received is not None:
             received.record_now("executed")
         match topic.fault:

@@ -11,6 +11,7 @@ from typing import Annotated, Literal
 import msgspec
 from msgspec import Meta
 
+from agent.signing import ANY_CAMERA, TrustedKey, read_public_key
 from agent.topics import MXID_RE
 
 __all__ = [
@@ -20,6 +21,7 @@ __all__ = [
     "ConfigError",
     "DepthaiSection",
     "MqttSection",
+    "SecurityKey",
     "SecuritySection",
     "SensorKind",
     "SimulatedCamera",
@@ -103,6 +105,41 @@ class MqttSection(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     reconnect_max: Annotated[float, Meta(gt=0.0)] = 30.0
 
 
+class SecurityKey(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """`[[security.keys]]`: a key whose signatures the agent trusts."""
+
+    id: Annotated[str, Meta(pattern=r"^[A-Za-z0-9._-]{1,64}$")]
+    # raw Ed25519 public key, standard base64 (checked by `load_config`)
+    public_key: str
+    # mxids this key may command; "*" for every camera
+    cameras: Annotated[
+        tuple[Annotated[str, Meta(pattern=f"^(\\*|{MXID_RE.pattern})$")], ...], Meta(min_length=1)
+    ] = (ANY_CAMERA,)
+
+
+class SecuritySection(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """`[security]`: signed commands and the audit log."""
+
+    # unsigned commands (and simulator knobs) are rejected `unauthorized`
+    require_signed: bool = False
+    # a signed command's expires_at may be at most this many seconds ahead
+    max_command_age: Annotated[float, Meta(gt=0.0, le=86_400.0)] = 300.0
+    # signed request ids kept against replays until their expires_at; beyond, refused
+    max_signed_requests: Annotated[int, Meta(ge=1, le=1_000_000)] = 4096
+    keys: tuple[SecurityKey, ...] = ()
+    # append every command received and every request's outcome to {state_dir}/audit/
+    audit: bool = True
+    # the audit file is rotated when a line would take it past this; 5 rotated files kept
+    audit_max_bytes: Annotated[int, Meta(ge=1024)] = 10 * 1024 * 1024
+
+    def trusted_keys(self) -> dict[str, TrustedKey]:
+        """The keys by id, parsed (the config was checked by `load_config`)."""
+        return {
+            key.id: TrustedKey(key.id, read_public_key(key.public_key), frozenset(key.cameras))
+            for key in self.keys
+        }
+
+
 class BrokerSection(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     # run an in-process amqtt broker on [mqtt] host:port (demo only: MQTT 3.1.1, ~half speed)
     embedded: bool = False
@@ -142,15 +179,6 @@ class DepthaiSection(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     discovery_interval: Annotated[float, Meta(ge=1.0, le=3600.0)] = 5.0
 
 
-class SecuritySection(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
-    """`[security]`: the audit log (signed commands add their keys here)."""
-
-    # append every command received and every request's outcome to {state_dir}/audit/
-    audit: bool = True
-    # the audit file is rotated when a line would take it past this; 5 rotated files kept
-    audit_max_bytes: Annotated[int, Meta(ge=1024)] = 10 * 1024 * 1024
-
-
 class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     agent: AgentSection = AgentSection()
     mqtt: MqttSection = MqttSection()
@@ -175,6 +203,7 @@ def _check(config: Config) -> None:
         raise ConfigError("mqtt: set password or password_file, not both")
     if mqtt.tls is not None and (mqtt.tls.cert_file is None) != (mqtt.tls.key_file is None):
         raise ConfigError("mqtt.tls: set both cert_file and key_file (mutual TLS), or neither")
+    _check_security(config.security)
     if config.simulator is not None and config.depthai is not None:
         raise ConfigError("[simulator] and [depthai] exclude each other: choose one backend")
     if config.simulator is None:
@@ -193,6 +222,23 @@ def _check(config: Config) -> None:
                 raise ConfigError(f"{where}.stereo: {', '.join(missing)} is not in sensors")
             if left == right:
                 raise ConfigError(f"{where}.stereo: a pair needs two different sensors")
+
+
+def _check_security(security: SecuritySection) -> None:
+    seen: set[str] = set()
+    for key in security.keys:
+        where = f"security.keys[{key.id}]"
+        if key.id in seen:
+            raise ConfigError(f"{where}: duplicate key id")
+        seen.add(key.id)
+        try:
+            read_public_key(key.public_key)
+        except ValueError as exc:
+            raise ConfigError(f"{where}.public_key {exc}") from None
+    if security.require_signed and not security.keys:
+        raise ConfigError(
+            "security: require_signed = true needs at least one [[security.keys]] to trust"
+        )
 
 
 def locate(name: str, *, base: Path, credential: bool) -> str:

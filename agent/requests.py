@@ -3,18 +3,18 @@
 from __future__ import annotations
 
 import enum
+import itertools
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Final, NamedTuple
 
-from agent.audit import UNSIGNED
 from agent.messages import Event
+from agent.signing import UNSIGNED, Authenticity
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
 
-    from agent.audit import Authenticity
     from agent.cameras.base import Deployment
     from agent.errors import ErrorInfo
     from agent.messages import ReplyTo
@@ -23,6 +23,7 @@ if TYPE_CHECKING:
 __all__ = ["Notice", "Phase", "Request", "RequestLog"]
 
 _SIZE: Final = 256
+_SIGNED_LIMIT: Final = 4096
 
 
 class Phase(enum.Enum):
@@ -56,8 +57,10 @@ class Request:
     # restores an interrupted request's change after a restart; its answer was already sent
     silent: bool = False
     phase: Phase = Phase.STAGED
-    # whether its command was signed, and by which key; None: not known (after a restart)
+    # who sent it (for the audit log); None: not known (answered after a restart)
     authenticity: Authenticity | None = UNSIGNED
+    # signed: its expires_at; its record is kept against replays at least until then
+    keep_until: float | None = None
 
     @property
     def last(self) -> Event | None:
@@ -102,23 +105,56 @@ class Request:
 
 
 class RequestLog:
-    """Recent requests by id, so a repeated request_id is answered from the record."""
+    """Recent requests by id, so a repeated request_id is answered from the record.
 
-    def __init__(self, size: int = _SIZE) -> None:
+    The last `size` requests, and besides them every signed request until its `keep_until`
+    (its expires_at) passes: a signed command replayed while it is valid is answered from
+    the record however many requests came since. At most `signed_limit` of those at once:
+    `signed_room` tells the boundary to refuse more.
+    """
+
+    def __init__(self, size: int = _SIZE, *, signed_limit: int = _SIGNED_LIMIT) -> None:
         self._size = size
+        self._signed_limit = signed_limit
         self._requests: OrderedDict[str, Request] = OrderedDict()
+        # signed requests past the last `size`, kept until their `keep_until`
+        self._kept: dict[str, Request] = {}
 
     def get(self, request_id: str) -> Request | None:
-        return self._requests.get(request_id)
+        return self._requests.get(request_id) or self._kept.get(request_id)
 
     def add(self, request: Request) -> None:
+        self._kept.pop(request.id, None)
         self._requests[request.id] = request
         self._requests.move_to_end(request.id)
+        now = time.time()
         while len(self._requests) > self._size:
             oldest = next(iter(self._requests.values()))
             if not oldest.done:  # never forget a request that still has to be answered
                 break
             self._requests.popitem(last=False)
+            if oldest.keep_until is not None and oldest.keep_until >= now:
+                self._kept[oldest.id] = oldest
+        self.expire(now)
+
+    def expire(self, now: float) -> None:
+        """Forget the signed requests kept past the last `size` whose time has passed."""
+        gone = [r.id for r in self._kept.values() if r.keep_until is None or r.keep_until < now]
+        for request_id in gone:
+            del self._kept[request_id]
+
+    def signed_room(self, now: float) -> float | None:
+        """None when one more signed request may be taken; else the seconds until one of
+        those kept expires."""
+        self.expire(now)
+        live = [
+            r.keep_until
+            for r in itertools.chain(self._kept.values(), self._requests.values())
+            if r.keep_until is not None and r.keep_until >= now
+        ]
+        if len(live) < self._signed_limit:
+            return None
+        return max(0.0, min(live) - now)
 
     def discard(self, request: Request) -> None:
         """Forget a request that was refused after all: its id may be sent again."""
@@ -126,4 +162,5 @@ class RequestLog:
             del self._requests[request.id]
 
     def __iter__(self) -> Iterator[Request]:
-        return iter(self._requests.values())
+        """Oldest first: the signed ones kept past the last `size`, then those."""
+        return itertools.chain(self._kept.values(), self._requests.values())
