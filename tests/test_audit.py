@@ -35,6 +35,13 @@ from tests.harness import (
     observe,
     running_agent,
 )
+from tests.test_signed_commands import (
+    STRANGER,
+    deploy_body,
+    publish,
+    security,
+    signed,
+)
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -491,3 +498,43 @@ async def test_existing_files_are_tightened_a_torn_line_stays_apart_and_text_is_
     assert line["camera"].endswith("… (300 chars)")
     assert len(line["topic"]) < 300
     assert raw[2:] == [b""]
+
+
+async def test_signed_commands_carry_their_key_in_the_log(mqtt5: Broker, tmp_path: Path) -> None:
+    """With `require_signed`: a signed deploy's lines name its key; an unsigned command and a
+    signature that does not verify are one `rejected` line each; knobs alike."""
+    state = tmp_path / "state"
+    config = msgspec.structs.replace(make_config(mqtt5, state), security=security())
+    async with agent_and_observer(mqtt5, config) as (_, obs):
+        topic = obs.topics.command(CAM1, "CAM_A", "deploy")
+        good = signed(topic, deploy_body("good"))
+        await publish(obs, topic, good)
+        assert (await obs.outcome("good")).state == "succeeded"
+        await obs.deploy(CAM1, "CAM_A", deploy_body("plain"))
+        assert (await obs.outcome("plain")).error.code == "unauthorized"  # type: ignore[union-attr]
+        await publish(obs, topic, signed(topic, deploy_body("forged"), STRANGER, "ops"))
+        assert (await obs.outcome("forged")).error.code == "bad_signature"  # type: ignore[union-attr]
+        knob = obs.topics.simulator(CAM2, "unplug")
+        await obs.send(knob, b"")  # unsigned: refused
+        await publish(obs, knob, signed(knob, b""))
+        await obs.wait_for(lambda: obs.latest(obs.topics.camera_availability(CAM2)) == b"offline")
+    lines = _lines(state / "audit")
+    who = {
+        (x["request_id"] or x["action"], x["kind"]): (x["signed"], x["key_id"], x["state"])
+        for x in lines
+    }
+    assert who[("good", "received")] == (True, "ops", "submitted")
+    assert who[("good", "outcome")] == (True, "ops", "succeeded")
+    assert who[("plain", "received")] == (False, None, "rejected")
+    assert who[("forged", "received")] == (True, None, "rejected")
+    assert [(x["request_id"], x["kind"]) for x in lines if x["request_id"] != "good"] == [
+        ("plain", "received"),
+        ("forged", "received"),
+        (None, "received"),
+        (None, "received"),
+    ]
+    knobs = [(x["signed"], x["key_id"], x["state"]) for x in lines if x["action"] == "unplug"]
+    assert knobs == [(False, None, "ignored"), (True, "ops", "executed")]
+    good_payload = signed(topic, deploy_body("good"))[0]
+    received = next(x for x in lines if x["request_id"] == "good")
+    assert received["payload_bytes"] == len(good_payload)
