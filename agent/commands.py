@@ -195,7 +195,9 @@ class CommandHandler:
                 payload = signature.payload  # the command; an envelope's request_id is in it
                 authenticity = Authenticity(signed=True, key_id=None)  # not verified yet
             authenticity = await self._authenticate(message.topic, topic.camera, signature)
-            request = await self._validate(topic, payload, reply, authenticity, received)
+            request = await self._validate(
+                topic, payload, reply, authenticity, received=received, resent=message.resent
+            )
             if request is None:
                 return _nothing  # a replay: the original request's record answers it
             if received is not None:
@@ -235,7 +237,9 @@ class CommandHandler:
         payload: bytes,
         reply: ReplyTo | None,
         authenticity: Authenticity,
+        *,
         received: Received | None,
+        resent: bool = False,
     ) -> Request | None:
         """The accepted request, or None when a repeated request_id was answered instead."""
         command: Deploy | DeleteCommand = (
@@ -255,7 +259,7 @@ class CommandHandler:
             received.request_id = request_id
             if isinstance(command, Deploy) and isinstance(command.model, ModelByHash):
                 received.model_sha256 = command.model.sha256
-        if self._coordinator.replay(request_id, reply):
+        if self._coordinator.replay(request_id, reply, resent=resent):
             if received is not None:
                 known = self._coordinator.requests.get(request_id)
                 last = None if known is None else known.last
