@@ -3,6 +3,7 @@
 oak-agent run --config PATH        the daemon
 oak-agent deploy|delete|watch|status ...  a small MQTT client for the agent (client.py)
 oak-agent keygen --out DIR         a key pair for signing commands (client.py, keyfiles.py)
+oak-agent audit --config PATH      the audit log as a table (auditview.py)
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ EXIT_INTERRUPTED = 130  # as a shell reports a command ended by SIGINT
 DESCRIPTION = """\
 Deploy neural networks onto Luxonis OAK cameras over MQTT: `run` the agent,
 or talk to a running one with `deploy`, `delete`, `watch` and `status` (`keygen` makes a
-key to sign commands with)."""
+key to sign commands with); `audit` prints the commands it received and their outcomes."""
 EPILOG = """\
 try it without hardware (from the repository; scripts/demo runs the agent with an
 embedded broker on 127.0.0.1:1883 and two simulated cameras):
@@ -111,6 +112,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--config", type=Path, required=True, help="the agent's TOML config file")
     add_client_commands(sub)
+    from agent.auditview import add_audit_command  # noqa: PLC0415
+
+    add_audit_command(sub)
     return parser
 
 
@@ -124,6 +128,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "run":
             anyio.run(_run_until_signalled, args.config)
             return EXIT_OK
+        if args.command == "audit":
+            from agent.auditview import run_audit_command  # noqa: PLC0415
+
+            return run_audit_command(args)
         from agent.client import run_client_command  # noqa: PLC0415
 
         return run_client_command(args)

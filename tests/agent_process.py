@@ -32,8 +32,10 @@ def write_config(
     boot_seconds: float = 0.3,
     reconnect: tuple[float, float] = (0.1, 0.5),
     mqtt_extra: str = "",
+    extra: str = "",
 ) -> Path:
-    """An agent config with two simulated cameras; `mqtt_extra` adds lines to [mqtt]."""
+    """An agent config with two simulated cameras; `mqtt_extra` adds lines to [mqtt],
+    `extra` adds sections at the end."""
     cameras = "".join(
         f"""
 [[simulator.cameras]]
@@ -59,7 +61,8 @@ protocol = "{protocol or broker.protocol}"
 reconnect_min = {reconnect[0]}
 reconnect_max = {reconnect[1]}
 {mqtt_extra}
-{cameras}"""
+{cameras}
+{extra}"""
     )
     return path
 
@@ -95,8 +98,9 @@ class AgentProcess:
 
 
 @contextlib.contextmanager
-def agent_process(config: Path, log: Path) -> Iterator[AgentProcess]:
-    """Start `oak-agent run`; on exit stop it by PID (SIGTERM, then SIGKILL)."""
+def agent_process(config: Path, log: Path, *, umask: int = -1) -> Iterator[AgentProcess]:
+    """Start `oak-agent run` (with `umask` when given); on exit stop it by PID (SIGTERM,
+    then SIGKILL)."""
     with log.open("ab") as sink:
         process = subprocess.Popen(
             [
@@ -111,6 +115,7 @@ def agent_process(config: Path, log: Path) -> Iterator[AgentProcess]:
             ],
             stdout=subprocess.DEVNULL,
             stderr=sink,
+            umask=umask,
         )
     try:
         yield AgentProcess(process, log)

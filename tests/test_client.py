@@ -487,9 +487,10 @@ def test_every_option_has_help() -> None:
         "upload",
         "models",
         "keygen",
+        "audit",
     }
     for name, sub in [("oak-agent", parser), *subparsers.choices.items()]:
-        if name in ("deploy", "delete", "watch", "status", "upload", "models"):
+        if name in ("deploy", "delete", "watch", "status", "upload", "models", "audit"):
             assert "exit codes:" in sub.format_help()
         for action in sub._actions:
             assert action.help, f"{name} {action.option_strings or action.dest} has no help"
