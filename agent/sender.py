@@ -41,6 +41,7 @@ _QUIET: Final = 3.0  # seconds without a status after which the manifest is sent
 _IDLE: Final = 3.0  # seconds without a status: the agent took every chunk it had (it says
 # how far it is at most every 0.5 s while chunks arrive; an fsync under load can take longer)
 _MAX_ROUNDS: Final = 100
+_MIN_RENEW: Final = 1.0  # seconds: the shortest interval between two renewing manifests
 _READ_BLOCK: Final = 1024 * 1024
 
 _status_decoder: Final = msgspec.json.Decoder(UploadStatus)
@@ -101,7 +102,9 @@ async def send_model(
     """Upload `model` until the agent's status is `stored` or `failed` (see the module doc).
 
     With `sign(topic, manifest)` (the payload and MQTT 5 properties of the signed manifest),
-    every manifest sent is signed afresh, its `expires_at` now + `expires_in`.
+    every manifest sent is signed afresh, its `expires_at` now + `expires_in`; with
+    `expires_in`, the manifest is also sent again every `expires_in / 2` s (the agent
+    abandons an upload at its `expires_at`).
 
     The caller bounds the time; aiomqtt.MqttError when the connection is lost.
     """
@@ -132,9 +135,22 @@ async def send_model(
         window=window,
         timeout=publish_timeout,
     )
+
+    async def renew(every: float) -> None:
+        # the agent abandons an upload at its manifest's expires_at: announce it again (signed
+        # afresh) halfway there, however long a round of chunks takes
+        while True:
+            await anyio.sleep(every)
+            payload, properties = announce()
+            await client.publish(
+                upload_topic, payload, qos=1, properties=properties, timeout=publish_timeout
+            )
+
     try:
         async with anyio.create_task_group() as tg:
             tg.start_soon(latest.follow, client, status_topic)
+            if expires_in is not None:
+                tg.start_soon(renew, max(expires_in / 2, _MIN_RENEW))
             await client.subscribe(status_topic, qos=1)
             for _ in range(_MAX_ROUNDS):
                 upload.sent.rounds += 1

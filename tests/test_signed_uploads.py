@@ -164,6 +164,19 @@ async def test_require_signed_refuses_unsigned_and_badly_signed_manifests(
         body = manifest(data, expires_at=soon())
         error = await refused(obs, data, signed(topic("elsewhere"), body))
         assert error["code"] == "bad_signature"
+        assert not list((tmp_path / "state" / "uploads").glob("*.manifest"))  # nothing kept
+        assert app.link.stats.connects == 1
+
+
+async def test_a_signed_manifest_needs_expires_at_and_then_is_taken(
+    mqtt5: Broker, tmp_path: Path
+) -> None:
+    config = make_config(mqtt5, tmp_path / "state", security=security())
+    async with agent_and_observer(mqtt5, config) as (app, obs):
+        up = obs.topics.upload
+
+        def topic(tag: str) -> str:
+            return up(hashlib.sha256(other_data(tag)).hexdigest())
 
         data = other_data("no-expiry")
         error = await refused(obs, data, signed(topic("no-expiry"), manifest(data)))
@@ -177,8 +190,7 @@ async def test_require_signed_refuses_unsigned_and_badly_signed_manifests(
         assert "expires_at" in error["message"]
         assert "max_command_age" in error["message"]
 
-        # nothing was written for any of them
-        assert not list((tmp_path / "state" / "uploads").glob("*.manifest"))
+        assert not list((tmp_path / "state" / "uploads").glob("*.manifest"))  # nothing kept
 
         # a signed manifest is taken; its chunks, unsigned, are covered by its sha256
         data = SSD.read_bytes()
@@ -245,6 +257,11 @@ async def oak(*args: str, timeout: float = WAIT) -> tuple[int, str, str]:
     return done.returncode, done.stdout.decode(), done.stderr.decode()
 
 
+def broker_flags(broker: Broker, agent_id: str) -> list[str]:
+    port = str(broker.port)
+    return ["--host", "127.0.0.1", "--port", port, "--prefix", "oaktest", "--agent", agent_id]
+
+
 def key_file(folder: Path) -> Path:
     path = folder / "ops.key"
     pem = OPS.private_bytes(
@@ -267,8 +284,7 @@ async def test_signed_upload_and_deploy_with_the_client(
     config = make_config(where, tmp_path / "state", security=security())
     key = key_file(tmp_path)
     async with agent_and_observer(where, config) as (_, obs):
-        flags = ("--host", "127.0.0.1", "--port", str(where.port), "--prefix", "oaktest")
-        flags += ("--agent", config.agent.id)
+        flags = broker_flags(where, config.agent.id)
         # unsigned: refused, nothing stored
         code, out, err = await oak("upload", *flags, "--model", str(SSD), "--chunk-size", "4096")
         assert code == 1, (out, err)
@@ -307,8 +323,7 @@ async def test_signed_deploy_of_a_large_model_sends_signed_chunks(
     config = make_config(mqtt5, tmp_path / "state", security=security())
     key = key_file(tmp_path)
     async with agent_and_observer(mqtt5, config) as (_, obs):
-        flags = ("--host", "127.0.0.1", "--port", str(mqtt5.port), "--prefix", "oaktest")
-        flags += ("--agent", config.agent.id, "--camera", CAM1, "--stream", "CAM_A")
+        flags = [*broker_flags(mqtt5, config.agent.id), "--camera", CAM1, "--stream", "CAM_A"]
         code, out, err = await oak(
             "deploy",
             *flags,
