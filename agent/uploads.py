@@ -17,6 +17,11 @@ chunks not journaled yet: they are missing after the restart and sent again; a t
 fails its crc and is cut off there. Chunks that arrive while one sync runs share the next
 (one fdatasync and one fsync per upload and group).
 
+A manifest is checked against `[security]` like a command (`agent.signing.Policy`: signed by
+a key for every camera, or unsigned when signatures are not required) before anything is
+written; chunks are unsigned, taken only for an upload whose manifest was accepted, and
+covered by the sha256 it names.
+
 A finished upload is hashed; a mismatch fails it (`checksum_mismatch`, partial deleted);
 else the store parses it with depthai and renames it in (`agent.models.ModelStore.put_file`).
 The retained status goes out at most every 0.5 s while receiving, at once when the upload
