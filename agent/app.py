@@ -225,6 +225,15 @@ def _with_uploads(
     return receive
 
 
+def _policy(config: Config) -> Policy:
+    """`[security]` as the command boundary and the upload manifests apply it."""
+    return Policy(
+        keys=config.security.trusted_keys(),
+        require_signed=config.security.require_signed,
+        max_command_age=config.security.max_command_age,
+    )
+
+
 def _transfers(
     config: Config,
     topics: Topics,
@@ -240,6 +249,7 @@ def _transfers(
         reporter=reporter,
         settings=config.models,
         max_chunk_bytes=config.agent.max_payload_bytes,
+        policy=_policy(config),
     )
     uploads.models_in_use(coordinator.models_in_use)
     uploads.load()
@@ -370,11 +380,7 @@ async def serve(
         transfers=transfers,
         output=config.output,
         stats_requested=health.request,
-        policy=Policy(
-            keys=config.security.trusted_keys(),
-            require_signed=config.security.require_signed,
-            max_command_age=config.security.max_command_age,
-        ),
+        policy=_policy(config),
         audit=audit,
     )
     intake = Intake(handler, coordinator, lanes=concurrent_commands)

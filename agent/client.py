@@ -290,12 +290,16 @@ def _request_options(parser: argparse.ArgumentParser) -> None:
         metavar="SECONDS",
         help="seconds to wait for the final answer (default %(default)g)",
     )
+    _signing_options(parser)
+
+
+def _signing_options(parser: argparse.ArgumentParser, *, what: str = "command") -> None:
     signing = parser.add_argument_group("signed commands ([security] in the agent's config)")
     signing.add_argument(
         "--sign-key",
         type=Path,
         metavar="FILE",
-        help="sign the command with this Ed25519 private key (PEM, from `oak-agent keygen`)",
+        help=f"sign the {what} with this Ed25519 private key (PEM, from `oak-agent keygen`)",
     )
     signing.add_argument(
         "--key-id",
@@ -307,8 +311,8 @@ def _request_options(parser: argparse.ArgumentParser) -> None:
         "--expires-in",
         type=_seconds,
         metavar="SECONDS",
-        help=f"the command's expires_at, from now (default when signed: {DEFAULT_EXPIRES_IN:g}, "
-        "or the agent's max_command_age from --config when smaller)",
+        help=f"the {what}'s expires_at, from now (default when signed: "
+        f"{DEFAULT_EXPIRES_IN:g}, or the agent's max_command_age from --config when smaller)",
     )
 
 
@@ -392,6 +396,7 @@ def add_client_commands(sub: Any) -> None:
     upload.add_argument("--model", type=Path, required=True, metavar="BLOB", help="the .blob file")
     upload.add_argument("--name", help="a name for the model list (default: the file's name)")
     _transfer_options(upload)
+    _signing_options(upload, what="manifest (re-signed each time it is sent)")
     upload.add_argument(
         "--timeout",
         type=_seconds,
@@ -505,7 +510,7 @@ def run_client_command(args: argparse.Namespace) -> int:
         target = _target(args)
         if args.command == "deploy":
             _check_deploy_source(args)
-        signer = _signer(args) if args.command in ("deploy", "delete") else None
+        signer = _signer(args) if args.command in ("deploy", "delete", "upload") else None
     except ClientExit as exc:
         parser.error(exc.message)  # usage and exit 2
     try:
@@ -520,7 +525,7 @@ def run_client_command(args: argparse.Namespace) -> int:
             return EXIT_INTERRUPTED if outcome is None else outcome
         if args.command == "upload":
             model = _model_file(args.model)
-            outcome = anyio.run(_until_signalled, lambda: _upload(target, args, model))
+            outcome = anyio.run(_until_signalled, lambda: _upload(target, args, model, signer))
             if outcome is None:
                 print(
                     "oak-agent upload: interrupted; run the same command again to send only "
@@ -801,7 +806,7 @@ async def _request(
                         file=sys.stderr,
                     )
                     status = await _send(
-                        target, args, link, model, limit=limit, request_id=request_id
+                        target, args, link, model, limit=limit, request_id=request_id, signer=signer
                     )
                     if status.state != "stored":
                         return _upload_failed("deploy", model, status)
@@ -930,9 +935,21 @@ async def _send(
     *,
     limit: int | None,
     request_id: str | None,
+    signer: _Signer | None = None,
 ) -> UploadStatus:
-    """Upload `model` in chunks with a progress bar; its last status."""
+    """Upload `model` in chunks with a progress bar; its last status. With a signer, every
+    manifest sent is signed (user properties on MQTT 5, the envelope on 3.1.1)."""
     chunk_size = _chunk_size(args, target, link, limit, model)
+    expires_in = args.expires_in
+    if expires_in is None and signer is not None:  # as a signed command's
+        expires_in = min(DEFAULT_EXPIRES_IN, target.max_command_age or DEFAULT_EXPIRES_IN)
+    sign = None
+    if signer is not None:
+        key = signer
+
+        def sign(topic: str, payload: bytes) -> tuple[bytes, Properties | None]:
+            return _signed(topic, payload, key, mqtt5=link.mqtt5)
+
     name = getattr(args, "name", None) or getattr(args, "model_name", None) or model.path.name
     with progress_bar(f"upload {model.path.name}") as show:
         sent = await send_model(
@@ -943,6 +960,8 @@ async def _send(
             progress=show,
             request_id=request_id,
             model_name=name,
+            sign=sign,
+            expires_in=expires_in,
         )
     if sent.status is None:
         raise ClientExit(
@@ -964,13 +983,17 @@ def _upload_failed(command: str, model: ModelFile, status: UploadStatus) -> int:
     return EXIT_FAILED
 
 
-async def _upload(target: _Target, args: argparse.Namespace, model: ModelFile) -> int:
+async def _upload(
+    target: _Target, args: argparse.Namespace, model: ModelFile, signer: _Signer | None
+) -> int:
     """Upload without deploying; print the final status; exit 0 when stored."""
     try:
         with anyio.fail_after(args.timeout):
             async with _connected(target, mqtt5=target.mqtt5) as link:
                 limit = args.max_packet or link.max_packet
-                status = await _send(target, args, link, model, limit=limit, request_id=None)
+                status = await _send(
+                    target, args, link, model, limit=limit, request_id=None, signer=signer
+                )
     except TimeoutError:
         raise ClientExit(
             EXIT_TIMEOUT,

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Final
 
@@ -27,8 +28,11 @@ if TYPE_CHECKING:
     from pathlib import Path
 
     import aiomqtt
+    from paho.mqtt.properties import Properties
 
     from agent.topics import Topics
+
+    Signer = Callable[[str, bytes], tuple[bytes, Properties | None]]
 
 __all__ = ["DEFAULT_WINDOW", "ModelFile", "Sent", "decode_status", "send_model", "sha256_of"]
 
@@ -37,6 +41,7 @@ _QUIET: Final = 3.0  # seconds without a status after which the manifest is sent
 _IDLE: Final = 3.0  # seconds without a status: the agent took every chunk it had (it says
 # how far it is at most every 0.5 s while chunks arrive; an fsync under load can take longer)
 _MAX_ROUNDS: Final = 100
+_MIN_RENEW: Final = 1.0  # seconds: the shortest interval between two renewing manifests
 _READ_BLOCK: Final = 1024 * 1024
 
 _status_decoder: Final = msgspec.json.Decoder(UploadStatus)
@@ -91,13 +96,32 @@ async def send_model(
     model_name: str | None = None,
     window: int = DEFAULT_WINDOW,
     publish_timeout: float = 30.0,
+    sign: Signer | None = None,
+    expires_in: float | None = None,
 ) -> Sent:
     """Upload `model` until the agent's status is `stored` or `failed` (see the module doc).
+
+    With `sign(topic, manifest)` (the payload and MQTT 5 properties of the signed manifest),
+    every manifest sent is signed afresh, its `expires_at` now + `expires_in`; with
+    `expires_in`, the manifest is also sent again every `expires_in / 2` s (the agent
+    abandons an upload at its `expires_at`).
 
     The caller bounds the time; aiomqtt.MqttError when the connection is lost.
     """
     status_topic = topics.upload_status(model.sha256)
-    announce = manifest(model.size, chunk_size, request_id=request_id, model_name=model_name)
+    upload_topic = topics.upload(model.sha256)
+
+    def announce() -> tuple[bytes, Properties | None]:
+        expires_at = None if expires_in is None else round(time.time() + expires_in, 3)
+        body = manifest(
+            model.size,
+            chunk_size,
+            request_id=request_id,
+            model_name=model_name,
+            expires_at=expires_at,
+        )
+        return (body, None) if sign is None else sign(upload_topic, body)
+
     latest = _Latest()
     fd = os.open(model.path, os.O_RDONLY)
     upload = _Upload(
@@ -111,15 +135,33 @@ async def send_model(
         window=window,
         timeout=publish_timeout,
     )
+
+    async def renew(every: float) -> None:
+        # the agent abandons an upload at its manifest's expires_at: announce it again (signed
+        # afresh) halfway there, however long a round of chunks takes
+        while True:
+            await anyio.sleep(every)
+            payload, properties = announce()
+            await client.publish(
+                upload_topic, payload, qos=1, properties=properties, timeout=publish_timeout
+            )
+
     try:
         async with anyio.create_task_group() as tg:
             tg.start_soon(latest.follow, client, status_topic)
+            if expires_in is not None:
+                tg.start_soon(renew, max(expires_in / 2, _MIN_RENEW))
             await client.subscribe(status_topic, qos=1)
             for _ in range(_MAX_ROUNDS):
                 upload.sent.rounds += 1
                 seen = latest.count
+                payload, properties = announce()  # re-signed, with a new expires_at
                 await client.publish(
-                    topics.upload(model.sha256), announce, qos=1, timeout=publish_timeout
+                    upload_topic,
+                    payload,
+                    qos=1,
+                    properties=properties,
+                    timeout=publish_timeout,
                 )
                 status = await latest.next(after=seen, settle=False)
                 if status is None:

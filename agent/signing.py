@@ -246,9 +246,11 @@ def find_signature(payload: bytes, properties: Sequence[tuple[str, str]]) -> Sig
 
 
 def verify(
-    keys: Mapping[str, TrustedKey], topic: str, camera: str, signature: Signature
+    keys: Mapping[str, TrustedKey], topic: str, camera: str | None, signature: Signature
 ) -> Authenticity:
-    """Check a signature for a command to `camera` on `topic`.
+    """Check a signature for a command to `camera` on `topic`; `camera` None for a message
+    that is for no one camera (an upload manifest: its model may run on any of them), which
+    only a key with `cameras = ["*"]` may sign.
 
     Raises Unauthorized for a key id this agent does not trust or a key not allowed for
     `camera`, BadSignature for a signature that does not verify (checked first: a forged
@@ -267,7 +269,13 @@ def verify(
             f"the signature ({signature.carrier}) does not verify with key {key.id} for this "
             "topic and payload"
         ) from None
-    if not key.allows(camera):
+    if camera is None:
+        if ANY_CAMERA not in key.cameras:
+            raise Unauthorized(
+                f"key {key.id} may command only some cameras; an upload manifest must be "
+                'signed by a key with cameras = ["*"]'
+            )
+    elif not key.allows(camera):
         raise Unauthorized(f"key {key.id} may not command camera {echo(camera)}")
     return Authenticity(signed=True, key_id=key.id)
 
@@ -280,14 +288,16 @@ class Policy:
     require_signed: bool = False
     max_command_age: float = 300.0
 
-    def check(self, topic: str, camera: str, signature: Signature | None) -> Authenticity:
+    def check(
+        self, topic: str, camera: str | None, signature: Signature | None, *, what: str = "command"
+    ) -> Authenticity:
         """Who sent it: a signature, when there is one, must verify whatever the policy;
-        none is Unauthorized when signatures are required."""
+        none is Unauthorized when signatures are required. `camera` None: see `verify`."""
         if signature is not None:
             return verify(self.keys, topic, camera, signature)
         if self.require_signed:
             raise Unauthorized(
-                "unsigned command: this agent takes only commands signed by one of its "
+                f"unsigned {what}: this agent takes only {what}s signed by one of its "
                 "[[security.keys]] ([security] require_signed)"
             )
         return UNSIGNED
@@ -309,6 +319,23 @@ class Policy:
         if expires_at > now + self.max_command_age:
             raise InvalidPayload(
                 f"expires_at is {expires_at - now:.0f} s ahead; a signed command may be valid "
+                f"for at most {self.max_command_age:g} s ([security] max_command_age)",
+                path="$.expires_at",
+            )
+
+    def check_expiry(self, expires_at: float | None, now: float, *, what: str) -> None:
+        """A signed `what` (an upload manifest) names its end, within `max_command_age`;
+        InvalidPayload naming `$.expires_at`. (No request_id: a manifest replayed while
+        valid only announces the same content-addressed upload again.)"""
+        if expires_at is None:
+            raise InvalidPayload(
+                f"a signed {what} needs expires_at (unix seconds, at most "
+                f"{self.max_command_age:g} s ahead)",
+                path="$.expires_at",
+            )
+        if expires_at > now + self.max_command_age:
+            raise InvalidPayload(
+                f"expires_at is {expires_at - now:.0f} s ahead; a signed {what} may be valid "
                 f"for at most {self.max_command_age:g} s ([security] max_command_age)",
                 path="$.expires_at",
             )

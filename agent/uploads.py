@@ -17,6 +17,11 @@ chunks not journaled yet: they are missing after the restart and sent again; a t
 fails its crc and is cut off there. Chunks that arrive while one sync runs share the next
 (one fdatasync and one fsync per upload and group).
 
+A manifest is checked against `[security]` like a command (`agent.signing.Policy`: signed by
+a key for every camera, or unsigned when signatures are not required) before anything is
+written; chunks are unsigned, taken only for an upload whose manifest was accepted, and
+covered by the sha256 it names.
+
 A finished upload is hashed; a mismatch fails it (`checksum_mismatch`, partial deleted);
 else the store parses it with depthai and renames it in (`agent.models.ModelStore.put_file`).
 The retained status goes out at most every 0.5 s while receiving, at once when the upload
@@ -61,6 +66,7 @@ from agent.messages import (
     UploadStatus,
     decode_manifest,
 )
+from agent.signing import Policy, find_signature
 from agent.state import make_private_folder
 from agent.topics import SHA256_RE
 
@@ -244,8 +250,10 @@ class Uploads:
         reporter: Reporter,
         settings: ModelsSection,
         max_chunk_bytes: int,
+        policy: Policy | None = None,
     ) -> None:
         self.folder = folder
+        self._policy = policy if policy is not None else Policy()
         self._topics = topics
         self._store = store
         self._reporter = reporter
@@ -426,7 +434,16 @@ class Uploads:
             self._refuse(sha256, RetainedCommand())
             return
         try:
-            manifest = decode_manifest(message.payload)
+            # checked like a command: a signature, when there is one, must verify; none is
+            # `unauthorized` with require_signed; only a key for every camera may sign one
+            payload = message.payload
+            signature = find_signature(payload, message.user_properties)
+            if signature is not None:
+                payload = signature.payload  # the manifest inside an envelope
+            authenticity = self._policy.check(message.topic, None, signature, what="manifest")
+            manifest = decode_manifest(payload)
+            if authenticity.signed:
+                self._policy.check_expiry(manifest.expires_at, time.time(), what="manifest")
             if manifest.chunk_size > self._max_chunk:
                 raise InvalidPayload(
                     f"chunk_size {manifest.chunk_size} is above agent.max_payload_bytes "
