@@ -401,6 +401,10 @@ async def test_interrupted_after_restart_private_files_under_umask_0_and_the_aud
             await obs.wait_for(lambda: obs.latest(topics.availability) == b"online")
             await obs.deploy(CAM1, "CAM_A", {"request_id": "cut", "nn_config": YOLO, "model": blob})
             await obs.wait_for(lambda: "applying" in obs.states("cut"))
+            # a SIGKILL loses the lines still queued (documented): kill once it is written
+            with anyio.fail_after(10):
+                while not _of(_lines(state / "audit"), "cut"):  # noqa: ASYNC110  # another process writes it
+                    await anyio.sleep(0.02)
             os.kill(first.pid, signal.SIGKILL)
             first.wait(timeout=10)
         await obs.wait_for(lambda: obs.latest(topics.availability) == b"offline")
