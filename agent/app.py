@@ -106,6 +106,7 @@ def _info(config: Config, backend: CameraBackend, started_at: float, link: LinkC
         ),
         started_at=started_at,
         link=link,
+        groups=config.agent.groups,
     )
 
 
@@ -170,7 +171,7 @@ async def serve(
     `concurrent_commands=False` (one command at a time, whatever its camera) only to
     benchmark the old ways.
     """
-    topics = Topics.for_agent(config.mqtt.prefix, config.agent.id)
+    topics = Topics.for_agent(config.mqtt.prefix, config.agent.id, config.agent.groups)
     backend = _backend(config)
     simulator = backend if isinstance(backend, SimulatorBackend) else None
     mqtt = config.mqtt
@@ -178,7 +179,7 @@ async def serve(
         # amqtt speaks 3.1.1 only, and stalls on a v5 CONNECT carrying a will
         log.info("the embedded broker speaks MQTT 3.1.1; using it")
         mqtt = msgspec.structs.replace(mqtt, protocol="3.1.1")
-    subscriptions: tuple[str, ...] = topics.command_filters
+    subscriptions: tuple[str, ...] = (*topics.command_filters, *topics.group_command_filters)
     if simulator is not None:
         subscriptions = (*subscriptions, topics.simulator_filter)
     link = MqttLink(

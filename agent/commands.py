@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import time
 import uuid
+from dataclasses import dataclass, field
 from functools import partial
 from typing import TYPE_CHECKING
 
@@ -26,6 +27,8 @@ from agent.errors import (
     echo,
     error_info,
 )
+from agent.groups import select
+from agent.intake import ALL_LANES
 from agent.messages import (
     DeleteCommand,
     Deploy,
@@ -35,10 +38,12 @@ from agent.messages import (
     ReplyTo,
     decode_delete,
     decode_deploy,
+    decode_group_delete,
+    decode_group_deploy,
     salvage_request_id,
 )
 from agent.requests import Request
-from agent.topics import CommandTopic, SimulatorTopic
+from agent.topics import CommandTopic, GroupCommandTopic, SimulatorTopic
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -49,6 +54,7 @@ if TYPE_CHECKING:
     from agent.models import ModelStore, StoredModel
     from agent.reporter import Reporter
     from agent.topics import Topics
+    from agent.vocab import RequestState
 
 __all__ = ["CommandHandler"]
 
@@ -76,6 +82,16 @@ def _reply_to(message: Inbound, topics: Topics) -> ReplyTo | None:
     return ReplyTo(topic=topic, correlation_data=message.correlation_data)
 
 
+@dataclass(slots=True)
+class _GroupReply:
+    """What every answer to one group command carries."""
+
+    topic: GroupCommandTopic
+    request_id: str
+    stream: str = ""  # known once the target is decoded
+    replies: list[ReplyTo] = field(default_factory=list)
+
+
 class CommandHandler:
     """Validates each camera's commands in arrival order and hands them to the coordinator."""
 
@@ -97,10 +113,13 @@ class CommandHandler:
         self._simulator = simulator
 
     def lane(self, message: Inbound) -> str:
-        """A camera's commands (and simulator knobs) go in one lane: the camera's id."""
+        """A camera's commands (and simulator knobs) go in one lane: the camera's id; a group
+        command may span every camera, so it goes after all before it and before all after."""
         parsed = self._topics.parse(message.topic)
         if isinstance(parsed, CommandTopic | SimulatorTopic):
             return parsed.camera
+        if isinstance(parsed, GroupCommandTopic):
+            return ALL_LANES
         return ""  # ignored by `handle`
 
     async def handle(self, message: Inbound) -> Callable[[], None] | None:
@@ -110,6 +129,8 @@ class CommandHandler:
         parsed = self._topics.parse(message.topic)
         if isinstance(parsed, CommandTopic):
             return await self._command(parsed, message)
+        if isinstance(parsed, GroupCommandTopic):
+            return await self._group(parsed, message)
         if isinstance(parsed, SimulatorTopic):
             self._fault(parsed, message)
         return None
@@ -117,12 +138,17 @@ class CommandHandler:
     def refuse(self, message: Inbound) -> None:
         """Answer a command received too late to be handled: the agent is stopping."""
         topic = self._topics.parse(message.topic)
-        if not isinstance(topic, CommandTopic):
+        if not isinstance(topic, CommandTopic | GroupCommandTopic):
             return
         try:
             reply = _reply_to(message, self._topics)
         except AgentError:
             reply = None
+        if isinstance(topic, GroupCommandTopic):
+            request_id = self._salvage(message.payload) or f"auto-{uuid.uuid4().hex}"
+            to = _GroupReply(topic, request_id, replies=[reply] if reply else [])
+            self._say_group(to, "", "rejected", ShuttingDown())
+            return
         self._reject(topic, message.payload, reply, ShuttingDown())
 
     async def _command(self, topic: CommandTopic, message: Inbound) -> Callable[[], None] | None:
@@ -159,7 +185,7 @@ class CommandHandler:
         )
         request_id = command.request_id or f"auto-{uuid.uuid4().hex}"
         structlog.contextvars.bind_contextvars(request_id=request_id)
-        if self._coordinator.replay(request_id, reply):
+        if self._coordinator.replay(request_id, topic.camera, reply):
             return None
         now = time.time()
         if command.expires_at is not None and now > command.expires_at:
@@ -223,6 +249,117 @@ class CommandHandler:
         except Exception:  # the rejection path must not fail where the main path did
             log.exception("request_id not recoverable from a rejected payload")
             return None
+
+    # --- group commands: `{prefix}/groups/{group}/nn/{action}` ------------------------------
+
+    async def _group(self, topic: GroupCommandTopic, message: Inbound) -> Callable[[], None] | None:
+        """A group command: one request per camera its target selects here, all under its
+        request_id; `skipped` when it selects none. A problem of the command as a whole is
+        one `rejected` with no camera."""
+        reply = None
+        to = _GroupReply(topic, self._salvage(message.payload) or f"auto-{uuid.uuid4().hex}")
+        structlog.contextvars.bind_contextvars(group=topic.group, request_id=to.request_id)
+        try:
+            reply = _reply_to(message, self._topics)
+            to.replies = [reply] if reply else []
+            submitted, replayed = await self._group_requests(to, message)
+        except AgentError as exc:
+            self._say_group(to, "", "rejected", exc)
+            return None
+        except Exception as exc:
+            log.exception("group command failed unexpectedly")
+            self._say_group(to, "", "rejected", Internal(f"{type(exc).__name__}: {exc}"))
+            return None
+        finally:
+            structlog.contextvars.unbind_contextvars("group", "request_id")
+        if submitted:
+            return partial(self._refuse_members, to, submitted)
+        return _nothing if replayed else None  # a replay: a camera's record answers it
+
+    async def _group_requests(
+        self, to: _GroupReply, message: Inbound
+    ) -> tuple[list[Request], bool]:
+        """The requests submitted, one per camera, and whether any camera replayed instead."""
+        payload = message.payload
+        if message.retain:
+            raise RetainedCommand
+        if len(payload) > self._max_payload:
+            raise PayloadTooLarge(size=len(payload), limit=self._max_payload)
+        command, target = (
+            decode_group_deploy(payload)
+            if to.topic.action == "deploy"
+            else decode_group_delete(payload)
+        )
+        to.stream = target.stream
+        cameras = select(target, (w.camera for w in self._coordinator.workers.values()))
+        if not cameras:
+            log.info("group command selects none of this agent's cameras")
+            self._say_group(to, "", "skipped")
+            return [], False
+        reply = to.replies[0] if to.replies else None
+        fresh = [c for c in cameras if not self._coordinator.replay(to.request_id, c, reply)]
+        if not fresh:
+            return [], True
+        now = time.time()
+        if command.expires_at is not None and now > command.expires_at:
+            raise Expired(expires_at=command.expires_at, now=now)
+        deployment = None
+        if isinstance(command, Deploy):  # the model is stored once for every camera
+            deployment = await self._deployment(command, to.request_id)
+        submitted = []
+        for camera in fresh:
+            request = await self._member(to, camera, deployment)
+            if request is not None:
+                submitted.append(request)
+        return submitted, len(fresh) < len(cameras)
+
+    async def _member(
+        self, to: _GroupReply, camera: str, deployment: Deployment | None
+    ) -> Request | None:
+        """Submit the group command's request for one camera; None when it was rejected."""
+        try:
+            self._coordinator.check_target(camera, to.stream)
+            if deployment is not None:
+                self._coordinator.check_runnable(camera, to.stream, deployment)
+            request = Request(
+                id=to.request_id,
+                action=to.topic.action,
+                camera=camera,
+                stream=to.stream,
+                deployment=deployment,
+                replies=list(to.replies),
+                group=to.topic.group,
+            )
+            await self._coordinator.submit(request)
+        except AgentError as exc:
+            self._say_group(to, camera, "rejected", exc)
+        except Exception as exc:
+            log.exception("group command failed unexpectedly", camera=camera)
+            self._say_group(to, camera, "rejected", Internal(f"{type(exc).__name__}: {exc}"))
+        else:
+            return request
+        return None
+
+    def _refuse_members(self, to: _GroupReply, requests: list[Request]) -> None:
+        for request in requests:
+            self._say_group(to, request.camera, "rejected", ShuttingDown())
+
+    def _say_group(
+        self, to: _GroupReply, camera: str, state: RequestState, exc: AgentError | None = None
+    ) -> None:
+        if exc is not None:
+            log.warning("group command rejected", camera=camera, code=exc.code, error=exc.message)
+        event = Event(
+            request_id=to.request_id,
+            action=to.topic.action,
+            camera=camera,
+            stream=to.stream,
+            state=state,
+            ts=time.time(),
+            error=None if exc is None else error_info(exc),
+            group=to.topic.group,
+        )
+        self._reporter.event(event, to.replies)
 
     def _fault(self, topic: SimulatorTopic, message: Inbound) -> None:
         if self._simulator is None:

@@ -105,6 +105,7 @@ class Coordinator:
                     stream=outcome.stream,
                     events=[outcome],
                     phase=Phase.DONE,
+                    group=outcome.group,
                 )
             )
         for stored in document.in_flight:
@@ -118,6 +119,7 @@ class Coordinator:
             stream=stored.stream,
             replies=list(stored.replies),
             phase=Phase.DONE,
+            group=stored.group,
         )
         error = Interrupted(
             "the agent stopped before this request finished; the camera "
@@ -220,9 +222,9 @@ class Coordinator:
             others=worker.running,
         )
 
-    def replay(self, request_id: str, reply: ReplyTo | None) -> bool:
-        """Answer a repeated request_id from the record; False when it is new."""
-        known = self.requests.get(request_id)
+    def replay(self, request_id: str, camera: str, reply: ReplyTo | None) -> bool:
+        """Answer a repeated request_id for `camera` from the record; False when it is new."""
+        known = self.requests.get(request_id, camera)
         if known is None or known.last is None:
             return False
         log.info("duplicate request_id, replaying its outcome", state=known.last.state)
@@ -251,7 +253,7 @@ class Coordinator:
             raise ShuttingDown
         if not worker.camera.present:
             raise CameraOffline(camera=request.camera)
-        known = self.requests.get(request.id)
+        known = self.requests.get(request.id, request.camera)
         if known is not None and known.phase is Phase.STAGED:  # the same id, not yet written
             known.replies.extend(r for r in request.replies if r not in known.replies)
             return

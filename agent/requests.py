@@ -54,6 +54,14 @@ class Request:
     # restores an interrupted request's change after a restart; its answer was already sent
     silent: bool = False
     phase: Phase = Phase.STAGED
+    # sent to a group (`{prefix}/groups/{group}/...`): its events name the group too
+    group: str | None = None
+
+    @property
+    def key(self) -> tuple[str, str]:
+        """Its key in the `RequestLog`: a group command is one request per camera, under
+        the group's request_id, so the camera tells them apart."""
+        return (self.id, self.camera)
 
     @property
     def last(self) -> Event | None:
@@ -80,6 +88,7 @@ class Request:
             ts=time.time(),
             error=error,
             superseded_by=superseded_by,
+            group=self.group,
         )
 
     def say(
@@ -98,18 +107,19 @@ class Request:
 
 
 class RequestLog:
-    """Recent requests by id, so a repeated request_id is answered from the record."""
+    """Recent requests by request_id and camera, so a repeated request_id is answered from
+    the record (one group command is a request per camera, all under one request_id)."""
 
     def __init__(self, size: int = _SIZE) -> None:
         self._size = size
-        self._requests: OrderedDict[str, Request] = OrderedDict()
+        self._requests: OrderedDict[tuple[str, str], Request] = OrderedDict()
 
-    def get(self, request_id: str) -> Request | None:
-        return self._requests.get(request_id)
+    def get(self, request_id: str, camera: str) -> Request | None:
+        return self._requests.get((request_id, camera))
 
     def add(self, request: Request) -> None:
-        self._requests[request.id] = request
-        self._requests.move_to_end(request.id)
+        self._requests[request.key] = request
+        self._requests.move_to_end(request.key)
         while len(self._requests) > self._size:
             oldest = next(iter(self._requests.values()))
             if not oldest.done:  # never forget a request that still has to be answered
@@ -118,8 +128,8 @@ class RequestLog:
 
     def discard(self, request: Request) -> None:
         """Forget a request that was refused after all: its id may be sent again."""
-        if self._requests.get(request.id) is request:
-            del self._requests[request.id]
+        if self._requests.get(request.key) is request:
+            del self._requests[request.key]
 
     def __iter__(self) -> Iterator[Request]:
         return iter(self._requests.values())

@@ -97,6 +97,7 @@ class StoredRequest(msgspec.Struct, frozen=True):
     camera: str
     stream: str
     replies: tuple[ReplyTo, ...] = ()
+    group: str | None = None
 
     @classmethod
     def of(cls, request: Request) -> StoredRequest:
@@ -106,6 +107,7 @@ class StoredRequest(msgspec.Struct, frozen=True):
             camera=request.camera,
             stream=request.stream,
             replies=tuple(request.replies),
+            group=request.group,
         )
 
 

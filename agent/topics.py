@@ -13,6 +13,7 @@ __all__ = [
     "MXID_RE",
     "STREAM_RE",
     "CommandTopic",
+    "GroupCommandTopic",
     "SimulatorTopic",
     "Topics",
     "is_depth_stream",
@@ -36,6 +37,14 @@ class CommandTopic:
 
 
 @dataclass(frozen=True, slots=True)
+class GroupCommandTopic:
+    """A command to every agent of a group: `{prefix}/groups/{group}/nn/{action}`."""
+
+    group: str
+    action: Action
+
+
+@dataclass(frozen=True, slots=True)
 class SimulatorTopic:
     camera: str
     fault: Fault
@@ -46,10 +55,12 @@ class Topics:
     """Every topic of one agent, rooted at `{prefix}/{agent_id}`."""
 
     base: str
+    # the groups this agent belongs to: it acts on their group commands only
+    groups: tuple[str, ...] = ()
 
     @classmethod
-    def for_agent(cls, prefix: str, agent_id: str) -> Topics:
-        return cls(f"{prefix}/{agent_id}")
+    def for_agent(cls, prefix: str, agent_id: str, groups: tuple[str, ...] = ()) -> Topics:
+        return cls(f"{prefix}/{agent_id}", groups)
 
     @property
     def prefix(self) -> str:
@@ -84,6 +95,17 @@ class Topics:
         )
 
     @property
+    def group_command_filters(self) -> tuple[str, ...]:
+        return tuple(
+            self.group_command(group, action)
+            for group in self.groups
+            for action in ("deploy", "delete")
+        )
+
+    def group_command(self, group: str, action: Action) -> str:
+        return f"{self.prefix}/groups/{group}/nn/{action}"
+
+    @property
     def simulator_filter(self) -> str:
         return f"{self.base}/simulator/cameras/+/+"
 
@@ -105,20 +127,31 @@ class Topics:
     def simulator(self, camera: str, fault: Fault) -> str:
         return f"{self.base}/simulator/cameras/{camera}/{fault}"
 
-    def parse(self, topic: str) -> CommandTopic | SimulatorTopic | None:
-        """Parse a topic under this base; None when it is not one the agent acts on.
+    def parse(self, topic: str) -> CommandTopic | GroupCommandTopic | SimulatorTopic | None:
+        """Parse a topic under this base, or a command to one of its groups; None when it is
+        not one the agent acts on.
 
         The camera and stream segments are returned as given, even when they are not
         valid ids: the caller answers those with a precise error instead of ignoring them.
         """
         prefix = self.base + "/"
         if not topic.startswith(prefix):
-            return None
+            return self._parse_group(topic)
         parts = topic[len(prefix) :].split("/")
         match parts:
             case ["cameras", camera, "streams", stream, "nn", ("deploy" | "delete") as action]:
                 return CommandTopic(camera, stream, action)
             case ["simulator", "cameras", camera, ("unplug" | "replug" | "fail_next_boot") as f]:
                 return SimulatorTopic(camera, f)
+            case _:
+                return None
+
+    def _parse_group(self, topic: str) -> GroupCommandTopic | None:
+        prefix = f"{self.prefix}/groups/"
+        if not topic.startswith(prefix):
+            return None
+        match topic[len(prefix) :].split("/"):
+            case [group, "nn", ("deploy" | "delete") as action] if group in self.groups:
+                return GroupCommandTopic(group, action)
             case _:
                 return None
