@@ -10,6 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from agent.config import ConfigError, load_config
 from agent.errors import InvalidPayload
 from agent.groups import select
 from agent.messages import (
@@ -24,6 +25,7 @@ from tests.strategies import hostile_payloads
 
 if TYPE_CHECKING:
     from collections.abc import Callable
+    from pathlib import Path
 
 _T = TypeVar("_T")
 
@@ -220,3 +222,26 @@ def test_selection(refs: list[str], stream: str) -> None:
     assert chosen == expected
     everything = select(GroupTarget(cameras=("*",), stream=stream), cams)  # type: ignore[arg-type]
     assert everything == sorted(c.mxid for c in cams if stream in c.streams)
+
+
+@pytest.mark.parametrize(
+    ("groups", "problem"),
+    [
+        ('["site/3"]', "agent.groups"),
+        ('["a+"]', "agent.groups"),
+        ('[""]', "agent.groups"),
+        ('["a", "a"]', "named twice"),
+    ],
+)
+def test_config_groups_are_topic_levels(tmp_path: Path, groups: str, problem: str) -> None:
+    path = tmp_path / "agent.toml"
+    path.write_text(f"[agent]\nid = 'x'\ngroups = {groups}\n")
+    with pytest.raises(ConfigError) as raised:
+        load_config(path)
+    assert problem in str(raised.value)
+
+
+def test_config_groups(tmp_path: Path) -> None:
+    path = tmp_path / "agent.toml"
+    path.write_text("[agent]\nid = 'x'\ngroups = ['site-3', 'entrance']\n")
+    assert load_config(path).agent.groups == ("site-3", "entrance")
