@@ -2,6 +2,7 @@
 
 oak-agent run --config PATH        the daemon
 oak-agent deploy|delete|watch ...  a small MQTT client for trying the agent out (client.py)
+oak-agent fleet deploy|delete|status|abort ...  staged rollouts across agents (fleet/)
 """
 
 from __future__ import annotations
@@ -78,6 +79,7 @@ async def _run_until_signalled(config_path: Path) -> None:
 def build_parser() -> argparse.ArgumentParser:
     """The `oak-agent` argument parser with every subcommand."""
     from agent.client import add_client_commands  # noqa: PLC0415
+    from agent.fleet.cli import add_fleet_commands  # noqa: PLC0415
 
     parser = argparse.ArgumentParser(
         prog="oak-agent",
@@ -108,6 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--config", type=Path, required=True, help="the agent's TOML config file")
     add_client_commands(sub)
+    add_fleet_commands(sub)
     return parser
 
 
@@ -118,6 +121,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "run":
             anyio.run(_run_until_signalled, args.config)
             return EXIT_OK
+        if args.command == "fleet":
+            from agent.fleet.cli import run_fleet_command  # noqa: PLC0415
+
+            return run_fleet_command(args)
         from agent.client import run_client_command  # noqa: PLC0415
 
         return run_client_command(args)

@@ -13,6 +13,7 @@ __all__ = [
     "MXID_RE",
     "STREAM_RE",
     "CommandTopic",
+    "FleetTopics",
     "GroupCommandTopic",
     "SimulatorTopic",
     "Topics",
@@ -155,3 +156,52 @@ class Topics:
                 return GroupCommandTopic(group, action)
             case _:
                 return None
+
+
+@dataclass(frozen=True, slots=True)
+class FleetTopics:
+    """What a fleet controller reads and writes across every agent under `prefix`."""
+
+    prefix: str
+
+    @property
+    def info_filter(self) -> str:
+        return f"{self.prefix}/+/info"
+
+    @property
+    def availability_filter(self) -> str:
+        return f"{self.prefix}/+/availability"
+
+    @property
+    def events_filter(self) -> str:
+        return f"{self.prefix}/+/events"
+
+    def nn_status_filter(self, stream: str) -> str:
+        return f"{self.prefix}/+/cameras/+/streams/{stream}/nn/status"
+
+    def agent(self, agent_id: str) -> Topics:
+        return Topics.for_agent(self.prefix, agent_id)
+
+    def agent_of(self, topic: str) -> str:
+        """The agent id of a topic under `{prefix}/{agent}/`; "" for any other topic."""
+        head, _, rest = topic.partition("/")
+        if head != self.prefix:
+            return ""
+        agent_id, _, _ = rest.partition("/")
+        return agent_id
+
+    def rollout(self, rollout_id: str) -> str:
+        """The rollout's record, retained."""
+        return f"{self.prefix}/rollouts/{rollout_id}"
+
+    def rollout_controller(self, rollout_id: str) -> str:
+        """`online` while a controller runs the rollout (retained; its will says `offline`)."""
+        return f"{self.prefix}/rollouts/{rollout_id}/controller"
+
+    def rollout_abort(self, rollout_id: str) -> str:
+        """Asks the controller running the rollout to abort it (never retained)."""
+        return f"{self.prefix}/rollouts/{rollout_id}/abort"
+
+    def rollout_sync(self, rollout_id: str) -> str:
+        """The controller's own marker: once it comes back, the retained state before it came."""
+        return f"{self.prefix}/rollouts/{rollout_id}/sync"
