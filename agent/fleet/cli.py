@@ -262,6 +262,10 @@ async def _until_signalled(work: Callable[[], Awaitable[int]]) -> int | None:
             outcome = await work()
         except FleetExit as exc:
             failure = exc
+        except BaseExceptionGroup as group:  # from inside the session's task group
+            failure = _expected(group)
+            if failure is None:
+                raise
         tg.cancel_scope.cancel()
 
     async with anyio.create_task_group() as tg:
@@ -273,6 +277,18 @@ async def _until_signalled(work: Callable[[], Awaitable[int]]) -> int | None:
     if failure is not None:
         raise failure
     return outcome
+
+
+def _expected(group: BaseExceptionGroup[BaseException]) -> FleetExit | None:
+    """The expected end inside an exception group: a FleetExit, or a lost connection."""
+    exits, _ = group.split(FleetExit)
+    if exits is not None:
+        first = exits.exceptions[0]
+        return first if isinstance(first, FleetExit) else _expected(first)
+    lost, _ = group.split(aiomqtt.MqttError)
+    if lost is not None:
+        return FleetExit(EXIT_BROKER, f"lost the connection to the broker: {lost.exceptions[0]}")
+    return None
 
 
 class _Plan(msgspec.Struct, frozen=True):

@@ -215,7 +215,8 @@ class Controller:
         self._rollout = rollout
         self._model = model
         self._progress = progress
-        self._model_sent: set[str] = set()  # agents sent the blob in this run
+        # agents known to store the model: they took a command that carried it
+        self._model_held: set[str] = set()
 
     @property
     def rollout(self) -> Rollout:
@@ -312,7 +313,7 @@ class Controller:
             carry_model
             and action == "deploy"
             and self._model is not None
-            and target.agent not in self._model_sent
+            and target.agent not in self._model_held
         )
         event = await self._send(target, action, body, with_model=with_model)
         if (
@@ -331,7 +332,6 @@ class Controller:
     ) -> Event | None:
         if with_model:
             body = body | {"model": self._model}
-            self._model_sent.add(target.agent)
         topic = self._view.topics.agent(target.agent).command(
             target.camera,
             self._rollout.spec.stream,
@@ -342,7 +342,11 @@ class Controller:
         await self._client.publish(topic, payload, qos=1, timeout=_PUBLISH_SECONDS)
         with anyio.move_on_after(self._rollout.options.timeout):
             await waiter.done.wait()
-        return waiter.last if waiter.done.is_set() else None
+        if not waiter.done.is_set():
+            return None
+        if with_model and waiter.last is not None and waiter.last.state != "rejected":
+            self._model_held.add(target.agent)
+        return waiter.last
 
     # --- rollback -------------------------------------------------------------------------
 
