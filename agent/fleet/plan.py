@@ -80,7 +80,7 @@ class Previous(msgspec.Struct, frozen=True, omit_defaults=True):
     model_name: str | None = None
 
 
-class Target(msgspec.Struct, kw_only=True, omit_defaults=True):
+class Target(msgspec.Struct, kw_only=True):
     agent: str
     camera: str  # mxid
     name: str = ""
