@@ -10,11 +10,13 @@ import subprocess
 import sys
 import uuid
 from functools import partial
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import anyio
 import pytest
 
+from agent.fleet.config import load_controller_config
 from agent.fleet.plan import decode_rollout
 from agent.topics import Topics
 from tests.agent_process import agent_process, write_config
@@ -22,7 +24,6 @@ from tests.harness import CAM1, CAM2, observe
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator
-    from pathlib import Path
 
     from agent.fleet.plan import Rollout
     from tests.brokers import Broker
@@ -378,6 +379,13 @@ async def test_fleet_abort_from_another_process_when_no_controller_runs(
             if target.state == "rolled_back":
                 status = obs.latest_json(obs.topics.nn_status(target.camera, "CAM_A"))
                 assert status["state"] == "none"
+
+
+def test_example_controller_config_loads() -> None:
+    example = Path(__file__).resolve().parent.parent / "config" / "controller.example.toml"
+    config = load_controller_config(example)
+    assert config.mqtt.prefix == "oak"
+    assert config.mqtt.port == 8883
 
 
 def test_fleet_help_and_bad_arguments(tmp_path: Path) -> None:
