@@ -9,12 +9,32 @@ import dataclasses
 import sys
 import time
 
-from bench import commands, discovery_lag, latency, load, overtake, startup, storm, throughput
+from bench import (
+    commands,
+    discovery_lag,
+    fleet,
+    latency,
+    load,
+    overtake,
+    startup,
+    storm,
+    throughput,
+)
 from bench._common import BenchError, Row, Table, machine
 
 _BENCHES = {
     module.__name__.rsplit(".", 1)[-1]: module
-    for module in (throughput, load, latency, storm, commands, overtake, startup, discovery_lag)
+    for module in (
+        throughput,
+        load,
+        latency,
+        storm,
+        commands,
+        overtake,
+        startup,
+        discovery_lag,
+        fleet,
+    )
 }
 
 

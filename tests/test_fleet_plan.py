@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import io
 import math
 
 import msgspec
 from hypothesis import given
 from hypothesis import strategies as st
+from rich.console import Console
+
+from agent.errors import ErrorInfo
 
 from agent.fleet.plan import (
     Options,
@@ -21,6 +25,7 @@ from agent.fleet.plan import (
     select_targets,
     wave_size,
 )
+from agent.fleet.progress import PlainLines, table
 from agent.messages import Info, InfoCamera, MobileNetConfig
 from tests.strategies import hostile_payloads
 
@@ -115,3 +120,24 @@ def test_selection() -> None:
         ""
     ]
     assert msgspec.json.encode(Selection()) == b"{}"
+
+
+def test_the_live_table_and_the_plain_lines_show_every_camera() -> None:
+    rollout = _rollout(["succeeded", "failed", "pending"])
+    rollout.targets[1].error = ErrorInfo("deploy_failed", "no boot")
+    rollout.targets[1].wave = 1
+    console = Console(file=io.StringIO(), width=200, record=True)
+    console.print(table(rollout))
+    shown = console.export_text()
+    assert "rollout r1: running; 3 cameras: 1 failed, 1 pending, 1 succeeded" in shown
+    assert "deploy_failed: no boot" in shown
+    assert shown.count("C1") == 3
+    out = io.StringIO()
+    lines = PlainLines(out)
+    lines.update(rollout)
+    lines.update(rollout)  # nothing changed: nothing more
+    assert out.getvalue().splitlines() == [
+        "a0/C1 succeeded",
+        "wave 1: a1/C1 failed (deploy_failed: no boot)",
+        "rollout r1: running; 3 cameras: 1 failed, 1 pending, 1 succeeded",
+    ]
