@@ -11,7 +11,6 @@ from hypothesis import strategies as st
 from rich.console import Console
 
 from agent.errors import ErrorInfo
-
 from agent.fleet.plan import (
     Options,
     Rollout,
