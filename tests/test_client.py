@@ -478,9 +478,17 @@ def test_a_real_event_decodes(state: str, request_id: str) -> None:
 def test_every_option_has_help() -> None:
     parser = cli_parser()
     subparsers = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
-    assert set(subparsers.choices) == {"run", "deploy", "delete", "watch"}
-    for name, sub in [("oak-agent", parser), *subparsers.choices.items()]:
-        if name in ("deploy", "delete", "watch"):
+    assert set(subparsers.choices) == {"run", "deploy", "delete", "watch", "fleet"}
+    fleet = subparsers.choices["fleet"]
+    actions = next(a for a in fleet._actions if isinstance(a, argparse._SubParsersAction))
+    assert set(actions.choices) == {"deploy", "delete", "status", "abort"}
+    parsers = [
+        ("oak-agent", parser),
+        *subparsers.choices.items(),
+        *((f"fleet {name}", sub) for name, sub in actions.choices.items()),
+    ]
+    for name, sub in parsers:
+        if name in ("deploy", "delete", "watch", "fleet") or name.startswith("fleet "):
             assert "exit codes:" in sub.format_help()
         for action in sub._actions:
             assert action.help, f"{name} {action.option_strings or action.dest} has no help"

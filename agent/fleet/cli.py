@@ -178,7 +178,9 @@ def add_fleet_commands(sub: Any) -> None:
         epilog=EXIT_CODES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    actions = fleet.add_subparsers(dest="fleet_command", required=True, metavar="ACTION")
+    actions = fleet.add_subparsers(
+        dest="fleet_command", required=True, metavar="ACTION", help="one of these:"
+    )
     deploy = actions.add_parser(
         "deploy", help="deploy a model", epilog=EXIT_CODES, formatter_class=_raw()
     )
@@ -201,7 +203,7 @@ def add_fleet_commands(sub: Any) -> None:
     _rollout_options(delete)
     for name, what in (("status", "show a rollout's record"), ("abort", "abort a rollout")):
         parser = actions.add_parser(name, help=what, epilog=EXIT_CODES, formatter_class=_raw())
-        parser.add_argument("id", type=_rollout_id, metavar="ID")
+        parser.add_argument("id", type=_rollout_id, metavar="ID", help="the rollout id")
         parser.add_argument("--config", type=Path, required=True, help="controller.toml")
         if name == "status":
             parser.add_argument("--json", action="store_true", help="print the record as JSON")
