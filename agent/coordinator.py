@@ -119,7 +119,6 @@ class Coordinator:
             stream=stored.stream,
             replies=list(stored.replies),
             phase=Phase.DONE,
-            group=stored.group,
         )
         error = Interrupted(
             "the agent stopped before this request finished; the camera "

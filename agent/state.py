@@ -97,7 +97,6 @@ class StoredRequest(msgspec.Struct, frozen=True):
     camera: str
     stream: str
     replies: tuple[ReplyTo, ...] = ()
-    group: str | None = None
 
     @classmethod
     def of(cls, request: Request) -> StoredRequest:
@@ -107,7 +106,6 @@ class StoredRequest(msgspec.Struct, frozen=True):
             camera=request.camera,
             stream=request.stream,
             replies=tuple(request.replies),
-            group=request.group,
         )
 
 
