@@ -524,9 +524,14 @@ async def _abort(config: ControllerConfig, broker: BrokerOptions, args: argparse
         if view.controllers.get(args.id) == "online":
             # its controller aborts after the wave under way, then rolls back
             await client.publish(view.topics.rollout_abort(args.id), b"abort", qos=1)
-            with anyio.fail_after(args.timeout * 2 + rollout.options.timeout):
-                while not (rollout := view.records[args.id]).finished:
-                    await view.record_changed().wait()
+            try:
+                with anyio.fail_after(args.timeout * 2 + rollout.options.timeout):
+                    while (rollout := view.records[args.id]).state in {"running", "aborting"}:
+                        await view.record_changed().wait()
+            except TimeoutError:
+                raise FleetExit(
+                    EXIT_INCOMPLETE, f"rollout {args.id} is still {rollout.state}"
+                ) from None
             print(summary(rollout))
             return _finish(rollout, args)
     # nobody runs it: roll back here
