@@ -27,6 +27,7 @@ from agent.messages import Info, InfoCamera, LinkCounters
 from agent.models import ModelStore
 from agent.mqtt import MqttLink
 from agent.reporter import Reporter
+from agent.signing import Policy
 from agent.state import StateFile
 from agent.topics import Topics
 
@@ -205,6 +206,7 @@ async def serve(
         state=StateFile(config.state_path),
         store=store,
         group_writes=group_writes,
+        max_signed_requests=config.security.max_signed_requests,
     )
     coordinator.load()
     for camera in backend.cameras.values():
@@ -216,6 +218,11 @@ async def serve(
         reporter=reporter,
         max_payload_bytes=config.agent.max_payload_bytes,
         simulator=simulator,
+        policy=Policy(
+            keys=config.security.trusted_keys(),
+            require_signed=config.security.require_signed,
+            max_command_age=config.security.max_command_age,
+        ),
     )
     intake = Intake(handler, coordinator, lanes=concurrent_commands)
     app = App(

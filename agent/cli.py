@@ -2,6 +2,7 @@
 
 oak-agent run --config PATH        the daemon
 oak-agent deploy|delete|watch ...  a small MQTT client for trying the agent out (client.py)
+oak-agent keygen --out DIR         a key pair for signing commands (client.py, keyfiles.py)
 oak-agent fleet deploy|delete|status|abort ...  staged rollouts across agents (fleet/)
 """
 
@@ -28,7 +29,8 @@ EXIT_CONFIG = 2
 
 DESCRIPTION = """\
 Deploy neural networks onto Luxonis OAK cameras over MQTT: `run` the agent,
-or talk to a running one with `deploy`, `delete` and `watch`."""
+or talk to a running one with `deploy`, `delete` and `watch` (`keygen` makes a key
+to sign them with)."""
 EPILOG = """\
 try it without hardware (from the repository; scripts/demo runs the agent with an
 embedded broker on 127.0.0.1:1883 and two simulated cameras):

@@ -10,12 +10,15 @@ and reports an expected failure as one line on stderr and an exit code.
 from __future__ import annotations
 
 import argparse
+import base64
 import contextlib
 import json
 import os
 import re
 import signal
+import socket
 import sys
+import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,16 +27,22 @@ from typing import TYPE_CHECKING, Any, NoReturn
 import aiomqtt
 import anyio
 import msgspec
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
 
 from agent.config import ConfigError, MqttSection, load_config
 from agent.connect import BrokerOptions, broker_options, connect_problem
+from agent.keyfiles import config_snippet, key_id_of, read_signing_key, write_key_pair
 from agent.messages import Event
 from agent.mqtt import payload_bytes
 from agent.render import Style, render
+from agent.signing import KEY_ID_PROPERTY, KEY_ID_RE, SIGNATURE_PROPERTY, envelope, sign
 from agent.topics import Topics
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Awaitable, Callable
+
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 __all__ = [
     "EXIT_BROKER",
@@ -68,8 +77,10 @@ DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 1883
 DEFAULT_PREFIX = "oak"
 DEFAULT_REQUEST_TIMEOUT = 120.0
+DEFAULT_EXPIRES_IN = 60.0  # a signed command's expires_at, from now
 _CONNECT_TIMEOUT = 10.0
 _LEVEL = re.compile(r"[A-Za-z0-9._-]{1,64}")
+_REFUSED_PROTOCOL = frozenset({1, 132})  # 3.1.1 and MQTT 5 "unsupported protocol version"
 # CONNACK return codes of MQTT 3.1.1
 _REFUSALS = {
     1: "unsupported protocol version",
@@ -92,10 +103,20 @@ class ClientExit(Exception):
 
 
 @dataclass(frozen=True, slots=True)
+class _Signer:
+    key: Ed25519PrivateKey
+    key_id: str
+
+
+@dataclass(frozen=True, slots=True)
 class _Target:
     broker: BrokerOptions
     topics: Topics
     agent: str
+    # MQTT 5 for signed commands (user properties) unless the agent's broker speaks 3.1.1
+    mqtt5: bool = True
+    # the agent's [security] max_command_age, when its config is given
+    max_command_age: float | None = None
 
     @property
     def where(self) -> str:
@@ -174,6 +195,16 @@ def _common_options() -> argparse.ArgumentParser:
     return common
 
 
+def _key_id(value: str) -> str:
+    if not KEY_ID_RE.fullmatch(value):
+        raise argparse.ArgumentTypeError(f"{value!r} is not a key id ([A-Za-z0-9._-], 1-64)")
+    return value
+
+
+def _default_key_id() -> str:
+    return re.sub(r"[^A-Za-z0-9._-]", "-", socket.gethostname())[:64] or "operator"
+
+
 def _request_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--camera",
@@ -194,6 +225,26 @@ def _request_options(parser: argparse.ArgumentParser) -> None:
         default=DEFAULT_REQUEST_TIMEOUT,
         metavar="SECONDS",
         help="seconds to wait for the final answer (default %(default)g)",
+    )
+    signing = parser.add_argument_group("signed commands ([security] in the agent's config)")
+    signing.add_argument(
+        "--sign-key",
+        type=Path,
+        metavar="FILE",
+        help="sign the command with this Ed25519 private key (PEM, from `oak-agent keygen`)",
+    )
+    signing.add_argument(
+        "--key-id",
+        type=_key_id,
+        help="the key's id in the agent's [[security.keys]] (default: the key file's name "
+        "without .key)",
+    )
+    signing.add_argument(
+        "--expires-in",
+        type=_seconds,
+        metavar="SECONDS",
+        help=f"the command's expires_at, from now (default when signed: {DEFAULT_EXPIRES_IN:g}, "
+        "or the agent's max_command_age from --config when smaller)",
     )
 
 
@@ -264,6 +315,26 @@ def add_client_commands(sub: Any) -> None:
     )
     watch.set_defaults(parser=watch)
 
+    keygen = sub.add_parser(
+        "keygen",
+        help="make an Ed25519 key pair for signing commands",
+        description=(
+            "Write a new Ed25519 key pair for signing commands: DIR/ID.key (the private key, "
+            "PEM, mode 0600; give it to `deploy|delete --sign-key`) and DIR/ID.pub (the public "
+            "key in base64), and print the lines that make an agent trust it."
+        ),
+    )
+    keygen.add_argument(
+        "--out", type=Path, required=True, metavar="DIR", help="folder for the two files"
+    )
+    keygen.add_argument(
+        "--key-id",
+        type=_key_id,
+        default=None,
+        help="the key's id (default: this host's name)",
+    )
+    keygen.set_defaults(parser=keygen)
+
 
 # --- running ------------------------------------------------------------------------------
 
@@ -271,16 +342,19 @@ def add_client_commands(sub: Any) -> None:
 def run_client_command(args: argparse.Namespace) -> int:
     """Run `deploy`, `delete` or `watch`; the exit code."""
     parser: argparse.ArgumentParser = args.parser
+    if args.command == "keygen":
+        return _keygen(args)
     try:
         target = _target(args)
+        signer = None if args.command == "watch" else _signer(args)
     except ClientExit as exc:
         parser.error(exc.message)  # usage and exit 2
     try:
         if args.command == "watch":
             outcome = anyio.run(_until_signalled, lambda: _watch(target, args))
             return EXIT_OK if outcome is None else outcome
-        body = _body(args)
-        outcome = anyio.run(_until_signalled, lambda: _request(target, args, body))
+        body = _body(args, signed=signer is not None, max_age=target.max_command_age)
+        outcome = anyio.run(_until_signalled, lambda: _request(target, args, body, signer))
     except ClientExit as exc:
         print(f"oak-agent {args.command}: {exc.message}", file=sys.stderr)
         return exc.code
@@ -292,6 +366,38 @@ def run_client_command(args: argparse.Namespace) -> int:
         )
         return EXIT_INTERRUPTED
     return outcome
+
+
+def _keygen(args: argparse.Namespace) -> int:
+    key_id = args.key_id or _default_key_id()
+    try:
+        pair = write_key_pair(args.out, key_id)
+    except (ValueError, OSError) as exc:
+        print(f"oak-agent keygen: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    print(
+        f"# private key: {pair.private} (keep it secret; "
+        f"oak-agent deploy|delete --sign-key {pair.private})\n"
+        f"# public key:  {pair.public}\n"
+        "# add to the agent's config:\n" + config_snippet(pair),
+        end="",
+    )
+    return EXIT_OK
+
+
+def _signer(args: argparse.Namespace) -> _Signer | None:
+    if args.sign_key is None:
+        if args.key_id is not None:
+            raise ClientExit(EXIT_USAGE, "--key-id goes with --sign-key")
+        return None
+    try:
+        key = read_signing_key(args.sign_key)
+        key_id = args.key_id or key_id_of(args.sign_key)
+    except OSError as exc:
+        raise ClientExit(EXIT_USAGE, f"cannot read {args.sign_key}: {exc.strerror}") from None
+    except ValueError as exc:
+        raise ClientExit(EXIT_USAGE, str(exc)) from None
+    return _Signer(key, key_id)
 
 
 def _target(args: argparse.Namespace) -> _Target:
@@ -319,11 +425,25 @@ def _target(args: argparse.Namespace) -> _Target:
         broker = broker_options(mqtt)
     except ConfigError as exc:
         raise ClientExit(EXIT_USAGE, str(exc)) from None
-    return _Target(broker=broker, topics=Topics.for_agent(prefix, agent), agent=agent)
+    mqtt5 = mqtt.protocol == "5" and not (config is not None and config.broker.embedded)
+    return _Target(
+        broker=broker,
+        topics=Topics.for_agent(prefix, agent),
+        agent=agent,
+        mqtt5=mqtt5,
+        max_command_age=config.security.max_command_age if config else None,
+    )
 
 
-def _body(args: argparse.Namespace) -> dict[str, Any]:
+def _body(
+    args: argparse.Namespace, *, signed: bool = False, max_age: float | None = None
+) -> dict[str, Any]:
     body: dict[str, Any] = {"request_id": args.request_id or f"cli-{uuid.uuid4().hex[:12]}"}
+    expires_in = args.expires_in
+    if expires_in is None and signed:  # within the agent's max_command_age when it is known
+        expires_in = min(DEFAULT_EXPIRES_IN, max_age or DEFAULT_EXPIRES_IN)
+    if expires_in is not None:
+        body["expires_at"] = round(time.time() + expires_in, 3)
     if args.command == "deploy":
         body["nn_config"] = args.nn_config
         if args.model is not None:
@@ -375,18 +495,34 @@ def _quiet_stdout() -> None:
     os.close(devnull)
 
 
+class _ProtocolRefused(Exception):
+    """The broker does not speak MQTT 5."""
+
+
+def _protocol_refused(exc: aiomqtt.MqttError) -> bool:
+    if not isinstance(exc, aiomqtt.MqttCodeError):
+        return False
+    rc = exc.rc if isinstance(exc.rc, int) else getattr(exc.rc, "value", None)
+    return rc in _REFUSED_PROTOCOL
+
+
 @contextlib.asynccontextmanager
-async def _connected(target: _Target) -> AsyncIterator[aiomqtt.Client]:
-    """A connected client; broker problems become a `ClientExit` naming host:port."""
+async def _connected(target: _Target, *, mqtt5: bool = False) -> AsyncIterator[aiomqtt.Client]:
+    """A connected client; broker problems become a `ClientExit` naming host:port.
+
+    `mqtt5`: connect with MQTT 5, and raise `_ProtocolRefused` when the broker refuses it.
+    """
     client = aiomqtt.Client(
         **target.broker.client_kwargs(),
         identifier=f"oak-agent-cli-{uuid.uuid4().hex[:12]}",
-        protocol=aiomqtt.ProtocolVersion.V311,
+        protocol=aiomqtt.ProtocolVersion.V5 if mqtt5 else aiomqtt.ProtocolVersion.V311,
         timeout=_CONNECT_TIMEOUT,
     )
     try:
         await client.__aenter__()
     except aiomqtt.MqttError as exc:
+        if mqtt5 and _protocol_refused(exc):
+            raise _ProtocolRefused from None
         problem = connect_problem(exc, target.broker)
         if problem is None:
             _refused(exc, target)
@@ -417,32 +553,22 @@ def _refused(exc: aiomqtt.MqttError, target: _Target) -> NoReturn:
     ) from None
 
 
-async def _request(target: _Target, args: argparse.Namespace, body: dict[str, Any]) -> int:
+async def _request(
+    target: _Target, args: argparse.Namespace, body: dict[str, Any], signer: _Signer | None
+) -> int:
     """Publish one command, print its events; the exit code of its final state."""
-    request_id = body["request_id"]
-    topics = target.topics
     seen: list[str] = []
     try:
         with anyio.fail_after(args.timeout):
-            async with _connected(target) as client:
-                await client.subscribe(topics.events, qos=1)
-                await client.publish(
-                    topics.command(args.camera, args.stream, args.command), _encode(body), qos=1
-                )
-                async for message in client.messages:
-                    # events are never retained: a retained one is stale or someone else's
-                    if message.retain or not message.topic.matches(topics.events):
-                        continue
-                    payload = payload_bytes(message)
-                    event = decode_event(payload)
-                    if event is None or event.request_id != request_id:
-                        continue
-                    seen.append(event.state)
-                    print(payload.decode(), flush=True)
-                    if event.terminal:
-                        return _outcome(args.command, event)
+            if signer is not None and target.mqtt5:
+                try:
+                    return await _exchange(target, args, body, signer, seen, mqtt5=True)
+                except _ProtocolRefused:
+                    pass  # a 3.1.1 broker: the signature goes in an envelope instead
+            return await _exchange(target, args, body, signer, seen, mqtt5=False)
     except TimeoutError:
         waited = f"within {args.timeout:g} s"
+        request_id = body["request_id"]
         if seen:
             raise ClientExit(
                 EXIT_TIMEOUT, f"request {request_id} is still {seen[-1]}: no final answer {waited}"
@@ -452,6 +578,54 @@ async def _request(target: _Target, args: argparse.Namespace, body: dict[str, An
             f"no answer from agent {target.agent!r} on {target.where} {waited} "
             f"(is it running? `oak-agent watch` shows what it publishes)",
         ) from None
+
+
+def _signed(
+    topic: str, payload: bytes, signer: _Signer, *, mqtt5: bool
+) -> tuple[bytes, Properties | None]:
+    """The payload and properties of a signed command: MQTT 5 user properties, or else
+    the envelope (agent/signing.py)."""
+    signature = sign(signer.key, topic, payload)
+    if not mqtt5:
+        return envelope(payload, signer.key_id, signature), None
+    properties = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
+    properties.UserProperty = [
+        (KEY_ID_PROPERTY, signer.key_id),
+        (SIGNATURE_PROPERTY, base64.b64encode(signature).decode()),
+    ]
+    return payload, properties
+
+
+async def _exchange(
+    target: _Target,
+    args: argparse.Namespace,
+    body: dict[str, Any],
+    signer: _Signer | None,
+    seen: list[str],
+    *,
+    mqtt5: bool,
+) -> int:
+    request_id = body["request_id"]
+    topics = target.topics
+    topic = topics.command(args.camera, args.stream, args.command)
+    payload, properties = _encode(body), None
+    if signer is not None:
+        payload, properties = _signed(topic, payload, signer, mqtt5=mqtt5)
+    async with _connected(target, mqtt5=mqtt5) as client:
+        await client.subscribe(topics.events, qos=1)
+        await client.publish(topic, payload, qos=1, properties=properties)
+        async for message in client.messages:
+            # events are never retained: a retained one is stale or someone else's
+            if message.retain or not message.topic.matches(topics.events):
+                continue
+            payload = payload_bytes(message)
+            event = decode_event(payload)
+            if event is None or event.request_id != request_id:
+                continue
+            seen.append(event.state)
+            print(payload.decode(), flush=True)
+            if event.terminal:
+                return _outcome(args.command, event)
     raise ClientExit(EXIT_BROKER, f"lost the connection to {target.where}")
 
 

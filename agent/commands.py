@@ -10,8 +10,10 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from functools import partial
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Final
 
+import anyio
+import anyio.to_thread
 import structlog
 
 from agent.cameras.base import Deployment
@@ -43,6 +45,7 @@ from agent.messages import (
     salvage_request_id,
 )
 from agent.requests import Request
+from agent.signing import UNSIGNED, Authenticity, Policy, Signature, find_signature
 from agent.topics import CommandTopic, GroupCommandTopic, SimulatorTopic
 
 if TYPE_CHECKING:
@@ -64,6 +67,8 @@ def _nothing() -> None:
 
 
 log = structlog.get_logger(__name__)
+
+_VERIFY_INLINE_BYTES: Final = 1024 * 1024  # larger signed payloads are verified in a thread
 
 
 def _reply_to(message: Inbound, topics: Topics) -> ReplyTo | None:
@@ -90,6 +95,8 @@ class _GroupReply:
     request_id: str
     stream: str = ""  # known once the target is decoded
     replies: list[ReplyTo] = field(default_factory=list)
+    authenticity: Authenticity = UNSIGNED
+    keep_until: float | None = None  # signed: its expires_at
 
 
 class CommandHandler:
@@ -104,8 +111,10 @@ class CommandHandler:
         reporter: Reporter,
         max_payload_bytes: int,
         simulator: SimulatorBackend | None = None,
+        policy: Policy | None = None,
     ) -> None:
         self._topics = topics
+        self._policy = policy if policy is not None else Policy()
         self._coordinator = coordinator
         self._store = store
         self._reporter = reporter
@@ -144,50 +153,86 @@ class CommandHandler:
             reply = _reply_to(message, self._topics)
         except AgentError:
             reply = None
+        payload = message.payload
+        try:  # an envelope's request_id is inside it
+            signature = find_signature(payload, message.user_properties)
+        except AgentError:
+            signature = None
+        if signature is not None:
+            payload = signature.payload
         if isinstance(topic, GroupCommandTopic):
-            request_id = self._salvage(message.payload) or f"auto-{uuid.uuid4().hex}"
+            request_id = self._salvage(payload) or f"auto-{uuid.uuid4().hex}"
             to = _GroupReply(topic, request_id, replies=[reply] if reply else [])
             self._say_group(to, "", "rejected", ShuttingDown())
             return
-        self._reject(topic, message.payload, reply, ShuttingDown())
+        self._reject(topic, payload, reply, ShuttingDown())
 
     async def _command(self, topic: CommandTopic, message: Inbound) -> Callable[[], None] | None:
         payload = message.payload
         reply = None
+        authenticity = UNSIGNED
         structlog.contextvars.bind_contextvars(camera=clip(topic.camera), stream=clip(topic.stream))
         try:
             reply = _reply_to(message, self._topics)
-            request = await self._validate(topic, message.retain, payload, reply)
+            self._admit(message)
+            signature = find_signature(payload, message.user_properties)
+            if signature is not None:
+                payload = signature.payload  # the command; an envelope's request_id is in it
+                authenticity = Authenticity(signed=True, key_id=None)  # not verified yet
+            authenticity = await self._authenticate(message.topic, topic.camera, signature)
+            request = await self._validate(topic, payload, reply, authenticity)
             if request is None:
                 return _nothing  # a replay: the original request's record answers it
             await self._coordinator.submit(request)
         except AgentError as exc:
-            self._reject(topic, payload, reply, exc)
+            self._reject(topic, payload, reply, exc, authenticity)
         except Exception as exc:
             log.exception("command failed unexpectedly")
-            self._reject(topic, payload, reply, Internal(f"{type(exc).__name__}: {exc}"))
+            error = Internal(f"{type(exc).__name__}: {exc}")
+            self._reject(topic, payload, reply, error, authenticity)
         else:
             return partial(self._answer, topic, request.id, reply, ShuttingDown())
         finally:
             structlog.contextvars.unbind_contextvars("camera", "stream", "request_id")
         return None
 
+    async def _authenticate(
+        self, topic: str, camera: str, signature: Signature | None
+    ) -> Authenticity:
+        """Check the signature, in a thread for a large payload (20 MB: ~50 ms of hashing)."""
+        if signature is not None and len(signature.payload) > _VERIFY_INLINE_BYTES:
+            return await anyio.to_thread.run_sync(self._policy.check, topic, camera, signature)
+        return self._policy.check(topic, camera, signature)
+
+    def _admit(self, message: Inbound) -> None:
+        """Refuse what is never looked into: retained, or too large."""
+        if message.retain:
+            raise RetainedCommand
+        if len(message.payload) > self._max_payload:
+            raise PayloadTooLarge(size=len(message.payload), limit=self._max_payload)
+
     async def _validate(
-        self, topic: CommandTopic, retain: bool, payload: bytes, reply: ReplyTo | None
+        self,
+        topic: CommandTopic,
+        payload: bytes,
+        reply: ReplyTo | None,
+        authenticity: Authenticity,
     ) -> Request | None:
         """The accepted request, or None when a repeated request_id was answered instead."""
-        if retain:
-            raise RetainedCommand
-        if len(payload) > self._max_payload:
-            raise PayloadTooLarge(size=len(payload), limit=self._max_payload)
         command: Deploy | DeleteCommand = (
             decode_deploy(payload) if topic.action == "deploy" else decode_delete(payload)
         )
+        now = time.time()
+        if authenticity.signed:
+            self._policy.check_fresh(command.request_id, command.expires_at, now)
+            # before the record: a signed command past its expires_at is never answered
+            # from it, so a replay after that is `expired`, however the original ended
+            if command.expires_at is not None and now > command.expires_at:
+                raise Expired(expires_at=command.expires_at, now=now)
         request_id = command.request_id or f"auto-{uuid.uuid4().hex}"
         structlog.contextvars.bind_contextvars(request_id=request_id)
         if self._coordinator.replay(request_id, topic.camera, reply):
             return None
-        now = time.time()
         if command.expires_at is not None and now > command.expires_at:
             raise Expired(expires_at=command.expires_at, now=now)
         self._coordinator.check_target(topic.camera, topic.stream)
@@ -203,6 +248,8 @@ class CommandHandler:
             stream=topic.stream,
             deployment=deployment,
             replies=[reply] if reply else [],
+            authenticity=authenticity,
+            keep_until=command.expires_at if authenticity.signed else None,
         )
 
     async def _deployment(self, command: Deploy, request_id: str) -> Deployment:
@@ -223,14 +270,31 @@ class CommandHandler:
                 return await self._store.get(sha256)
 
     def _reject(
-        self, topic: CommandTopic, payload: bytes, reply: ReplyTo | None, exc: AgentError
+        self,
+        topic: CommandTopic,
+        payload: bytes,
+        reply: ReplyTo | None,
+        exc: AgentError,
+        authenticity: Authenticity = UNSIGNED,
     ) -> None:
-        self._answer(topic, self._salvage(payload) or f"auto-{uuid.uuid4().hex}", reply, exc)
+        request_id = self._salvage(payload) or f"auto-{uuid.uuid4().hex}"
+        self._answer(topic, request_id, reply, exc, authenticity)
 
     def _answer(
-        self, topic: CommandTopic, request_id: str, reply: ReplyTo | None, exc: AgentError
+        self,
+        topic: CommandTopic,
+        request_id: str,
+        reply: ReplyTo | None,
+        exc: AgentError,
+        authenticity: Authenticity = UNSIGNED,
     ) -> None:
-        log.warning("command rejected", code=exc.code, error=exc.message)
+        log.warning(
+            "command rejected",
+            code=exc.code,
+            error=exc.message,
+            signed=authenticity.signed,
+            key_id=authenticity.key_id,
+        )
         event = Event(
             request_id=request_id,
             action=topic.action,
@@ -256,13 +320,20 @@ class CommandHandler:
         """A group command: one request per camera its target selects here, all under its
         request_id; `skipped` when it selects none. A problem of the command as a whole is
         one `rejected` with no camera."""
-        reply = None
-        to = _GroupReply(topic, self._salvage(message.payload) or f"auto-{uuid.uuid4().hex}")
+        payload = message.payload
+        to = _GroupReply(topic, self._salvage(payload) or f"auto-{uuid.uuid4().hex}")
         structlog.contextvars.bind_contextvars(group=topic.group, request_id=to.request_id)
         try:
             reply = _reply_to(message, self._topics)
             to.replies = [reply] if reply else []
-            submitted, replayed = await self._group_requests(to, message)
+            self._admit(message)
+            signature = find_signature(payload, message.user_properties)
+            if signature is not None:  # an envelope's request_id is inside it
+                payload = signature.payload
+                to.request_id = self._salvage(payload) or to.request_id
+                structlog.contextvars.bind_contextvars(request_id=to.request_id)
+            to.authenticity = await self._authenticate_group(message.topic, signature)
+            submitted, replayed = await self._group_requests(to, payload)
         except AgentError as exc:
             self._say_group(to, "", "rejected", exc)
             return None
@@ -276,15 +347,14 @@ class CommandHandler:
             return partial(self._refuse_members, to, submitted)
         return _nothing if replayed else None  # a replay: a camera's record answers it
 
-    async def _group_requests(
-        self, to: _GroupReply, message: Inbound
-    ) -> tuple[list[Request], bool]:
+    async def _authenticate_group(self, topic: str, signature: Signature | None) -> Authenticity:
+        """The signature of a group command, as `_authenticate` (the cameras come later)."""
+        if signature is not None and len(signature.payload) > _VERIFY_INLINE_BYTES:
+            return await anyio.to_thread.run_sync(self._policy.check_group, topic, signature)
+        return self._policy.check_group(topic, signature)
+
+    async def _group_requests(self, to: _GroupReply, payload: bytes) -> tuple[list[Request], bool]:
         """The requests submitted, one per camera, and whether any camera replayed instead."""
-        payload = message.payload
-        if message.retain:
-            raise RetainedCommand
-        if len(payload) > self._max_payload:
-            raise PayloadTooLarge(size=len(payload), limit=self._max_payload)
         command, target = (
             decode_group_deploy(payload)
             if to.topic.action == "deploy"
@@ -296,11 +366,16 @@ class CommandHandler:
             log.info("group command selects none of this agent's cameras")
             self._say_group(to, "", "skipped")
             return [], False
+        now = time.time()
+        if to.authenticity.signed:  # as for a command to one camera (see `_validate`)
+            self._policy.check_fresh(command.request_id, command.expires_at, now)
+            if command.expires_at is not None and now > command.expires_at:
+                raise Expired(expires_at=command.expires_at, now=now)
+            to.keep_until = command.expires_at
         reply = to.replies[0] if to.replies else None
         fresh = [c for c in cameras if not self._coordinator.replay(to.request_id, c, reply)]
         if not fresh:
             return [], True
-        now = time.time()
         if command.expires_at is not None and now > command.expires_at:
             raise Expired(expires_at=command.expires_at, now=now)
         deployment = None
@@ -318,6 +393,7 @@ class CommandHandler:
     ) -> Request | None:
         """Submit the group command's request for one camera; None when it was rejected."""
         try:
+            self._policy.check_camera(to.authenticity, camera)
             self._coordinator.check_target(camera, to.stream)
             if deployment is not None:
                 self._coordinator.check_runnable(camera, to.stream, deployment)
@@ -328,6 +404,8 @@ class CommandHandler:
                 stream=to.stream,
                 deployment=deployment,
                 replies=list(to.replies),
+                authenticity=to.authenticity,
+                keep_until=to.keep_until,
                 group=to.topic.group,
             )
             await self._coordinator.submit(request)
@@ -348,7 +426,14 @@ class CommandHandler:
         self, to: _GroupReply, camera: str, state: RequestState, exc: AgentError | None = None
     ) -> None:
         if exc is not None:
-            log.warning("group command rejected", camera=camera, code=exc.code, error=exc.message)
+            log.warning(
+                "group command rejected",
+                camera=camera,
+                code=exc.code,
+                error=exc.message,
+                signed=to.authenticity.signed,
+                key_id=to.authenticity.key_id,
+            )
         event = Event(
             request_id=to.request_id,
             action=to.topic.action,
@@ -367,11 +452,29 @@ class CommandHandler:
         if message.retain:
             log.warning("retained simulator command ignored", camera=clip(topic.camera))
             return
+        try:  # the same rule as for commands: see the README, "Signed commands"
+            signature = find_signature(message.payload, message.user_properties)
+            authenticity = self._policy.check(message.topic, topic.camera, signature)
+        except AgentError as exc:
+            log.warning(
+                "simulator command refused",
+                camera=clip(topic.camera),
+                fault=topic.fault,
+                code=exc.code,
+                error=exc.message,
+            )
+            return
         camera = self._simulator.cameras.get(topic.camera)
         if camera is None:
             log.warning("simulator command for unknown camera", camera=clip(topic.camera))
             return
-        log.info("simulator fault", camera=topic.camera, fault=topic.fault)
+        log.info(
+            "simulator fault",
+            camera=topic.camera,
+            fault=topic.fault,
+            signed=authenticity.signed,
+            key_id=authenticity.key_id,
+        )
         match topic.fault:
             case "unplug":
                 camera.unplug()

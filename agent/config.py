@@ -11,6 +11,7 @@ from typing import Annotated, Literal
 import msgspec
 from msgspec import Meta
 
+from agent.signing import ANY_CAMERA, TrustedKey, read_public_key
 from agent.topics import MXID_RE
 
 __all__ = [
@@ -20,6 +21,8 @@ __all__ = [
     "ConfigError",
     "DepthaiSection",
     "MqttSection",
+    "SecurityKey",
+    "SecuritySection",
     "SensorKind",
     "SimulatedCamera",
     "SimulatorSection",
@@ -104,6 +107,35 @@ class MqttSection(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     reconnect_max: Annotated[float, Meta(gt=0.0)] = 30.0
 
 
+class SecurityKey(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """`[[security.keys]]`: a key whose signatures the agent trusts."""
+
+    id: Annotated[str, Meta(pattern=r"^[A-Za-z0-9._-]{1,64}$")]
+    # raw Ed25519 public key, standard base64 (checked by `load_config`)
+    public_key: str
+    # mxids this key may command; "*" for every camera
+    cameras: Annotated[
+        tuple[Annotated[str, Meta(pattern=f"^(\\*|{MXID_RE.pattern})$")], ...], Meta(min_length=1)
+    ] = (ANY_CAMERA,)
+
+
+class SecuritySection(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    # unsigned commands (and simulator knobs) are rejected `unauthorized`
+    require_signed: bool = False
+    # a signed command's expires_at may be at most this many seconds ahead
+    max_command_age: Annotated[float, Meta(gt=0.0, le=86_400.0)] = 300.0
+    # signed request ids kept against replays until their expires_at; beyond, refused
+    max_signed_requests: Annotated[int, Meta(ge=1, le=1_000_000)] = 4096
+    keys: tuple[SecurityKey, ...] = ()
+
+    def trusted_keys(self) -> dict[str, TrustedKey]:
+        """The keys by id, parsed (the config was checked by `load_config`)."""
+        return {
+            key.id: TrustedKey(key.id, read_public_key(key.public_key), frozenset(key.cameras))
+            for key in self.keys
+        }
+
+
 class BrokerSection(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     # run an in-process amqtt broker on [mqtt] host:port (demo only: MQTT 3.1.1, ~half speed)
     embedded: bool = False
@@ -150,6 +182,7 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     simulator: SimulatorSection | None = None
     # real cameras; the backend when there is no [simulator] section
     depthai: DepthaiSection | None = None
+    security: SecuritySection = SecuritySection()
 
     @property
     def client_id(self) -> str:
@@ -168,6 +201,7 @@ def _check(config: Config) -> None:
         raise ConfigError("mqtt.tls: set both cert_file and key_file (mutual TLS), or neither")
     if len(set(config.agent.groups)) != len(config.agent.groups):
         raise ConfigError("agent.groups: a group is named twice")
+    _check_security(config.security)
     if config.simulator is not None and config.depthai is not None:
         raise ConfigError("[simulator] and [depthai] exclude each other: choose one backend")
     if config.simulator is None:
@@ -186,6 +220,23 @@ def _check(config: Config) -> None:
                 raise ConfigError(f"{where}.stereo: {', '.join(missing)} is not in sensors")
             if left == right:
                 raise ConfigError(f"{where}.stereo: a pair needs two different sensors")
+
+
+def _check_security(security: SecuritySection) -> None:
+    seen: set[str] = set()
+    for key in security.keys:
+        where = f"security.keys[{key.id}]"
+        if key.id in seen:
+            raise ConfigError(f"{where}: duplicate key id")
+        seen.add(key.id)
+        try:
+            read_public_key(key.public_key)
+        except ValueError as exc:
+            raise ConfigError(f"{where}.public_key {exc}") from None
+    if security.require_signed and not security.keys:
+        raise ConfigError(
+            "security: require_signed = true needs at least one [[security.keys]] to trust"
+        )
 
 
 def locate(name: str, *, base: Path, credential: bool) -> str:

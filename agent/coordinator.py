@@ -7,6 +7,7 @@ only once a state write records it.
 
 from __future__ import annotations
 
+import time
 from typing import TYPE_CHECKING, Final
 
 import anyio
@@ -17,6 +18,7 @@ from agent.errors import (
     AgentError,
     CameraOffline,
     Interrupted,
+    ReplayWindowFull,
     ShuttingDown,
     StateUnreadable,
     StateWriteFailed,
@@ -60,6 +62,7 @@ class Coordinator:
         state: StateFile,
         store: ModelStore,
         group_writes: bool = True,
+        max_signed_requests: int = 4096,
     ) -> None:
         self._reporter = reporter
         self._topics = topics
@@ -67,7 +70,8 @@ class Coordinator:
         self._store = store
         store.keep_referenced(self.referenced_models)
         self.workers: dict[str, CameraWorker] = {}
-        self.requests = RequestLog()
+        self._max_signed = max_signed_requests
+        self.requests = RequestLog(signed_limit=max_signed_requests)
         self._saved: dict[str, CameraState] = {}  # cameras not (yet) present in this run
         self._recorded = StateDocument()  # the document last written, or read at start-up
         self._task_group: TaskGroup | None = None
@@ -105,13 +109,14 @@ class Coordinator:
                     stream=outcome.stream,
                     events=[outcome],
                     phase=Phase.DONE,
+                    keep_until=document.signed_until.get(outcome.request_id),
                     group=outcome.group,
                 )
             )
         for stored in document.in_flight:
-            self._interrupted(stored)
+            self._interrupted(stored, document.signed_until.get(stored.request_id))
 
-    def _interrupted(self, stored: StoredRequest) -> None:
+    def _interrupted(self, stored: StoredRequest, keep_until: float | None) -> None:
         request = Request(
             id=stored.request_id,
             action=stored.action,
@@ -119,6 +124,7 @@ class Coordinator:
             stream=stored.stream,
             replies=list(stored.replies),
             phase=Phase.DONE,
+            keep_until=keep_until,
         )
         error = Interrupted(
             "the agent stopped before this request finished; the camera "
@@ -256,6 +262,10 @@ class Coordinator:
         if known is not None and known.phase is Phase.STAGED:  # the same id, not yet written
             known.replies.extend(r for r in request.replies if r not in known.replies)
             return
+        if request.keep_until is not None:
+            wait = self.requests.signed_room(time.time())
+            if wait is not None:
+                raise ReplayWindowFull(limit=self._max_signed, retry_after=wait)
         self.requests.add(request)
         worker.slots.stage(request)
         if self._group_writes:
@@ -303,7 +313,7 @@ class Coordinator:
                 continue
             cameras[mxid] = CameraState.of(worker.slots.desired(), worker.slots.last_good())
             in_flight.extend(worker.slots.in_flight())
-        outcomes = []
+        outcomes: list[Request] = []
         for request in self.requests:
             last = request.last
             if last is None or not last.terminal:
@@ -311,11 +321,18 @@ class Coordinator:
             if final and self.is_held(last):
                 in_flight.append(request)  # answered `interrupted` after the restart
             else:
-                outcomes.append(last)
+                outcomes.append(request)
+        now = time.time()
+        signed_until = {
+            r.id: r.keep_until
+            for r in (*outcomes, *in_flight)
+            if r.keep_until is not None and r.keep_until >= now
+        }
         return StateDocument(
             cameras=cameras,
             in_flight=tuple(StoredRequest.of(r) for r in in_flight),
-            outcomes=tuple(outcomes),
+            outcomes=tuple(r.events[-1] for r in outcomes),
+            signed_until=signed_until,
         )
 
     def referenced_models(self) -> set[str]:

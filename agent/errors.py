@@ -8,6 +8,7 @@ import msgspec
 
 __all__ = [
     "AgentError",
+    "BadSignature",
     "CameraOffline",
     "ChecksumMismatch",
     "DeployFailed",
@@ -21,11 +22,13 @@ __all__ = [
     "ModelNotFound",
     "ModelWriteFailed",
     "PayloadTooLarge",
+    "ReplayWindowFull",
     "RetainedCommand",
     "SessionTakenOver",
     "ShuttingDown",
     "StateUnreadable",
     "StateWriteFailed",
+    "Unauthorized",
     "UnknownCamera",
     "UnknownStream",
     "clip",
@@ -150,6 +153,32 @@ class Expired(AgentError):
     def __init__(self, *, expires_at: float, now: float) -> None:
         super().__init__(f"command expired at {expires_at:.3f}; it arrived at {now:.3f}")
         self.expires_at = expires_at
+
+
+class Unauthorized(AgentError):
+    """Unsigned where signatures are required, or signed by a key not trusted for it."""
+
+    code = "unauthorized"
+
+
+class BadSignature(AgentError):
+    """A signature that is malformed or does not verify."""
+
+    code = "bad_signature"
+
+
+class ReplayWindowFull(AgentError):
+    """Too many signed requests are inside their validity window to take another one."""
+
+    code = "replay_window_full"
+
+    def __init__(self, *, limit: int, retry_after: float) -> None:
+        super().__init__(
+            f"{limit} signed requests are still within their expires_at and kept against "
+            f"replays ([security] max_signed_requests); send it again in {retry_after:.0f} s, "
+            "or sign requests with a nearer expires_at"
+        )
+        self.limit = limit
 
 
 class CameraOffline(AgentError):

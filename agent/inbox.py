@@ -25,6 +25,8 @@ class Inbound:
     # MQTT 5 Response Topic and Correlation Data, unchecked: the boundary validates them
     response_topic: str | None = None
     correlation_data: bytes | None = None
+    # MQTT 5 user properties as received, in order, duplicates kept (signatures travel here)
+    user_properties: tuple[tuple[str, str], ...] = ()
 
 
 class Receipt(Protocol):

@@ -48,7 +48,7 @@ if TYPE_CHECKING:
     from agent.inbox import Receipt
     from agent.messages import ReplyTo
 
-__all__ = ["LinkStats", "MqttLink", "payload_bytes"]
+__all__ = ["LinkStats", "MqttLink", "payload_bytes", "user_properties"]
 
 log = structlog.get_logger(__name__)
 
@@ -68,6 +68,22 @@ _DETECTION_BATCH: Final = 256
 
 Receive = Callable[[Inbound, "Receipt"], None]  # never blocks
 Report = Callable[[AgentError], None]  # a problem of the agent itself
+
+
+def user_properties(properties: Properties | None) -> tuple[tuple[str, str], ...]:
+    """A message's MQTT 5 user properties as (name, value) pairs; anything else paho might
+    hand over (not a list of string pairs) is left out, for the boundary to find nothing."""
+    found = getattr(properties, "UserProperty", None) if properties else None
+    if not isinstance(found, list):
+        return ()
+    return tuple(
+        (pair[0], pair[1])
+        for pair in found
+        if isinstance(pair, tuple)
+        and len(pair) == 2  # a pair
+        and isinstance(pair[0], str)
+        and isinstance(pair[1], str)
+    )
 
 
 def payload_bytes(message: aiomqtt.Message) -> bytes:
@@ -171,6 +187,12 @@ class MqttLink:
         # False: aiomqtt's public API only (agent/paho_fast.py), as with other versions
         self._fast_path = fast_path
         self._fast = False  # the fast path is used with the current client
+        if not paho_fast.tolerate_property_strings():
+            log.warning(
+                "paho refuses some MQTT 5 string properties: a command carrying U+FEFF in one "
+                "drops the connection on every delivery",
+                versions=paho_fast.VERSIONS,
+            )
         if fast_path and not paho_fast.FAST_PATH:
             log.warning(
                 "paho fast path off: written for other versions; using aiomqtt's public API "
@@ -450,6 +472,7 @@ class MqttLink:
             retain=message.retain,
             response_topic=(getattr(properties, "ResponseTopic", None) if properties else None),
             correlation_data=bytes(data) if data is not None else None,
+            user_properties=user_properties(properties),
         )
         receipt = connection.receive(self, message.mid, message.qos, len(payload))
         self._held += 1

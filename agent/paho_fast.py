@@ -16,6 +16,13 @@ logs once what it does without:
 - `publish_batch`: aiomqtt's publish costs about three event-loop passes per QoS 0 packet;
   this writes a batch from paho's own `publish`, in the calling task.
 - `close_unanswered`: aiomqtt leaves the socket of a CONNECT without CONNACK open.
+
+`tolerate_property_strings` is not about speed: it replaces paho's reader of MQTT 5 string
+properties (`paho.mqtt.properties.readUTF`), which refuses U+FEFF (that MQTT 5 allows,
+[MQTT-1.5.4-3], and mosquitto forwards) and raises on ill-formed UTF-8: either drops the
+connection, and the broker sends the same unacknowledged command again on every reconnect,
+forever. With it, such a string reaches the command boundary (ill-formed bytes as U+FFFD),
+which answers the command.
 """
 
 from __future__ import annotations
@@ -28,6 +35,10 @@ import aiomqtt
 import anyio
 import paho.mqtt
 import paho.mqtt.client as mqtt
+import paho.mqtt.properties
+from paho.mqtt.exception import MalformedPacket
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator
@@ -43,6 +54,7 @@ __all__ = [
     "pause_reading_while",
     "publish_batch",
     "register_writers_safely",
+    "tolerate_property_strings",
 ]
 
 # (major, minor) of the releases whose internals this module was written against
@@ -79,6 +91,42 @@ def _paho(client: aiomqtt.Client) -> mqtt.Client:
         msg = f"aiomqtt keeps no paho client in `_client` ({VERSIONS}): no manual acks"
         raise TypeError(msg)
     return paho_client
+
+
+def _read_text(buffer: bytes | bytearray, maxlen: int) -> tuple[str, int]:
+    """An MQTT string (two length bytes, then the bytes) and the bytes it took; as paho's
+    `readUTF`, but neither U+FEFF nor ill-formed UTF-8 (read as U+FFFD) are refused."""
+    if maxlen < 2:  # the length field
+        raise MalformedPacket("Not enough data to read string length")
+    length = int.from_bytes(buffer[:2], "big")
+    if length > maxlen - 2:
+        raise MalformedPacket("Length delimited string too long")
+    return bytes(buffer[2 : 2 + length]).decode("utf-8", errors="replace"), length + 2
+
+
+def _check_read_text() -> bool:
+    """Whether paho reads string properties through the module's `readUTF` (checked on a
+    user property holding U+FEFF, which the original refuses)."""
+    properties = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
+    properties.UserProperty = [("k", "\ufeff")]
+    packed = properties.pack()  # type: ignore[no-untyped-call]
+    try:
+        read = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
+        read.unpack(packed)  # type: ignore[no-untyped-call]
+    except MalformedPacket:
+        return False
+    return getattr(read, "UserProperty", None) == [("k", "\ufeff")]
+
+
+def tolerate_property_strings() -> bool:
+    """Have paho read string properties with `_read_text` (see the module's docstring);
+    True once it does. Idempotent; process-wide, as paho's reader is."""
+    module: Any = paho.mqtt.properties
+    if getattr(module, "readUTF", None) is not _read_text:
+        if not callable(getattr(module, "readUTF", None)):
+            return False
+        module.readUTF = _read_text
+    return _check_read_text()
 
 
 def fast_path_for(client: aiomqtt.Client) -> bool:

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import enum
+import itertools
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Final, NamedTuple
 
 from agent.messages import Event
+from agent.signing import UNSIGNED, Authenticity
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -21,6 +23,7 @@ if TYPE_CHECKING:
 __all__ = ["Notice", "Phase", "Request", "RequestLog"]
 
 _SIZE: Final = 256
+_SIGNED_LIMIT: Final = 4096
 
 
 class Phase(enum.Enum):
@@ -54,6 +57,10 @@ class Request:
     # restores an interrupted request's change after a restart; its answer was already sent
     silent: bool = False
     phase: Phase = Phase.STAGED
+    # who sent it (for the audit log)
+    authenticity: Authenticity = UNSIGNED
+    # signed: its expires_at; its record is kept against replays at least until then
+    keep_until: float | None = None
     # sent to a group (`{prefix}/groups/{group}/...`): its events name the group too
     group: str | None = None
 
@@ -108,23 +115,57 @@ class Request:
 
 class RequestLog:
     """Recent requests by request_id and camera, so a repeated request_id is answered from
-    the record (one group command is a request per camera, all under one request_id)."""
+    the record (one group command is a request per camera, all under one request_id).
 
-    def __init__(self, size: int = _SIZE) -> None:
+    The last `size` requests, and besides them every signed request until its `keep_until`
+    (its expires_at) passes: a signed command replayed while it is valid is answered from
+    the record however many requests came since. At most `signed_limit` of those at once:
+    `signed_room` tells the boundary to refuse more.
+    """
+
+    def __init__(self, size: int = _SIZE, *, signed_limit: int = _SIGNED_LIMIT) -> None:
         self._size = size
+        self._signed_limit = signed_limit
         self._requests: OrderedDict[tuple[str, str], Request] = OrderedDict()
+        # signed requests past the last `size`, kept until their `keep_until`
+        self._kept: dict[tuple[str, str], Request] = {}
 
     def get(self, request_id: str, camera: str) -> Request | None:
-        return self._requests.get((request_id, camera))
+        key = (request_id, camera)
+        return self._requests.get(key) or self._kept.get(key)
 
     def add(self, request: Request) -> None:
+        self._kept.pop(request.key, None)
         self._requests[request.key] = request
         self._requests.move_to_end(request.key)
+        now = time.time()
         while len(self._requests) > self._size:
             oldest = next(iter(self._requests.values()))
             if not oldest.done:  # never forget a request that still has to be answered
                 break
             self._requests.popitem(last=False)
+            if oldest.keep_until is not None and oldest.keep_until >= now:
+                self._kept[oldest.key] = oldest
+        self.expire(now)
+
+    def expire(self, now: float) -> None:
+        """Forget the signed requests kept past the last `size` whose time has passed."""
+        gone = [r.key for r in self._kept.values() if r.keep_until is None or r.keep_until < now]
+        for key in gone:
+            del self._kept[key]
+
+    def signed_room(self, now: float) -> float | None:
+        """None when one more signed request may be taken; else the seconds until one of
+        those kept expires."""
+        self.expire(now)
+        live = [
+            r.keep_until
+            for r in itertools.chain(self._kept.values(), self._requests.values())
+            if r.keep_until is not None and r.keep_until >= now
+        ]
+        if len(live) < self._signed_limit:
+            return None
+        return max(0.0, min(live) - now)
 
     def discard(self, request: Request) -> None:
         """Forget a request that was refused after all: its id may be sent again."""
@@ -132,4 +173,5 @@ class RequestLog:
             del self._requests[request.key]
 
     def __iter__(self) -> Iterator[Request]:
-        return iter(self._requests.values())
+        """Oldest first: the signed ones kept past the last `size`, then those."""
+        return itertools.chain(self._kept.values(), self._requests.values())

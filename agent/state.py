@@ -132,6 +132,9 @@ class StateDocument(msgspec.Struct, frozen=True):
     in_flight: tuple[StoredRequest, ...] = ()
     # terminal events of recent requests, oldest first: duplicate detection across restarts
     outcomes: tuple[Event, ...] = ()
+    # request_id -> expires_at of the signed requests among `outcomes` and `in_flight`:
+    # their records are kept against replays until then
+    signed_until: dict[str, float] = {}
 
     def models(self) -> set[str]:
         """The sha256 of every model a camera's desired or last-good set names."""

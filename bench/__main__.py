@@ -16,6 +16,7 @@ from bench import (
     latency,
     load,
     overtake,
+    signing,
     startup,
     storm,
     throughput,
@@ -33,6 +34,7 @@ _BENCHES = {
         overtake,
         startup,
         discovery_lag,
+        signing,
         fleet,
     )
 }

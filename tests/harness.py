@@ -19,6 +19,7 @@ from agent.config import (
     AgentSection,
     Config,
     MqttSection,
+    SecuritySection,
     SimulatedCamera,
     SimulatorSection,
 )
@@ -88,6 +89,7 @@ def make_config(
     state_dir: Path,
     *,
     cameras: tuple[SimulatedCamera, ...] | None = None,
+    security: SecuritySection | None = None,
     **agent_options: Any,
 ) -> Config:
     agent_id = f"t{next(_ids)}-{uuid.uuid4().hex[:8]}"
@@ -105,6 +107,7 @@ def make_config(
         simulator=SimulatorSection(
             cameras=cameras if cameras is not None else (camera_spec(CAM1), camera_spec(CAM2))
         ),
+        security=security if security is not None else SecuritySection(),
     )
 
 

@@ -11,7 +11,7 @@ from typing import Any
 import msgspec
 from hypothesis import strategies as st
 
-__all__ = ["deep_values", "hostile_payloads", "nested_value"]
+__all__ = ["deep_values", "envelopes", "hostile_payloads", "nested_value", "user_properties"]
 
 _BASE: dict[str, Any] = {"nn_config": {"type": "Generic"}, "model": b"x"}
 _FIELDS = ["request_id", "model_name", "labels", "nn_config", "expires_at", "unknown"]
@@ -127,3 +127,50 @@ def _oversized(draw: st.DrawFn) -> bytes:
 
 
 hostile_payloads = st.one_of(_deep(), _bad_utf8(), _oversized())
+
+
+# --- signed commands: what a sender controls besides the payload -------------------------
+
+# what mosquitto forwards in a string (it refuses control characters and noncharacters),
+# with U+FEFF, which paho refused (agent/paho_fast.py)
+_property_text = st.text(
+    st.characters(exclude_categories=("Cs", "Cc", "Cn")) | st.just("\ufeff"), max_size=40
+)
+_names = st.sampled_from(["oak-key-id", "oak-signature", "oak-key", "x"]) | _property_text
+_values = (
+    _property_text
+    | st.sampled_from(["ops", "A" * 88, "A" * 86 + "==", "=" * 88])
+    | st.integers(0, 30_000).map(lambda n: "A" * n)  # huge values
+)
+user_properties = st.lists(st.tuples(_names, _values), max_size=6)
+
+_msgpack_values = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**63), 2**64 - 1)
+    | st.text(max_size=20)
+    | st.binary(max_size=80),
+    lambda inner: (
+        st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner, max_size=3)
+    ),
+    max_leaves=8,
+)
+
+
+@st.composite
+def _envelope(draw: st.DrawFn) -> bytes:
+    """A MessagePack map shaped like, or almost like, a signed-command envelope."""
+    keys = ["signed", "key_id", "signature"]
+    body: dict[str, Any] = {
+        "signed": draw(st.binary(max_size=200) | _msgpack_values),
+        "key_id": draw(st.sampled_from(["ops", "cam1", "nobody"]) | _msgpack_values),
+        "signature": draw(st.binary(min_size=64, max_size=64) | _msgpack_values),
+    }
+    if draw(st.booleans()):
+        del body[draw(st.sampled_from(keys))]
+    if draw(st.booleans()):
+        body[draw(st.sampled_from([*keys, "request_id", "nn_config"]))] = draw(_msgpack_values)
+    return msgspec.msgpack.encode(body)
+
+
+envelopes = _envelope()

@@ -478,7 +478,7 @@ def test_a_real_event_decodes(state: str, request_id: str) -> None:
 def test_every_option_has_help() -> None:
     parser = cli_parser()
     subparsers = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
-    assert set(subparsers.choices) == {"run", "deploy", "delete", "watch", "fleet"}
+    assert set(subparsers.choices) == {"run", "deploy", "delete", "watch", "keygen", "fleet"}
     fleet = subparsers.choices["fleet"]
     actions = next(a for a in fleet._actions if isinstance(a, argparse._SubParsersAction))
     assert set(actions.choices) == {"deploy", "delete", "status", "abort"}
