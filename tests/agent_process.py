@@ -34,9 +34,10 @@ def write_config(
     mqtt_extra: str = "",
     groups: tuple[str, ...] = (),
     cameras: tuple[tuple[str, str], ...] = ((CAM1, ""), (CAM2, "")),
+    extra: str = "",
 ) -> Path:
     """An agent config with simulated cameras (mxid, name: two unnamed ones by default);
-    `mqtt_extra` adds lines to [mqtt]."""
+    `mqtt_extra` adds lines to [mqtt], `extra` whole sections at the end."""
     simulated = "".join(
         f"""
 [[simulator.cameras]]
@@ -64,7 +65,8 @@ protocol = "{protocol or broker.protocol}"
 reconnect_min = {reconnect[0]}
 reconnect_max = {reconnect[1]}
 {mqtt_extra}
-{simulated}"""
+{simulated}
+{extra}"""
     )
     return path
 

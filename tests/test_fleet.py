@@ -461,3 +461,47 @@ async def test_fleet_abort_asks_the_running_controller(
                 assert (
                     obs.latest_json(obs.topics.nn_status(target.camera, "CAM_A"))["state"] == "none"
                 )
+
+
+async def test_signed_rollout_to_agents_that_require_signatures(
+    broker: Broker, tmp_path: Path, own_blobs: dict[str, Path]
+) -> None:
+    keys = tmp_path / "keys"
+    made = await anyio.run_process(
+        [sys.executable, "-m", "agent.cli", "keygen", "--out", str(keys), "--key-id", "fleet"],
+        check=False,
+    )
+    assert made.returncode == 0, made.stderr
+    public = (keys / "fleet.pub").read_text().strip()
+    security = (
+        f'[security]\nrequire_signed = true\n\n[[security.keys]]\nid = "fleet"\n'
+        f'public_key = "{public}"\n'
+    )
+    group = f"fleet-{uuid.uuid4().hex[:8]}"
+    config = controller_config(tmp_path / "controller.toml", broker)
+    tag = uuid.uuid4().hex[:6]
+    agent_id = f"signed-{tag}"
+    async with observe(broker, Topics.for_agent(PREFIX, agent_id)) as obs:
+        agent_config = write_config(
+            tmp_path / "agent.toml",
+            broker,
+            tmp_path / "state",
+            agent_id,
+            groups=(group,),
+            extra=security,
+        )
+        with agent_process(agent_config, tmp_path / "agent.log"):
+            await obs.wait_for(partial(_online, obs), what="online")
+            base = ["deploy", "--group", group, "--stream", "CAM_A", "--model"]
+            model = [str(own_blobs["ssd_tiny"]), "--nn-config", MOBILENET]
+            unsigned = await run_fleet(config, *base, *model, "--rollout-id", f"u-{tag}")
+            assert unsigned.returncode == 1  # refused (unauthorized): aborted
+            assert b"unauthorized" in unsigned.stdout
+            key = ["--sign-key", str(keys / "fleet.key")]
+            done = await run_fleet(config, *base, *model, *key, "--rollout-id", f"s-{tag}")
+            assert done.returncode == 0, done.stdout.decode() + done.stderr.decode()
+            for camera in (CAM1, CAM2):
+                assert (
+                    _sha(obs, camera)
+                    == hashlib.sha256(own_blobs["ssd_tiny"].read_bytes()).hexdigest()
+                )

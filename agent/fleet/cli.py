@@ -20,7 +20,7 @@ import msgspec
 from agent.config import ConfigError
 from agent.connect import broker_options, connect_problem
 from agent.fleet.config import load_controller_config
-from agent.fleet.controller import Controller, FleetView, connect, read_into, sync
+from agent.fleet.controller import Controller, FleetView, Signer, connect, read_into, sync
 from agent.fleet.plan import (
     ROLLOUT_ID_RE,
     Options,
@@ -31,6 +31,7 @@ from agent.fleet.plan import (
     select_targets,
 )
 from agent.fleet.progress import PlainLines, progress_for, summary, table
+from agent.keyfiles import key_id_of, read_signing_key
 from agent.messages import NNConfig
 from agent.topics import STREAM_RE, FleetTopics
 
@@ -160,9 +161,43 @@ def _rollout_options(parser: argparse.ArgumentParser) -> None:
         metavar="SECONDS",
         help="wait this long for each camera's final answer (120); then its outcome is unknown",
     )
+    _signing_options(parser)
     parser.add_argument("--rollout-id", type=_rollout_id, help="(default: generated)")
     parser.add_argument("--resume", type=_rollout_id, metavar="ID", help="continue rollout ID")
     parser.add_argument("--report", type=Path, metavar="FILE", help="write a JSON report here")
+
+
+def _signing_options(parser: argparse.ArgumentParser) -> None:
+    signing = parser.add_argument_group("signed commands ([security] in the agents' configs)")
+    signing.add_argument(
+        "--sign-key",
+        type=Path,
+        metavar="PEM",
+        help="sign every command with this Ed25519 private key (from `oak-agent keygen`)",
+    )
+    signing.add_argument("--key-id", help="the key's id (default: the key file's name)")
+    signing.add_argument(
+        "--expires-in",
+        type=_number(float, 1),
+        default=60.0,
+        metavar="SECONDS",
+        help="a signed command's expires_at, from when it is sent (60)",
+    )
+
+
+def _signer(args: argparse.Namespace, protocol: str) -> Signer | None:
+    if getattr(args, "sign_key", None) is None:
+        if getattr(args, "key_id", None) is not None:
+            raise FleetExit(EXIT_USAGE, "--key-id goes with --sign-key")
+        return None
+    try:
+        key = read_signing_key(args.sign_key)
+        key_id = args.key_id or key_id_of(args.sign_key)
+    except OSError as exc:
+        raise FleetExit(EXIT_USAGE, f"cannot read {args.sign_key}: {exc.strerror}") from None
+    except ValueError as exc:
+        raise FleetExit(EXIT_USAGE, str(exc)) from None
+    return Signer(key, key_id, expires_in=args.expires_in, mqtt5=protocol == "5")
 
 
 def add_fleet_commands(sub: Any) -> None:
@@ -216,6 +251,7 @@ def add_fleet_commands(sub: Any) -> None:
                 help="for each rollback's final answer (120)",
             )
             parser.add_argument("--report", type=Path, metavar="FILE", help="JSON report")
+            _signing_options(parser)
 
 
 def _raw() -> type[argparse.RawDescriptionHelpFormatter]:
@@ -237,10 +273,12 @@ def run_fleet_command(args: argparse.Namespace) -> int:
             case "status":
                 work: Callable[[], Awaitable[int]] = lambda: _status(config, broker, args)  # noqa: E731
             case "abort":
-                work = lambda: _abort(config, broker, args)  # noqa: E731
+                signer = _signer(args, config.mqtt.protocol)
+                work = lambda: _abort(config, broker, args, signer)  # noqa: E731
             case _:
                 plan = _plan(args)
-                work = lambda: _rollout(config, broker, args, plan)  # noqa: E731
+                signer = _signer(args, config.mqtt.protocol)
+                work = lambda: _rollout(config, broker, args, plan, signer)  # noqa: E731
         outcome = anyio.run(_until_signalled, work)
     except FleetExit as exc:
         print(f"oak-agent fleet {args.fleet_command}: {exc.message}", file=sys.stderr)
@@ -398,7 +436,11 @@ async def _discover(client: aiomqtt.Client, view: FleetView, rollout_id: str, st
 
 
 async def _rollout(
-    config: ControllerConfig, broker: BrokerOptions, args: argparse.Namespace, plan: _Plan
+    config: ControllerConfig,
+    broker: BrokerOptions,
+    args: argparse.Namespace,
+    plan: _Plan,
+    signer: Signer | None,
 ) -> int:
     async with _session(config, broker, plan.rollout_id, controller=True) as (client, view):
         await sync(client, view, plan.rollout_id)
@@ -435,7 +477,7 @@ async def _rollout(
                     f"no online camera with {rollout.spec.stream} matches the selection "
                     f"({len(view.online)} agents online)",
                 )
-        return await _drive(client, view, rollout, plan.model, args)
+        return await _drive(client, view, rollout, plan.model, args, signer=signer)
 
 
 def _resumable(known: Rollout, view: FleetView, plan: _Plan) -> Rollout:
@@ -462,10 +504,14 @@ async def _drive(
     rollout: Rollout,
     model: bytes | None,
     args: argparse.Namespace,
+    *,
+    signer: Signer | None,
 ) -> int:
     progress = progress_for()
     try:
-        controller = Controller(client, view, rollout, model=model, progress=progress)
+        controller = Controller(
+            client, view, rollout, model=model, progress=progress, signer=signer
+        )
         try:
             done = await controller.run()
         finally:
@@ -512,7 +558,9 @@ async def _status(config: ControllerConfig, broker: BrokerOptions, args: argpars
     return EXIT_OK
 
 
-async def _abort(config: ControllerConfig, broker: BrokerOptions, args: argparse.Namespace) -> int:
+async def _abort(
+    config: ControllerConfig, broker: BrokerOptions, args: argparse.Namespace, signer: Signer | None
+) -> int:
     async with _session(config, broker, args.id, controller=False) as (client, view):
         await sync(client, view, args.id)
         rollout = view.records.get(args.id)
@@ -543,4 +591,4 @@ async def _abort(config: ControllerConfig, broker: BrokerOptions, args: argparse
         rollout.state, rollout.reason = "aborting", "aborted by `fleet abort`"
         rollout.options = msgspec.structs.replace(rollout.options, timeout=args.timeout)
         await _discover(client, view, args.id, rollout.spec.stream)
-        return await _drive(client, view, rollout, None, args)
+        return await _drive(client, view, rollout, None, args, signer=signer)

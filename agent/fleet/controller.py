@@ -10,6 +10,7 @@ every change.
 
 from __future__ import annotations
 
+import base64
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -19,6 +20,8 @@ import aiomqtt
 import anyio
 import msgspec
 import structlog
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
 
 from agent.errors import ErrorInfo
 from agent.fleet.plan import (
@@ -33,13 +36,16 @@ from agent.fleet.plan import (
 )
 from agent.messages import Event, Info, NNStatus
 from agent.mqtt import payload_bytes
+from agent.signing import KEY_ID_PROPERTY, SIGNATURE_PROPERTY, envelope, sign
 
 if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
     from agent.connect import BrokerOptions
     from agent.fleet.plan import Target, TargetState
     from agent.topics import FleetTopics
 
-__all__ = ["Controller", "FleetView", "Progress", "connect", "sync"]
+__all__ = ["Controller", "FleetView", "Progress", "Signer", "connect", "sync"]
 
 log = structlog.get_logger(__name__)
 
@@ -49,6 +55,27 @@ _PUBLISH_SECONDS: Final = 10.0
 _event_decoder: Final = msgspec.json.Decoder(Event)
 _info_decoder: Final = msgspec.json.Decoder(Info)
 _status_decoder: Final = msgspec.json.Decoder(NNStatus)
+
+
+@dataclass(frozen=True, slots=True)
+class Signer:
+    """Signs every command the controller sends (agents with `[security]`)."""
+
+    key: Ed25519PrivateKey
+    key_id: str
+    expires_in: float = 60.0  # each command's expires_at, from when it is sent
+    mqtt5: bool = True  # user properties; else the envelope
+
+    def signed(self, topic: str, payload: bytes) -> tuple[bytes, Properties | None]:
+        signature = sign(self.key, topic, payload)
+        if not self.mqtt5:
+            return envelope(payload, self.key_id, signature), None
+        properties = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
+        properties.UserProperty = [
+            (KEY_ID_PROPERTY, self.key_id),
+            (SIGNATURE_PROPERTY, base64.b64encode(signature).decode()),
+        ]
+        return payload, properties
 
 
 class Progress(Protocol):
@@ -209,7 +236,9 @@ class Controller:
         *,
         model: bytes | None,
         progress: Progress,
+        signer: Signer | None = None,
     ) -> None:
+        self._signer = signer
         self._client = client
         self._view = view
         self._rollout = rollout
@@ -337,9 +366,16 @@ class Controller:
             self._rollout.spec.stream,
             action,  # type: ignore[arg-type]
         )
+        if self._signer is not None:  # signed commands name their end
+            body = body | {"expires_at": time.time() + self._signer.expires_in}
         waiter = self._view.wait_for(target.agent, target.camera, body["request_id"])
         payload = msgspec.msgpack.encode(body) if with_model else msgspec.json.encode(body)
-        await self._client.publish(topic, payload, qos=1, timeout=_PUBLISH_SECONDS)
+        properties = None
+        if self._signer is not None:
+            payload, properties = self._signer.signed(topic, payload)
+        await self._client.publish(
+            topic, payload, qos=1, properties=properties, timeout=_PUBLISH_SECONDS
+        )
         with anyio.move_on_after(self._rollout.options.timeout):
             await waiter.done.wait()
         if not waiter.done.is_set():
