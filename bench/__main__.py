@@ -12,7 +12,6 @@ import time
 from bench import (
     commands,
     discovery_lag,
-    fleet,
     latency,
     load,
     overtake,
@@ -35,7 +34,6 @@ _BENCHES = {
         startup,
         discovery_lag,
         signing,
-        fleet,
     )
 }
 
