@@ -20,6 +20,7 @@ from agent.fleet.config import load_controller_config
 from agent.fleet.plan import decode_rollout
 from agent.topics import Topics
 from tests.agent_process import agent_process, write_config
+from tests.brokers import run_broker
 from tests.harness import CAM1, CAM2, observe
 
 if TYPE_CHECKING:
@@ -505,3 +506,20 @@ async def test_signed_rollout_to_agents_that_require_signatures(
                     _sha(obs, camera)
                     == hashlib.sha256(own_blobs["ssd_tiny"].read_bytes()).hexdigest()
                 )
+
+
+async def test_rollout_on_the_embedded_broker(tmp_path: Path, own_blobs: dict[str, Path]) -> None:
+    """amqtt (the demo's embedded broker, MQTT 3.1.1): discovery, waves, the record."""
+    with run_broker("amqtt", tmp_path / "amqtt") as amqtt:
+        group = f"fleet-{uuid.uuid4().hex[:8]}"
+        rollout_id = f"am-{uuid.uuid4().hex[:8]}"
+        config = controller_config(tmp_path / "controller.toml", amqtt)
+        async with fleet_of(amqtt, tmp_path, group, 2) as agents:
+            done = await _deploy_everywhere(config, group, own_blobs["ssd_tiny"], rollout_id)
+            assert done.returncode == 0, done.stdout.decode() + done.stderr.decode()
+            for obs in agents.values():
+                for camera in (CAM1, CAM2):
+                    status = obs.latest_json(obs.topics.nn_status(camera, "CAM_A"))
+                    assert status["request_id"] == rollout_id
+            status = await run_fleet(config, "status", rollout_id, "--json")
+            assert json.loads(status.stdout)["state"] == "succeeded"
