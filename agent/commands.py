@@ -180,7 +180,9 @@ class CommandHandler:
                 payload = signature.payload  # the command; an envelope's request_id is in it
                 authenticity = Authenticity(signed=True, key_id=None)  # not verified yet
             authenticity = await self._authenticate(message.topic, topic.camera, signature)
-            request = await self._validate(topic, payload, reply, authenticity)
+            request = await self._validate(
+                topic, payload, reply, authenticity, resent=message.resent
+            )
             if request is None:
                 return _nothing  # a replay: the original request's record answers it
             await self._coordinator.submit(request)
@@ -217,6 +219,8 @@ class CommandHandler:
         payload: bytes,
         reply: ReplyTo | None,
         authenticity: Authenticity,
+        *,
+        resent: bool = False,
     ) -> Request | None:
         """The accepted request, or None when a repeated request_id was answered instead."""
         command: Deploy | DeleteCommand = (
@@ -231,7 +235,7 @@ class CommandHandler:
                 raise Expired(expires_at=command.expires_at, now=now)
         request_id = command.request_id or f"auto-{uuid.uuid4().hex}"
         structlog.contextvars.bind_contextvars(request_id=request_id)
-        if self._coordinator.replay(request_id, topic.camera, reply):
+        if self._coordinator.replay(request_id, topic.camera, reply, resent=resent):
             return None
         if command.expires_at is not None and now > command.expires_at:
             raise Expired(expires_at=command.expires_at, now=now)
@@ -333,7 +337,7 @@ class CommandHandler:
                 to.request_id = self._salvage(payload) or to.request_id
                 structlog.contextvars.bind_contextvars(request_id=to.request_id)
             to.authenticity = await self._authenticate_group(message.topic, signature)
-            submitted, replayed = await self._group_requests(to, payload)
+            submitted, replayed = await self._group_requests(to, payload, message.resent)
         except AgentError as exc:
             self._say_group(to, "", "rejected", exc)
             return None
@@ -353,7 +357,9 @@ class CommandHandler:
             return await anyio.to_thread.run_sync(self._policy.check_group, topic, signature)
         return self._policy.check_group(topic, signature)
 
-    async def _group_requests(self, to: _GroupReply, payload: bytes) -> tuple[list[Request], bool]:
+    async def _group_requests(
+        self, to: _GroupReply, payload: bytes, resent: bool
+    ) -> tuple[list[Request], bool]:
         """The requests submitted, one per camera, and whether any camera replayed instead."""
         command, target = (
             decode_group_deploy(payload)
@@ -373,7 +379,11 @@ class CommandHandler:
                 raise Expired(expires_at=command.expires_at, now=now)
             to.keep_until = command.expires_at
         reply = to.replies[0] if to.replies else None
-        fresh = [c for c in cameras if not self._coordinator.replay(to.request_id, c, reply)]
+        fresh = [
+            c
+            for c in cameras
+            if not self._coordinator.replay(to.request_id, c, reply, resent=resent)
+        ]
         if not fresh:
             return [], True
         if command.expires_at is not None and now > command.expires_at:

@@ -61,7 +61,7 @@ class AgentSection(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     state_dir: str = msgspec.field(default_factory=_default_state_dir)
     # inbound command payloads above this are answered `payload_too_large`
     max_payload_bytes: Annotated[int, Meta(ge=1024)] = 32 * 1024 * 1024
-    # events kept while the broker is unreachable; the oldest go first when full
+    # events waiting for the broker; answers are never dropped, reports beyond it are
     event_queue_size: Annotated[int, Meta(ge=1)] = 10_000
     # detection messages waiting for the publisher; newer ones are dropped when full
     detection_queue_size: Annotated[int, Meta(ge=1)] = 1024
@@ -102,6 +102,7 @@ class MqttSection(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     session_expiry: Annotated[int, Meta(ge=0)] = 86_400
     # MQTT 5 Receive Maximum: commands the broker may send before the agent acknowledged them
     receive_maximum: Annotated[int, Meta(ge=1, le=65535)] = 8
+    # a PUBACK overdue while nothing else came from the broker this long ends the connection
     publish_timeout: Annotated[float, Meta(gt=0.0)] = 10.0
     reconnect_min: Annotated[float, Meta(gt=0.0)] = 1.0
     reconnect_max: Annotated[float, Meta(gt=0.0)] = 30.0

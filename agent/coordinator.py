@@ -108,6 +108,7 @@ class Coordinator:
                     camera=outcome.camera,
                     stream=outcome.stream,
                     events=[outcome],
+                    recorded_before=True,
                     phase=Phase.DONE,
                     keep_until=document.signed_until.get(outcome.request_id),
                     group=outcome.group,
@@ -227,14 +228,23 @@ class Coordinator:
             others=worker.running,
         )
 
-    def replay(self, request_id: str, camera: str, reply: ReplyTo | None) -> bool:
-        """Answer a repeated request_id for `camera` from the record; False when it is new."""
+    def replay(
+        self, request_id: str, camera: str, reply: ReplyTo | None, *, resent: bool = False
+    ) -> bool:
+        """Answer a repeated request_id for `camera` from the record; False when it is new.
+
+        `resent`: the transport's own second delivery of a command (MQTT DUP) whose answer
+        this agent has already sent (or holds): answered once is enough.
+        """
         known = self.requests.get(request_id, camera)
         if known is None or known.last is None:
             return False
-        log.info("duplicate request_id, replaying its outcome", state=known.last.state)
         if reply is not None and reply not in known.replies:
             known.replies.append(reply)
+        if resent and not known.recorded_before:
+            log.info("command sent again by the broker, answered already", state=known.last.state)
+            return True
+        log.info("duplicate request_id, replaying its outcome", state=known.last.state)
         if self.is_held(known.last):
             return True  # goes out, to the new reply too, once the state file records it
         self._reporter.event(known.last, [reply] if reply else [])

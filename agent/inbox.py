@@ -27,6 +27,8 @@ class Inbound:
     correlation_data: bytes | None = None
     # MQTT 5 user properties as received, in order, duplicates kept (signatures travel here)
     user_properties: tuple[tuple[str, str], ...] = ()
+    # the transport delivered it before, unacknowledged (MQTT: the DUP flag)
+    resent: bool = False
 
 
 class Receipt(Protocol):

@@ -8,8 +8,11 @@ owns its handling. The link reads the socket only while the receiver holds fewer
 Outbound traffic has three lanes with different promises:
 - retained state (availability, info, status): the latest payload per topic is kept and
   republished after every reconnect, so a broker restart never leaves stale state;
-- events (QoS 1): queued while disconnected, up to `event_queue_size`; past that the oldest
-  event is dropped and counted; sent in order once connected;
+- events (QoS 1): queued while disconnected or while the broker is slow to acknowledge,
+  sent in order. An answer to a command is never dropped: a command is acknowledged only
+  once its answers reached the broker, so a lost answer would be a command acknowledged and
+  never answered. Reports on `{base}/errors` that find `event_queue_size` events queued are
+  dropped and counted instead;
 - detections (QoS 0): published only while connected; dropped and counted when the
   connection is down or the publisher falls behind, never queued for later.
 """
@@ -17,6 +20,7 @@ Outbound traffic has three lanes with different promises:
 from __future__ import annotations
 
 import contextlib
+import math
 import random
 import socket
 import time
@@ -152,6 +156,7 @@ class MqttLink:
         self._will_topic = will_topic
         self._subscriptions = subscriptions
         self._event_limit = event_queue_size
+        self._over_limit = False  # the queue went past event_queue_size (logged once a spell)
         self._box = _Outbox()
         self._wakeup = anyio.Event()
         self._detections_in, self._detections_out = anyio.create_memory_object_stream[
@@ -184,6 +189,9 @@ class MqttLink:
         # events that entered / left the queue (sent or dropped): acknowledgements wait on them
         self._events_queued = 0
         self._events_done = 0
+        # when a publish began waiting for its PUBACK, and when the broker was last heard
+        self._awaiting: float | None = None
+        self._heard = 0.0
         # False: aiomqtt's public API only (agent/paho_fast.py), as with other versions
         self._fast_path = fast_path
         self._fast = False  # the fast path is used with the current client
@@ -193,6 +201,7 @@ class MqttLink:
                 "drops the connection on every delivery",
                 versions=paho_fast.VERSIONS,
             )
+        self._sent_before: Callable[[int], bool] = lambda _mid: False  # the MQTT DUP flag
         if fast_path and not paho_fast.FAST_PATH:
             log.warning(
                 "paho fast path off: written for other versions; using aiomqtt's public API "
@@ -215,26 +224,41 @@ class MqttLink:
         self._wakeup.set()
 
     def send(self, topic: str, payload: bytes) -> None:
-        """Queue a QoS 1 event."""
+        """Queue a QoS 1 event that answers a command: never dropped."""
         self._enqueue(_Queued(topic, payload))
 
     def send_reply(self, reply: ReplyTo, payload: bytes) -> None:
-        """Queue a QoS 1 copy of an event to an MQTT 5 Response Topic."""
+        """Queue a QoS 1 copy of an event to an MQTT 5 Response Topic: never dropped."""
         self._enqueue(_Queued(reply.topic, payload, reply))
+
+    def report(self, topic: str, payload: bytes) -> None:
+        """Queue a QoS 1 report of the agent's own: dropped (counted) when the queue is full."""
+        if len(self._box.events) >= self._event_limit:
+            # dropped before it is queued: the count acknowledgements wait on stays in order
+            self.stats.events_dropped += 1
+            log.error("event queue full, report dropped", limit=self._event_limit, topic=topic)
+            return
+        self._enqueue(_Queued(topic, payload))
 
     def _enqueue(self, item: _Queued) -> None:
         events = self._box.events
-        if len(events) >= self._event_limit:
-            events.popleft()
-            self.stats.events_dropped += 1
-            self._event_done()
-            log.error("event queue full, oldest event dropped", limit=self._event_limit)
         events.append(item)
         self._events_queued += 1
+        if len(events) > self._event_limit and not self._over_limit:
+            # kept: these are answers, and what the broker already sent must be answered;
+            # once read, a command's answer needs memory until the broker acknowledges it
+            self._over_limit = True
+            log.warning(
+                "event queue past event_queue_size; answers are kept, reports dropped",
+                limit=self._event_limit,
+            )
         self._wakeup.set()
 
     def _event_done(self) -> None:
         self._events_done += 1
+        if self._over_limit and len(self._box.events) <= self._event_limit // 2:
+            self._over_limit = False
+            log.info("event queue back under event_queue_size", queued=len(self._box.events))
         self.acknowledge()
 
     # --- for the receipts (agent.acks.Ledger) ----------------------------------------------
@@ -427,6 +451,7 @@ class MqttLink:
             socket_options=((socket.IPPROTO_TCP, socket.TCP_NODELAY, 1),),
         )
         ack = paho_fast.manual_acks(client, self._note_session)
+        self._sent_before = paho_fast.duplicates(client)
         self._fast = fast = self._fast_path and paho_fast.fast_path_for(client)
         paho_fast.register_writers_safely(client, fast=fast)
         # The broker should stop at our Receive Maximum, but mosquitto 2.0.11 does not once
@@ -473,7 +498,9 @@ class MqttLink:
             response_topic=(getattr(properties, "ResponseTopic", None) if properties else None),
             correlation_data=bytes(data) if data is not None else None,
             user_properties=user_properties(properties),
+            resent=self._sent_before(message.mid),
         )
+        self._heard = time.monotonic()
         receipt = connection.receive(self, message.mid, message.qos, len(payload))
         self._held += 1
         self._held_bytes += len(payload)
@@ -514,8 +541,10 @@ class MqttLink:
                     client_id=self._client_id,
                     session_present=self._session_present,
                 )
+                self._heard = time.monotonic()
                 async with anyio.create_task_group() as tg:
                     tg.start_soon(self._send_loop, client, name="mqtt.send")
+                    tg.start_soon(self._watch_acknowledgements, name="mqtt.watchdog")
                     tg.start_soon(self._detection_loop, client, name="mqtt.detections")
                     async for message in client.messages:
                         self._deliver(connection, message)
@@ -548,16 +577,56 @@ class MqttLink:
             else:
                 await client.subscribe(topic, qos=1)
 
-    async def _publish_next(self, client: aiomqtt.Client) -> bool:
-        """Publish one queued item, retained state first; False when nothing is queued."""
-        box = self._box
+    async def _acknowledged(self, publish: Awaitable[None]) -> None:
+        """Await a QoS 1 publish; the watchdog ends the session if the broker went quiet."""
+        self._awaiting = time.monotonic()
+        try:
+            await publish
+        finally:
+            self._awaiting = None
+        self._heard = time.monotonic()
+
+    async def _watch_acknowledgements(self) -> None:
+        """End the session when a PUBACK is overdue and nothing else came from the broker.
+
+        Not a deadline per publish: the broker queues its PUBACK behind every command it
+        sent us before, so under a flood of commands a PUBACK can take as long as reading
+        them all (mosquitto 2.0.11 ignores the Receive Maximum). A broker that keeps
+        sending is alive; one silent for `publish_timeout` while we wait for it is not.
+        While we do not read the socket ourselves, the broker is not to blame.
+        """
         timeout = self._settings.publish_timeout
+        overdue = False
+        while True:
+            await anyio.sleep(timeout / 4)
+            now = time.monotonic()
+            if self._gate.paused:
+                self._heard = now
+                continue
+            awaiting = self._awaiting
+            if awaiting is None or now - max(awaiting, self._heard) < timeout:
+                overdue = False
+                continue
+            # a second look: after a stall of our own loop, what was read meanwhile has
+            # not been handed on yet when this wakes up
+            if overdue:
+                raise aiomqtt.MqttError(
+                    f"no acknowledgement and nothing else from the broker for {timeout:g} s"
+                )
+            overdue = True
+
+    async def _publish_next(self, client: aiomqtt.Client, ack_wait: float = math.inf) -> bool:
+        """Publish one queued item, retained state first; False when nothing is queued.
+
+        Without `ack_wait`, a publish waits for its PUBACK as long as the watchdog lets it.
+        """
+        box = self._box
         if box.dirty:
             topic = next(iter(box.dirty))
             del box.dirty[topic]
             try:
-                await client.publish(
-                    topic, box.retained[topic], qos=1, retain=True, timeout=timeout
+                await self._acknowledged(
+                    client.publish(topic, box.retained[topic], qos=1, retain=True, timeout=ack_wait)
                 )
             except BaseException:
                 box.dirty[topic] = None
@@ -577,8 +646,10 @@ class MqttLink:
                 properties = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
                 properties.CorrelationData = item.reply.correlation_data
             try:
-                await client.publish(
-                    item.topic, item.payload, qos=1, properties=properties, timeout=timeout
+                await self._acknowledged(
+                    client.publish(
+                        item.topic, item.payload, qos=1, properties=properties, timeout=ack_wait
+                    )
                 )
             except ValueError as exc:  # paho refuses the topic: never let it end the session
                 log.error("event not publishable, dropped", topic=item.topic, error=str(exc))  # noqa: TRY400
@@ -623,11 +694,12 @@ class MqttLink:
         with contextlib.suppress(aiomqtt.MqttError):
             # events first, within most of the time allowed: `offline` must still go out,
             # as a clean disconnect does not fire the will
+            ack_wait = self._settings.publish_timeout  # no watchdog runs any more
             with anyio.move_on_after(_FINAL_FLUSH_SECONDS * 2 / 3):
-                while await self._publish_next(client):
+                while await self._publish_next(client, ack_wait):
                     pass
             self.retain(self._will_topic, b"offline")  # retained state goes first
-            while await self._publish_next(client):
+            while await self._publish_next(client, ack_wait):
                 pass
 
 

@@ -2,7 +2,8 @@
 
 aiomqtt 2.x wraps one paho client (`Client._client`) and exposes neither manual
 acknowledgements nor the CONNACK's session-present flag: `manual_acks` switches them on
-through paho's public API on that client, and the link cannot work without it.
+through paho's public API on that client, and the link cannot work without it. Nor does
+its Message keep paho's DUP flag: `duplicates` reads it through paho's public `on_message`.
 
 The fast path proper also uses private attributes, of aiomqtt (`Client._disconnected`) and
 of paho (`_registered_write`, `_call_socket_register_write`, `_sock_close`). It is used
@@ -48,6 +49,7 @@ __all__ = [
     "VERSIONS",
     "ReadGate",
     "close_unanswered",
+    "duplicates",
     "fast_path_for",
     "has_socket",
     "manual_acks",
@@ -159,6 +161,34 @@ def manual_acks(
     return ack
 
 
+def duplicates(client: aiomqtt.Client) -> Callable[[int], bool]:
+    """Return what tells, for a message id just received, whether the broker flagged it DUP.
+
+    aiomqtt's Message leaves out paho's `dup` (the broker sent this message before, to a
+    connection that did not acknowledge it); paho's public `on_message` sees it. Each id
+    is asked about once, when its message is delivered. Call before connecting.
+    """
+    paho = _paho(client)
+    on_message: Any = paho.on_message  # aiomqtt's
+    flagged: set[int] = set()
+
+    def note(*args: Any) -> None:
+        message = args[2]  # (client, userdata, message)
+        if message.dup and message.qos > 0:
+            flagged.add(message.mid)
+        on_message(*args)
+
+    paho.on_message = note
+
+    def take(mid: int) -> bool:
+        if mid in flagged:
+            flagged.discard(mid)
+            return True
+        return False
+
+    return take
+
+
 def _fail_session(client: aiomqtt.Client, exc: Exception) -> None:
     """End the session with `exc`, as aiomqtt's own reader and writer do."""
     disconnected: asyncio.Future[None] = client._disconnected  # private: guarded by FAST_PATH
@@ -171,6 +201,11 @@ class ReadGate:
 
     def __init__(self) -> None:
         self._paused: Callable[[], None] | None = None
+
+    @property
+    def paused(self) -> bool:
+        """Whether the socket is not being read now."""
+        return self._paused is not None
 
     def pause(self, resume: Callable[[], None]) -> None:
         self._paused = resume

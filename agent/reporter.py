@@ -41,10 +41,13 @@ class Publisher(Protocol):
         """Set the retained state of `topic`; the latest value wins."""
 
     def send(self, topic: str, payload: bytes) -> None:
-        """Queue an event: never dropped while the queue has room."""
+        """Queue an event that answers a command: never dropped."""
 
     def send_reply(self, reply: ReplyTo, payload: bytes) -> None:
-        """Queue a copy of an event to a Response Topic."""
+        """Queue a copy of such an event to a Response Topic: never dropped."""
+
+    def report(self, topic: str, payload: bytes) -> None:
+        """Queue a report of the agent's own: dropped (and counted) when the queue is full."""
 
     @property
     def has_room_for_detections(self) -> bool:
@@ -93,7 +96,7 @@ class Reporter:
         """Publish a problem of the agent itself (not of one request) on `{base}/errors`."""
         message = f"{context}: {error.message}" if context else error.message
         event = AgentErrorEvent(code=error.code, message=message, ts=time.time())
-        self._link.send(self._topics.errors, encode_json(event))
+        self._link.report(self._topics.errors, encode_json(event))
 
     # --- detections ----------------------------------------------------------------------
 

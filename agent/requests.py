@@ -56,6 +56,8 @@ class Request:
     events: list[Event] = field(default_factory=list)
     # restores an interrupted request's change after a restart; its answer was already sent
     silent: bool = False
+    # read from the state file: its answer went out from an earlier run, or was lost with it
+    recorded_before: bool = False
     phase: Phase = Phase.STAGED
     # who sent it (for the audit log)
     authenticity: Authenticity = UNSIGNED

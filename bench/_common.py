@@ -421,8 +421,11 @@ class Site:
         fps: float = 30.0,
         boot_seconds: float = 0.2,
         objects: int | None = None,
+        mqtt: Sequence[str] = (),
     ) -> tuple[Path, Topics]:
-        """A TOML config for a new agent in a new folder; its path and the agent's topics."""
+        """A TOML config for a new agent in a new folder; its path and the agent's topics.
+
+        `mqtt`: more lines for the `[mqtt]` section (`receive_maximum = 8`)."""
         agent_id = f"bench-{uuid.uuid4().hex[:8]}"
         folder = self.root / agent_id
         folder.mkdir()
@@ -439,6 +442,7 @@ class Site:
             "reconnect_min = 0.1",
             "reconnect_max = 1.0",
             "publish_timeout = 5.0",
+            *mqtt,
         ]
         for mxid in cameras:
             lines += [
