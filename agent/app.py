@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from functools import partial
 from importlib.metadata import version
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Final
 
 import anyio
 import msgspec
@@ -20,8 +20,12 @@ from agent import __version__
 from agent.cameras.simulator import SimulatorBackend
 from agent.commands import CommandHandler
 from agent.config import Config, DepthaiSection
+from agent.connect import broker_options
 from agent.coordinator import Coordinator
 from agent.errors import ModelWriteFailed
+from agent.ha_publisher import HomeAssistant
+from agent.health import HealthMonitor
+from agent.homeassistant import Discovery
 from agent.intake import Intake
 from agent.messages import Info, InfoCamera, LinkCounters
 from agent.models import ModelStore
@@ -29,7 +33,7 @@ from agent.mqtt import MqttLink
 from agent.reporter import Reporter
 from agent.signing import Policy
 from agent.state import StateFile
-from agent.topics import Topics
+from agent.topics import DiscoveryTopics, Topics
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -38,6 +42,7 @@ if TYPE_CHECKING:
 
     from agent.cameras.base import CameraBackend, Output
     from agent.connect import BrokerOptions
+    from agent.inbox import Inbound, Receipt
 
 __all__ = ["App", "serve"]
 
@@ -74,6 +79,16 @@ class _Listener:
         log.info("camera presence", camera=camera, present=present)
 
 
+_SHAPING_TICK: Final = 0.1
+
+
+async def _shaping_clock(reporter: Reporter) -> None:
+    """Presence times out and held-back counts go out even when no frame comes."""
+    while True:
+        await anyio.sleep(_SHAPING_TICK)
+        reporter.tick(time.monotonic())
+
+
 @dataclass(frozen=True, slots=True)
 class App:
     """Handles to the running agent's parts, for the CLI and the benchmarks."""
@@ -85,6 +100,7 @@ class App:
     backend: CameraBackend
     reporter: Reporter
     hints: dict[str, str]
+    homeassistant: HomeAssistant | None = None
 
 
 def _backend(config: Config) -> CameraBackend:
@@ -157,6 +173,53 @@ def _hints(
     }
 
 
+def _router(
+    intake: Intake, homeassistant: HomeAssistant | None
+) -> Callable[[Inbound, Receipt], None]:
+    """HA's birth message to the discovery publisher; everything else is a command."""
+    if homeassistant is None:
+        return intake.receive
+    birth = homeassistant.birth_topic
+
+    def receive(message: Inbound, receipt: Receipt) -> None:
+        if message.topic != birth:
+            intake.receive(message, receipt)
+            return
+        receipt.settle()
+        receipt.release()
+        homeassistant.on_birth(message.payload)
+
+    return receive
+
+
+def _homeassistant(
+    config: Config,
+    link: MqttLink,
+    topics: Topics,
+    backend: CameraBackend,
+    broker: BrokerOptions,
+    *,
+    saved_cameras: Callable[[], set[str]],
+) -> HomeAssistant:
+    ha_topics = DiscoveryTopics(config.homeassistant.discovery_prefix)
+    discovery = Discovery(
+        topics=topics,
+        discovery=ha_topics,
+        agent_id=config.agent.id,
+        version=__version__,
+        labels=config.homeassistant.labels,
+    )
+    return HomeAssistant(
+        link,
+        discovery,
+        ha_topics,
+        cameras=lambda: backend.cameras,
+        saved_cameras=saved_cameras,
+        broker=broker,
+        client_id=config.client_id,
+    )
+
+
 async def serve(
     config: Config,
     *,
@@ -180,9 +243,16 @@ async def serve(
         # amqtt speaks 3.1.1 only, and stalls on a v5 CONNECT carrying a will
         log.info("the embedded broker speaks MQTT 3.1.1; using it")
         mqtt = msgspec.structs.replace(mqtt, protocol="3.1.1")
-    subscriptions: tuple[str, ...] = (*topics.command_filters, *topics.group_command_filters)
+    subscriptions: tuple[str, ...] = (
+        *topics.command_filters,
+        *topics.group_command_filters,
+        topics.stats_request,
+    )
     if simulator is not None:
         subscriptions = (*subscriptions, topics.simulator_filter)
+    if config.homeassistant.enabled:
+        birth = DiscoveryTopics(config.homeassistant.discovery_prefix).birth
+        subscriptions = (*subscriptions, birth)
     link = MqttLink(
         mqtt,
         client_id=config.client_id,
@@ -193,7 +263,18 @@ async def serve(
         max_payload_bytes=config.agent.max_payload_bytes,
         broker=broker,
     )
-    reporter = Reporter(link, topics)
+    homeassistant = None
+    if config.homeassistant.enabled:
+        homeassistant = _homeassistant(
+            config,
+            link,
+            topics,
+            backend,
+            broker if broker is not None else broker_options(mqtt),
+            # called only once running, when `coordinator` is there
+            saved_cameras=lambda: coordinator.saved_cameras,
+        )
+    reporter = Reporter(link, topics, homeassistant)
     store = ModelStore(
         config.state_path / "models",
         on_write_error=lambda problem: reporter.agent_error(ModelWriteFailed(problem)),
@@ -206,11 +287,19 @@ async def serve(
         state=StateFile(config.state_path),
         store=store,
         group_writes=group_writes,
+        output=config.output,
         max_signed_requests=config.security.max_signed_requests,
     )
     coordinator.load()
     for camera in backend.cameras.values():
         coordinator.add_camera(camera)
+    health = HealthMonitor(
+        reporter,
+        link.stats,
+        lambda: backend.cameras,
+        lambda mxid: worker.running.keys() if (worker := coordinator.workers.get(mxid)) else (),
+        interval=config.agent.stats_interval,
+    )
     handler = CommandHandler(
         topics=topics,
         coordinator=coordinator,
@@ -218,6 +307,8 @@ async def serve(
         reporter=reporter,
         max_payload_bytes=config.agent.max_payload_bytes,
         simulator=simulator,
+        output=config.output,
+        stats_requested=health.request,
         policy=Policy(
             keys=config.security.trusted_keys(),
             require_signed=config.security.require_signed,
@@ -233,7 +324,9 @@ async def serve(
         backend,
         reporter,
         _hints(config, topics, backend, source),
+        homeassistant,
     )
+
     async with AsyncExitStack() as stack:
         if config.broker.embedded:
             from agent.broker import embedded_broker  # noqa: PLC0415  # amqtt only when used
@@ -243,14 +336,25 @@ async def serve(
         reporter.availability(True)
         async with anyio.create_task_group() as tg:
             await tg.start(coordinator.run, name="coordinator")
+            tg.start_soon(_shaping_clock, reporter, name="reporter.clock")
             await tg.start(backend.run, listener, name="backend")
             listener.publish_info()  # real cameras are known only once the backend ran
+            await tg.start(health.run, name="stats")
+            if config.metrics is not None:
+                from agent.metrics import MetricsServer  # noqa: PLC0415  # prometheus only when used
+
+                await tg.start(MetricsServer(config.metrics.listen, health).run, name="metrics")
             if not backend.cameras:
                 log.warning("no cameras found yet; they are adopted when they appear")
             await tg.start(intake.run, name="commands")
+            if homeassistant is not None:
+                await tg.start(homeassistant.run, name="homeassistant")
             await tg.start(
                 partial(
-                    link.run, intake.receive, answered=intake.stopped, report=reporter.agent_error
+                    link.run,
+                    _router(intake, homeassistant),
+                    answered=intake.stopped,
+                    report=reporter.agent_error,
                 ),
                 name="mqtt",
             )

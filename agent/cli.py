@@ -1,7 +1,7 @@
 """Command line: argv -> config -> logging -> run; exit codes.
 
 oak-agent run --config PATH        the daemon
-oak-agent deploy|delete|watch ...  a small MQTT client for trying the agent out (client.py)
+oak-agent deploy|delete|watch|status ...  a small MQTT client for the agent (client.py)
 oak-agent keygen --out DIR         a key pair for signing commands (client.py, keyfiles.py)
 oak-agent fleet deploy|delete|status|abort ...  staged rollouts across agents (fleet/)
 """
@@ -29,8 +29,8 @@ EXIT_CONFIG = 2
 
 DESCRIPTION = """\
 Deploy neural networks onto Luxonis OAK cameras over MQTT: `run` the agent,
-or talk to a running one with `deploy`, `delete` and `watch` (`keygen` makes a key
-to sign them with)."""
+or talk to a running one with `deploy`, `delete`, `watch` and `status` (`keygen` makes a
+key to sign commands with)."""
 EPILOG = """\
 try it without hardware (from the repository; scripts/demo runs the agent with an
 embedded broker on 127.0.0.1:1883 and two simulated cameras):

@@ -30,12 +30,14 @@ import msgspec
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
+from agent import overview
 from agent.config import ConfigError, MqttSection, load_config
 from agent.connect import BrokerOptions, broker_options, connect_problem
 from agent.keyfiles import config_snippet, key_id_of, read_signing_key, write_key_pair
 from agent.messages import Event
 from agent.mqtt import payload_bytes
 from agent.render import Style, render
+from agent.retained import collect_retained
 from agent.signing import KEY_ID_PROPERTY, KEY_ID_RE, SIGNATURE_PROPERTY, envelope, sign
 from agent.topics import Topics
 
@@ -77,6 +79,8 @@ DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 1883
 DEFAULT_PREFIX = "oak"
 DEFAULT_REQUEST_TIMEOUT = 120.0
+DEFAULT_STATUS_TIMEOUT = 5.0
+_STATUS_QUIET = 0.5  # status: the retained messages are in once none came for this long
 DEFAULT_EXPIRES_IN = 60.0  # a signed command's expires_at, from now
 _CONNECT_TIMEOUT = 10.0
 _LEVEL = re.compile(r"[A-Za-z0-9._-]{1,64}")
@@ -249,7 +253,7 @@ def _request_options(parser: argparse.ArgumentParser) -> None:
 
 
 def add_client_commands(sub: Any) -> None:
-    """Add `deploy`, `delete` and `watch` to the `oak-agent` subcommands."""
+    """Add `deploy`, `delete`, `watch` and `status` to the `oak-agent` subcommands."""
     common = _common_options()
     deploy = sub.add_parser(
         "deploy",
@@ -276,6 +280,13 @@ def add_client_commands(sub: Any) -> None:
     )
     deploy.add_argument("--labels", help="comma-separated class names, e.g. person,car")
     deploy.add_argument("--model-name", help="a name for dashboards (default: the file's name)")
+    deploy.add_argument(
+        "--output",
+        type=_json_object,
+        metavar="JSON",
+        help='output shaping, e.g. \'{"max_rate": 2, "min_confidence": 0.6}\' (default: the '
+        "agent's [output])",
+    )
     deploy.set_defaults(parser=deploy)
 
     delete = sub.add_parser(
@@ -315,6 +326,33 @@ def add_client_commands(sub: Any) -> None:
     )
     watch.set_defaults(parser=watch)
 
+    status = sub.add_parser(
+        "status",
+        parents=[common],
+        help="one table of every agent, camera and stream on the broker",
+        description=(
+            "Read the retained topics under the prefix and print one table: agents, cameras, "
+            "streams, NN state, model, objects and what is present, temperature, last error. "
+            "Every agent under the prefix unless --agent names one (--config gives the "
+            "broker and prefix, not the agent)."
+        ),
+        epilog=EXIT_CODES_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    status.add_argument(
+        "--timeout",
+        type=_seconds,
+        default=DEFAULT_STATUS_TIMEOUT,
+        metavar="SECONDS",
+        help="read retained messages for at most this long (default %(default)g)",
+    )
+    status.add_argument(
+        "--format",
+        choices=["auto", "table", "plain", "json"],
+        default="auto",
+        help="auto: a table on a terminal, plain columns otherwise (default %(default)s)",
+    )
+    status.set_defaults(parser=status)
     keygen = sub.add_parser(
         "keygen",
         help="make an Ed25519 key pair for signing commands",
@@ -340,16 +378,19 @@ def add_client_commands(sub: Any) -> None:
 
 
 def run_client_command(args: argparse.Namespace) -> int:
-    """Run `deploy`, `delete` or `watch`; the exit code."""
+    """Run `deploy`, `delete`, `watch`, `status` or `keygen`; the exit code."""
     parser: argparse.ArgumentParser = args.parser
     if args.command == "keygen":
         return _keygen(args)
     try:
         target = _target(args)
-        signer = None if args.command == "watch" else _signer(args)
+        signer = None if args.command in ("watch", "status") else _signer(args)
     except ClientExit as exc:
         parser.error(exc.message)  # usage and exit 2
     try:
+        if args.command == "status":
+            outcome = anyio.run(_until_signalled, lambda: _status(target, args))
+            return EXIT_INTERRUPTED if outcome is None else outcome
         if args.command == "watch":
             outcome = anyio.run(_until_signalled, lambda: _watch(target, args))
             return EXIT_OK if outcome is None else outcome
@@ -408,6 +449,8 @@ def _target(args: argparse.Namespace) -> _Target:
         except ConfigError as exc:
             raise ClientExit(EXIT_USAGE, str(exc)) from None
     agent = args.agent or (config.agent.id if config else None)
+    if args.command == "status":  # every agent under the prefix unless --agent names one
+        agent = args.agent or "+"
     if agent is None:
         raise ClientExit(EXIT_USAGE, "--agent is required without --config")
     prefix = args.prefix or (config.mqtt.prefix if config else DEFAULT_PREFIX)
@@ -458,6 +501,8 @@ def _body(
                 body["model_name"] = args.model_name
         if args.labels:
             body["labels"] = args.labels.split(",")
+        if args.output is not None:
+            body["output"] = args.output
     return body
 
 
@@ -682,4 +727,39 @@ async def _watch(target: _Target, args: argparse.Namespace) -> int:
         raise ClientExit(
             EXIT_TIMEOUT, f"{printed} of {args.count} messages within {args.timeout:g} s"
         )
+    return EXIT_OK
+
+
+async def _status(target: _Target, args: argparse.Namespace) -> int:
+    """Print the overview table of what the broker retains under the prefix."""
+    prefix = target.topics.prefix
+    agent = None if target.agent == "+" else target.agent
+    try:
+        retained = await collect_retained(
+            target.broker,
+            overview.filters(prefix, agent),
+            quiet=_STATUS_QUIET,
+            limit=args.timeout,
+            client_prefix="oak-agent-status",
+        )
+    except aiomqtt.MqttError as exc:
+        problem = connect_problem(exc, target.broker)
+        if problem is None:
+            _refused(exc, target)
+        raise ClientExit(EXIT_BROKER, problem.message) from None
+    table = overview.rows(prefix, retained)
+    if not table:
+        who = f"agent {agent!r}" if agent else "agent"
+        raise ClientExit(EXIT_FAILED, f"no {who} found under {prefix}/ on {target.where}")
+    style = args.format
+    if style == "auto":
+        style = "table" if sys.stdout.isatty() else "plain"
+    if style == "json":
+        print(overview.to_json(table).decode(), flush=True)
+    elif style == "table":
+        from rich.console import Console  # noqa: PLC0415  # rich only for a terminal
+
+        Console(force_terminal=True).print(overview.rich_table(table))
+    else:
+        print(overview.plain_table(table), flush=True)
     return EXIT_OK

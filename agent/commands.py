@@ -37,16 +37,18 @@ from agent.messages import (
     Event,
     ModelByHash,
     ModelUpload,
+    OutputOptions,
     ReplyTo,
     decode_delete,
     decode_deploy,
     decode_group_delete,
     decode_group_deploy,
+    decode_objects,
     salvage_request_id,
 )
 from agent.requests import Request
 from agent.signing import UNSIGNED, Authenticity, Policy, Signature, find_signature
-from agent.topics import CommandTopic, GroupCommandTopic, SimulatorTopic
+from agent.topics import CommandTopic, GroupCommandTopic, SimulatorTopic, StatsRequest
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -111,6 +113,8 @@ class CommandHandler:
         reporter: Reporter,
         max_payload_bytes: int,
         simulator: SimulatorBackend | None = None,
+        output: OutputOptions | None = None,
+        stats_requested: Callable[[], None] | None = None,
         policy: Policy | None = None,
     ) -> None:
         self._topics = topics
@@ -120,6 +124,8 @@ class CommandHandler:
         self._reporter = reporter
         self._max_payload = max_payload_bytes
         self._simulator = simulator
+        self._output = output if output is not None else OutputOptions()
+        self._stats_requested = stats_requested
 
     def lane(self, message: Inbound) -> str:
         """A camera's commands (and simulator knobs) go in one lane: the camera's id; a group
@@ -142,6 +148,8 @@ class CommandHandler:
             return await self._group(parsed, message)
         if isinstance(parsed, SimulatorTopic):
             self._fault(parsed, message)
+        elif isinstance(parsed, StatsRequest):
+            self._stats(message)
         return None
 
     def refuse(self, message: Inbound) -> None:
@@ -263,6 +271,7 @@ class CommandHandler:
             labels=command.labels,
             model_name=command.model_name,
             request_id=request_id,
+            output=self._output if command.output is None else command.output.over(self._output),
         )
 
     async def _model(self, source: ModelUpload | ModelByHash) -> StoredModel:
@@ -317,6 +326,13 @@ class CommandHandler:
         except Exception:  # the rejection path must not fail where the main path did
             log.exception("request_id not recoverable from a rejected payload")
             return None
+
+    def _stats(self, message: Inbound) -> None:
+        if message.retain:  # a retained request would fire at every subscribe
+            log.warning("retained stats request ignored")
+            return
+        if self._stats_requested is not None:
+            self._stats_requested()
 
     # --- group commands: `{prefix}/groups/{group}/nn/{action}` ------------------------------
 
@@ -486,6 +502,12 @@ class CommandHandler:
             key_id=authenticity.key_id,
         )
         match topic.fault:
+            case "objects":
+                try:
+                    camera.schedule_objects(decode_objects(message.payload))
+                except InvalidPayload as exc:
+                    log.warning("simulator objects refused", error=exc.message)
+                    self._reporter.agent_error(exc, context=f"simulator objects for {topic.camera}")
             case "unplug":
                 camera.unplug()
             case "replug":

@@ -11,15 +11,19 @@ from typing import Annotated, Literal
 import msgspec
 from msgspec import Meta
 
+from agent.messages import OutputOptions
 from agent.signing import ANY_CAMERA, TrustedKey, read_public_key
 from agent.topics import MXID_RE
 
 __all__ = [
+    "HA_MAX_LABELS",
     "AgentSection",
     "BrokerSection",
     "Config",
     "ConfigError",
     "DepthaiSection",
+    "HomeAssistantSection",
+    "MetricsSection",
     "MqttSection",
     "SecurityKey",
     "SecuritySection",
@@ -29,6 +33,7 @@ __all__ = [
     "TlsSection",
     "load_config",
     "locate",
+    "split_listen",
     "with_located_files",
 ]
 
@@ -67,6 +72,8 @@ class AgentSection(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     detection_queue_size: Annotated[int, Meta(ge=1)] = 1024
     # groups this agent belongs to: it also takes commands on `{prefix}/groups/{group}/nn/...`
     groups: Annotated[tuple[TopicLevel, ...], Meta(max_length=64)] = ()
+    # seconds between the retained `{base}/stats` and `{base}/cameras/{mxid}/stats`
+    stats_interval: Annotated[float, Meta(ge=1.0, le=86_400.0)] = 30.0
 
 
 class TlsSection(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -176,6 +183,47 @@ class DepthaiSection(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     discovery_interval: Annotated[float, Meta(ge=1.0, le=3600.0)] = 5.0
 
 
+# a topic name (levels separated by /) without wildcards, empty levels or a leading $
+DiscoveryPrefix = Annotated[
+    str, Meta(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9._-]+(/[A-Za-z0-9._-]+)*$")
+]
+HA_MAX_LABELS = 20
+
+
+class HomeAssistantSection(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """`[homeassistant]`: MQTT discovery of the cameras as Home Assistant devices."""
+
+    enabled: bool = False
+    discovery_prefix: DiscoveryPrefix = "homeassistant"
+    # labels that get count and presence entities; unset: the first 20 of each deploy's labels
+    labels: (
+        Annotated[
+            tuple[Annotated[str, Meta(min_length=1, max_length=256)], ...],
+            Meta(max_length=HA_MAX_LABELS),
+        ]
+        | None
+    ) = None
+
+
+class MetricsSection(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """`[metrics]`: its presence turns the Prometheus exposition on."""
+
+    # host:port (`[::1]:9464` for IPv6) to serve GET /metrics on
+    listen: str = "127.0.0.1:9464"
+
+
+def split_listen(listen: str) -> tuple[str, int]:
+    """`host:port` (`[v6]:port`) as (host, port); raise ValueError naming what is wrong."""
+    host, sep, port = listen.rpartition(":")
+    if not sep or not host:
+        raise ValueError(f"{listen!r} is not host:port")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    if not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise ValueError(f"port {port!r} is not 1-65535")
+    return host, int(port)
+
+
 class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     agent: AgentSection = AgentSection()
     mqtt: MqttSection = MqttSection()
@@ -183,6 +231,11 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     simulator: SimulatorSection | None = None
     # real cameras; the backend when there is no [simulator] section
     depthai: DepthaiSection | None = None
+    homeassistant: HomeAssistantSection = HomeAssistantSection()
+    # how NN output is shaped when a deploy does not say (its `output` fields override these)
+    output: OutputOptions = OutputOptions()
+    # Prometheus exposition of the stats; off unless the section is there
+    metrics: MetricsSection | None = None
     security: SecuritySection = SecuritySection()
 
     @property
@@ -202,6 +255,11 @@ def _check(config: Config) -> None:
         raise ConfigError("mqtt.tls: set both cert_file and key_file (mutual TLS), or neither")
     if len(set(config.agent.groups)) != len(config.agent.groups):
         raise ConfigError("agent.groups: a group is named twice")
+    if config.metrics is not None:
+        try:
+            split_listen(config.metrics.listen)
+        except ValueError as exc:
+            raise ConfigError(f"metrics.listen: {exc}") from None
     _check_security(config.security)
     if config.simulator is not None and config.depthai is not None:
         raise ConfigError("[simulator] and [depthai] exclude each other: choose one backend")

@@ -26,6 +26,7 @@ from agent.errors import (
     UnknownStream,
     error_info,
 )
+from agent.messages import OutputOptions
 from agent.requests import Phase, Request, RequestLog
 from agent.state import CameraState, StateDocument, StoredRequest
 from agent.topics import MXID_RE, STREAM_RE
@@ -62,9 +63,11 @@ class Coordinator:
         state: StateFile,
         store: ModelStore,
         group_writes: bool = True,
+        output: OutputOptions | None = None,
         max_signed_requests: int = 4096,
     ) -> None:
         self._reporter = reporter
+        self._output = output if output is not None else OutputOptions()
         self._topics = topics
         self._state = state
         self._store = store
@@ -174,10 +177,15 @@ class Coordinator:
                 log.error("model missing from the store", camera=camera, stream=stream)  # noqa: TRY400
                 self._reporter.agent_error(exc, context=f"cannot restore {camera}/{stream}")
                 continue
-            resolved[stream] = item.deployment(model)
+            resolved[stream] = item.deployment(model, self._output)
         return resolved
 
     # --- cameras -------------------------------------------------------------------------
+
+    @property
+    def saved_cameras(self) -> set[str]:
+        """The cameras this run drives and those the state file knows (present or not)."""
+        return set(self._saved) | set(self.workers)
 
     def add_camera(self, camera: Camera) -> CameraWorker:
         worker = self.workers.get(camera.mxid)
@@ -247,7 +255,7 @@ class Coordinator:
         log.info("duplicate request_id, replaying its outcome", state=known.last.state)
         if self.is_held(known.last):
             return True  # goes out, to the new reply too, once the state file records it
-        self._reporter.event(known.last, [reply] if reply else [])
+        self._reporter.event(known.last, [reply] if reply else [], replay=True)
         return True
 
     # --- requests ------------------------------------------------------------------------

@@ -29,13 +29,18 @@ if TYPE_CHECKING:
 
 __all__ = [
     "AgentErrorEvent",
+    "AgentHealth",
+    "CameraHealth",
     "CameraStats",
     "CameraStatus",
+    "CommandCounts",
+    "CountsMessage",
     "DeleteCommand",
     "Deploy",
     "DeployCommand",
     "Detection",
     "DetectionsMessage",
+    "DeviceMemory",
     "ErrorInfo",
     "Event",
     "GenericConfig",
@@ -43,7 +48,9 @@ __all__ = [
     "Info",
     "InfoCamera",
     "Layer",
+    "LeonCpu",
     "LinkCounters",
+    "MemoryUse",
     "MobileNetConfig",
     "MobileNetOptions",
     "ModelByHash",
@@ -52,14 +59,21 @@ __all__ = [
     "NNConfig",
     "NNStatus",
     "NNSummary",
+    "ObjectSchedule",
+    "OutputOptions",
+    "OutputSpec",
     "ReplyTo",
+    "SimObject",
     "Spatial",
+    "StreamHealth",
+    "Temperatures",
     "YoloConfig",
     "YoloOptions",
     "decode_delete",
     "decode_deploy",
     "decode_group_delete",
     "decode_group_deploy",
+    "decode_objects",
     "encode_json",
     "salvage_request_id",
 ]
@@ -127,6 +141,48 @@ class MobileNetConfig(_NNConfigBase, frozen=True, tag="MobileNet"):
 NNConfig = GenericConfig | YoloConfig | MobileNetConfig
 
 
+# --- output shaping: host-side, so changing it never restarts a camera ---------------------
+
+Rate = Annotated[float, Meta(ge=0.0, le=10_000.0, description="messages per second")]
+PositiveRate = Annotated[float, Meta(gt=0.0, le=10_000.0, description="messages per second")]
+OnFrames = Annotated[int, Meta(ge=1, le=10_000)]
+OffSeconds = Annotated[float, Meta(gt=0.0, le=86_400.0)]
+
+
+class OutputOptions(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    """How one NN's output is published: the deploy's `output` over the agent's `[output]`."""
+
+    # per-frame messages per second on .../nn/detections; None: every frame; 0: none
+    max_rate: Rate | None = None
+    # detections below this are dropped before counting and publishing; None: all
+    min_confidence: Probability | None = None
+    # counts messages per second at most; a change held back goes out when the window opens
+    counts_max_rate: PositiveRate = 2.0
+    # a label is present after this many consecutive frames with it...
+    on_frames: OnFrames = 2
+    # ... and absent after this long without it
+    off_seconds: OffSeconds = 3.0
+
+
+class OutputSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    """A deploy's `output` as sent: the fields it leaves out keep the agent's defaults."""
+
+    max_rate: Rate | msgspec.UnsetType | None = msgspec.UNSET
+    min_confidence: Probability | msgspec.UnsetType | None = msgspec.UNSET
+    counts_max_rate: PositiveRate | msgspec.UnsetType = msgspec.UNSET
+    on_frames: OnFrames | msgspec.UnsetType = msgspec.UNSET
+    off_seconds: OffSeconds | msgspec.UnsetType = msgspec.UNSET
+
+    def over(self, defaults: OutputOptions) -> OutputOptions:
+        """These options, each one left out taken from `defaults`."""
+        given = {
+            name: value
+            for name in self.__struct_fields__
+            if (value := getattr(self, name)) is not msgspec.UNSET
+        }
+        return msgspec.structs.replace(defaults, **given)
+
+
 # --- commands ------------------------------------------------------------------------------
 
 
@@ -140,6 +196,7 @@ class DeployCommand(msgspec.Struct, frozen=True, kw_only=True):
     # at most MAX_LABEL_BYTES in total as well: checked after decoding
     labels: Annotated[tuple[Label, ...], Meta(max_length=MAX_LABELS)] | None = None
     expires_at: UnixSeconds | None = None
+    output: OutputSpec | None = None
 
 
 class DeleteCommand(msgspec.Struct, frozen=True):
@@ -194,6 +251,7 @@ class Deploy(msgspec.Struct, frozen=True, kw_only=True):
     model_name: str | None = None
     labels: tuple[str, ...] | None = None
     expires_at: float | None = None
+    output: OutputSpec | None = None
 
 
 _json_deploy: Final = msgspec.json.Decoder(DeployCommand)
@@ -305,6 +363,7 @@ def _deploy(command: DeployCommand) -> Deploy:
         model_name=command.model_name,
         labels=command.labels,
         expires_at=command.expires_at,
+        output=command.output,
     )
 
 
@@ -398,6 +457,8 @@ class NNStatus(msgspec.Struct, frozen=True):
     request_id: str | None = None
     updated_at: float = 0.0
     error: ErrorInfo | None = None
+    # how the output is shaped (with the agent's defaults filled in)
+    output: OutputOptions | None = None
 
 
 class NNSummary(msgspec.Struct, frozen=True, omit_defaults=True):
@@ -447,6 +508,7 @@ class LinkCounters(msgspec.Struct, frozen=True):
     detections_sent: int = 0
     detections_dropped_disconnected: int = 0
     detections_dropped_backpressure: int = 0
+    retained_sent: int = 0
 
 
 class Info(msgspec.Struct, frozen=True):
@@ -497,6 +559,134 @@ class DetectionsMessage(msgspec.Struct, frozen=True, omit_defaults=True):
     type: str
     detections: tuple[Detection, ...] | None = None
     layers: tuple[Layer, ...] | None = None
+
+
+# --- shaped outputs and health ---------------------------------------------------------------
+
+
+class CountsMessage(msgspec.Struct, frozen=True):
+    """`.../nn/counts`, retained: objects in the latest frame per label, and who is present."""
+
+    total: int
+    # label name (or index as a string when no labels were given) -> objects in the frame;
+    # a label seen once stays, at 0
+    by_label: dict[str, int]
+    present: tuple[str, ...]
+    ts: float
+    # this stream's counts messages since its NN started: 1, 2, ...
+    seq: int
+    # the sequence number of the frame counted
+    frame_seq: int = 0
+
+
+class Temperatures(msgspec.Struct, frozen=True):
+    """Chip temperatures in degrees Celsius; null when unknown."""
+
+    average: float | None = None
+    css: float | None = None
+    mss: float | None = None
+    upa: float | None = None
+    dss: float | None = None
+
+
+class MemoryUse(msgspec.Struct, frozen=True):
+    used: int | None = None  # bytes
+    total: int | None = None  # bytes
+    percent: float | None = None
+
+
+class DeviceMemory(msgspec.Struct, frozen=True):
+    ddr: MemoryUse = MemoryUse()
+    cmx: MemoryUse = MemoryUse()
+    leon_css_heap: MemoryUse = MemoryUse()
+    leon_mss_heap: MemoryUse = MemoryUse()
+
+
+class LeonCpu(msgspec.Struct, frozen=True):
+    css: float | None = None  # percent
+    mss: float | None = None
+
+
+class StreamHealth(msgspec.Struct, frozen=True):
+    fps: float | None = None  # NN results per second reaching the agent
+    dropped: int = 0  # results not published because the agent fell behind, since it started
+
+
+class CameraHealth(msgspec.Struct, frozen=True):
+    """`{base}/cameras/{mxid}/stats`, retained; device fields null until the device reports."""
+
+    ts: float
+    uptime: float | None = None  # seconds since the camera last booted
+    temperature: Temperatures = Temperatures()
+    memory: DeviceMemory = DeviceMemory()
+    leon_cpu: LeonCpu = LeonCpu()
+    streams: dict[str, StreamHealth] = {}
+
+
+class CommandCounts(msgspec.Struct, frozen=True):
+    succeeded: int = 0
+    failed: int = 0
+    rejected: int = 0
+    superseded: int = 0
+
+
+class AgentHealth(msgspec.Struct, frozen=True):
+    """`{base}/stats`, retained."""
+
+    ts: float
+    uptime: float  # seconds since the agent started
+    cpu_percent: float | None  # of one core, since the previous stats
+    rss_bytes: int | None
+    loop_lag_max_ms: float  # the event loop's worst lag since the previous stats
+    messages_published: int
+    detections_dropped: int
+    commands: CommandCounts = CommandCounts()
+
+
+# --- simulator knob: scheduled objects -------------------------------------------------------
+
+
+class SimObject(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    label: Annotated[int, Meta(ge=0, le=100_000)]
+    confidence: Probability = 0.9
+
+
+SimFrame = Annotated[
+    tuple[Annotated[int, Meta(ge=0, le=100_000)] | SimObject, ...], Meta(max_length=100)
+]
+
+
+class ObjectSchedule(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """`{base}/simulator/cameras/{mxid}/objects`: what every detector NN of the camera sees.
+
+    Frame i shows the objects of `frames[i]` (a label, or `{label, confidence}`); after the
+    last frame the schedule starts again (`loop`) or its last frame stays.
+    """
+
+    frames: Annotated[tuple[SimFrame, ...], Meta(min_length=1, max_length=10_000)]
+    loop: bool = True
+
+
+_json_objects: Final = msgspec.json.Decoder(ObjectSchedule)
+
+
+def decode_objects(payload: bytes) -> ObjectSchedule | None:
+    """Decode the simulator's objects knob; empty: back to the default moving objects."""
+    if not payload.strip():
+        return None
+    problem = json_problem(payload)
+    if problem is not None:
+        raise InvalidPayload(problem, path="$")
+    try:
+        return _json_objects.decode(payload)
+    except msgspec.ValidationError as exc:
+        raise _invalid(exc) from exc
+    except msgspec.DecodeError as exc:
+        raise InvalidPayload(f"malformed payload ({clip(str(exc), 200)})", path="$") from exc
+    except UnicodeDecodeError as exc:
+        raise InvalidPayload(utf8_problem(payload, msgpack=False), path="$") from exc
+    except RecursionError as exc:
+        raise InvalidPayload("nesting is too deep", path="$") from exc
 
 
 def _enc_hook(obj: object) -> object:

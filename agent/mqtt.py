@@ -111,6 +111,7 @@ class LinkStats:
     detections_sent: int = 0
     detections_dropped_disconnected: int = 0
     detections_dropped_backpressure: int = 0
+    retained_sent: int = 0
 
     def counters(self) -> LinkCounters:
         """A copy for the retained `info`."""
@@ -221,6 +222,12 @@ class MqttLink:
             return
         self._box.retained[topic] = payload
         self._box.dirty[topic] = None
+        self._wakeup.set()
+
+    def republish_retained(self) -> None:
+        """Publish every retained topic again (Home Assistant restarted and asks for it)."""
+        for topic in self._box.retained:
+            self._box.dirty[topic] = None
         self._wakeup.set()
 
     def send(self, topic: str, payload: bytes) -> None:
@@ -631,6 +638,7 @@ class MqttLink:
             except BaseException:
                 box.dirty[topic] = None
                 raise
+            self.stats.retained_sent += 1
             return True
         if box.events:
             item = box.events[0]

@@ -21,7 +21,7 @@ import structlog
 from agent.cameras.base import Deployment
 from agent.errors import clip
 from agent.limits import json_problem
-from agent.messages import Event, NNConfig, ReplyTo
+from agent.messages import Event, NNConfig, OutputOptions, ReplyTo
 from agent.vocab import Action
 
 if TYPE_CHECKING:
@@ -66,6 +66,8 @@ class StoredDeployment(msgspec.Struct, frozen=True):
     labels: tuple[str, ...] | None = None
     model_name: str | None = None
     request_id: str = ""
+    # absent in files written before output shaping: the agent's `[output]` then applies
+    output: OutputOptions | None = None
 
     @classmethod
     def of(cls, deployment: Deployment) -> StoredDeployment:
@@ -76,16 +78,19 @@ class StoredDeployment(msgspec.Struct, frozen=True):
             labels=deployment.labels,
             model_name=deployment.model_name,
             request_id=deployment.request_id,
+            output=deployment.output,
         )
 
-    def deployment(self, model: StoredModel) -> Deployment:
-        """The deployment again, with its model found in the store."""
+    def deployment(self, model: StoredModel, output: OutputOptions | None = None) -> Deployment:
+        """The deployment again, with its model found in the store (and `output` when the
+        stored one has none)."""
         return Deployment(
             model=model,
             nn_config=self.nn_config,
             labels=self.labels,
             model_name=self.model_name,
             request_id=self.request_id,
+            output=self.output or output or OutputOptions(),
         )
 
 

@@ -5,10 +5,18 @@ Pure functions of the camera's slots and state; the worker publishes what they r
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from agent.messages import CameraStatus, ModelRef, NNStatus, NNSummary
+from agent.messages import (
+    CameraStatus,
+    MobileNetConfig,
+    ModelRef,
+    NNStatus,
+    NNSummary,
+    OutputOptions,
+    YoloConfig,
+)
 
 if TYPE_CHECKING:
     from collections.abc import Iterable, Mapping
@@ -31,6 +39,9 @@ class Route:
     model_sha256: str
     type: str
     labels: tuple[str, ...] | None
+    output: OutputOptions = field(default_factory=OutputOptions)
+    # where counts go: detector networks only (Generic ones have no labels to count)
+    counts_topic: str | None = None
 
 
 def nn_status(slot: Slot | None) -> NNStatus:
@@ -86,6 +97,10 @@ def routes(
             model_sha256=deployment.model.sha256,
             type=_type(deployment.nn_config),
             labels=deployment.labels,
+            output=deployment.output,
+            counts_topic=topics.counts(camera, stream)
+            if isinstance(deployment.nn_config, YoloConfig | MobileNetConfig)
+            else None,
         )
         for stream, deployment in running.items()
     }
@@ -121,4 +136,5 @@ def _status(
         labels=deployment.labels,
         request_id=request_id,
         error=error,
+        output=deployment.output,
     )

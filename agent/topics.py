@@ -13,9 +13,11 @@ __all__ = [
     "MXID_RE",
     "STREAM_RE",
     "CommandTopic",
+    "DiscoveryTopics",
     "FleetTopics",
     "GroupCommandTopic",
     "SimulatorTopic",
+    "StatsRequest",
     "Topics",
     "is_depth_stream",
 ]
@@ -23,7 +25,7 @@ __all__ = [
 MXID_RE = re.compile(r"[A-Z0-9]{1,64}")
 STREAM_RE = re.compile(r"CAM_[A-H]|DEPTH_[A-H]_[A-H]")
 
-Fault = Literal["unplug", "replug", "fail_next_boot"]
+Fault = Literal["unplug", "replug", "fail_next_boot", "objects"]
 
 
 def is_depth_stream(stream: str) -> bool:
@@ -49,6 +51,11 @@ class GroupCommandTopic:
 class SimulatorTopic:
     camera: str
     fault: Fault
+
+
+@dataclass(frozen=True, slots=True)
+class StatsRequest:
+    """A request to publish the stats now."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,6 +96,14 @@ class Topics:
         return f"{self.base}/errors"
 
     @property
+    def stats(self) -> str:
+        return f"{self.base}/stats"
+
+    @property
+    def stats_request(self) -> str:
+        return f"{self.base}/stats/request"
+
+    @property
     def command_filters(self) -> tuple[str, str]:
         return (
             f"{self.base}/cameras/+/streams/+/nn/deploy",
@@ -116,6 +131,12 @@ class Topics:
     def camera_status(self, camera: str) -> str:
         return f"{self.base}/cameras/{camera}/status"
 
+    def camera_stats(self, camera: str) -> str:
+        return f"{self.base}/cameras/{camera}/stats"
+
+    def counts(self, camera: str, stream: str) -> str:
+        return f"{self.base}/cameras/{camera}/streams/{stream}/nn/counts"
+
     def nn_status(self, camera: str, stream: str) -> str:
         return f"{self.base}/cameras/{camera}/streams/{stream}/nn/status"
 
@@ -128,7 +149,9 @@ class Topics:
     def simulator(self, camera: str, fault: Fault) -> str:
         return f"{self.base}/simulator/cameras/{camera}/{fault}"
 
-    def parse(self, topic: str) -> CommandTopic | GroupCommandTopic | SimulatorTopic | None:
+    def parse(
+        self, topic: str
+    ) -> CommandTopic | GroupCommandTopic | SimulatorTopic | StatsRequest | None:
         """Parse a topic under this base, or a command to one of its groups; None when it is
         not one the agent acts on.
 
@@ -142,8 +165,15 @@ class Topics:
         match parts:
             case ["cameras", camera, "streams", stream, "nn", ("deploy" | "delete") as action]:
                 return CommandTopic(camera, stream, action)
-            case ["simulator", "cameras", camera, ("unplug" | "replug" | "fail_next_boot") as f]:
+            case [
+                "simulator",
+                "cameras",
+                camera,
+                ("unplug" | "replug" | "fail_next_boot" | "objects") as f,
+            ]:
                 return SimulatorTopic(camera, f)
+            case ["stats", "request"]:
+                return StatsRequest()
             case _:
                 return None
 
@@ -205,3 +235,31 @@ class FleetTopics:
     def rollout_sync(self, rollout_id: str) -> str:
         """The controller's own marker: once it comes back, the retained state before it came."""
         return f"{self.prefix}/rollouts/{rollout_id}/sync"
+
+
+@dataclass(frozen=True, slots=True)
+class DiscoveryTopics:
+    """Home Assistant's MQTT discovery topics under its `discovery_prefix`."""
+
+    prefix: str
+
+    @property
+    def birth(self) -> str:
+        """Where Home Assistant says `online` when it (re)starts."""
+        return f"{self.prefix}/status"
+
+    @property
+    def device_filter(self) -> str:
+        """Every device-based discovery config, of any publisher."""
+        return f"{self.prefix}/device/+/config"
+
+    def device(self, node: str) -> str:
+        return f"{self.prefix}/device/{node}/config"
+
+    def node_of(self, topic: str) -> str | None:
+        """The node id of a device discovery config topic; None for any other topic."""
+        start, end = f"{self.prefix}/device/", "/config"
+        if not (topic.startswith(start) and topic.endswith(end)):
+            return None
+        node = topic[len(start) : -len(end)]
+        return node if node and "/" not in node else None

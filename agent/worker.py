@@ -175,7 +175,7 @@ class CameraWorker:
     def _publish(self) -> None:
         """Route the running NNs' output, and publish the status where it changed."""
         routes = status.routes(self._topics, self.mxid, self.state, self.slots.running)
-        self._reporter.routes(self.mxid, routes)
+        self._reporter.routes(self.mxid, routes, self.slots.running.keys())
         now = time.time()
         nn = status.nn_statuses(self.camera.streams, self.slots)
         for stream, current in nn.items():

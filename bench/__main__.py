@@ -15,6 +15,7 @@ from bench import (
     latency,
     load,
     overtake,
+    shaping,
     signing,
     startup,
     storm,
@@ -33,6 +34,7 @@ _BENCHES = {
         overtake,
         startup,
         discovery_lag,
+        shaping,
         signing,
     )
 }

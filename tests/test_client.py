@@ -478,7 +478,15 @@ def test_a_real_event_decodes(state: str, request_id: str) -> None:
 def test_every_option_has_help() -> None:
     parser = cli_parser()
     subparsers = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
-    assert set(subparsers.choices) == {"run", "deploy", "delete", "watch", "keygen", "fleet"}
+    assert set(subparsers.choices) == {
+        "run",
+        "deploy",
+        "delete",
+        "watch",
+        "status",
+        "keygen",
+        "fleet",
+    }
     fleet = subparsers.choices["fleet"]
     actions = next(a for a in fleet._actions if isinstance(a, argparse._SubParsersAction))
     assert set(actions.choices) == {"deploy", "delete", "status", "abort"}
@@ -488,7 +496,7 @@ def test_every_option_has_help() -> None:
         *((f"fleet {name}", sub) for name, sub in actions.choices.items()),
     ]
     for name, sub in parsers:
-        if name in ("deploy", "delete", "watch", "fleet") or name.startswith("fleet "):
+        if name in ("deploy", "delete", "watch", "status", "fleet") or name.startswith("fleet "):
             assert "exit codes:" in sub.format_help()
         for action in sub._actions:
             assert action.help, f"{name} {action.option_strings or action.dest} has no help"
@@ -520,6 +528,8 @@ def _state_topics(topics: Topics) -> set[str]:
         topics.camera_availability(CAM1),
         topics.camera_status(CAM1),
         *(topics.nn_status(CAM1, stream) for stream in streams),
+        topics.stats,
+        topics.camera_stats(CAM1),
     }
 
 

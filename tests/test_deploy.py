@@ -202,6 +202,7 @@ async def test_agent_info_and_availability(broker: Broker, tmp_path: Path) -> No
             "detections_sent",
             "detections_dropped_disconnected",
             "detections_dropped_backpressure",
+            "retained_sent",
         }
         assert all(isinstance(n, int) and n >= 0 for n in info["link"].values())
         availability = [obs.topics.camera_availability(m) for m in (CAM1, CAM2)]

@@ -12,7 +12,13 @@ import pytest
 
 from agent.cameras.base import Deployment
 from agent.cameras.features import CameraFeatures, Sensor
-from agent.cameras.pipeline import build_pipeline, stream_of, xlink_name
+from agent.cameras.pipeline import (
+    SYSINFO_SECONDS,
+    SYSINFO_XLINK,
+    build_pipeline,
+    stream_of,
+    xlink_name,
+)
 from agent.messages import (
     GenericConfig,
     MobileNetConfig,
@@ -278,7 +284,11 @@ def test_two_streams_share_one_camera_node_per_socket() -> None:
     left = monos[socket("CAM_B")]
     manips = [node for node, _ in g.targets(left, "out") if node.name == "ImageManip"]
     assert len(manips) == 2
-    assert {n.props["streamName"] for n in g.all("XLinkOut")} == {"nn_CAM_B", "nn_DEPTH_B_C"}
+    assert {n.props["streamName"] for n in g.all("XLinkOut")} == {
+        "nn_CAM_B",
+        "nn_DEPTH_B_C",
+        SYSINFO_XLINK,
+    }
     gray, _ = g.source(g.nn_of("CAM_B"), "in")
     bgr, _ = g.source(g.nn_of("DEPTH_B_C"), "in")
     assert_manip(gray, width=64, height=64, frame_type=GRAY8, channels=1)
@@ -301,7 +311,7 @@ def test_three_nns_on_an_oak_d() -> None:
     assert len(g.all("MonoCamera")) == 2
     assert len(g.all("StereoDepth")) == 1
     names = sorted(n.props["streamName"] for n in g.all("XLinkOut"))
-    assert names == ["nn_CAM_A", "nn_CAM_C", "nn_DEPTH_B_C"]
+    assert names == ["nn_CAM_A", "nn_CAM_C", "nn_DEPTH_B_C", SYSINFO_XLINK]
 
 
 def test_downloaded_three_channel_blob_on_mono_sensor() -> None:
@@ -335,3 +345,21 @@ def test_unknown_stream_is_a_key_error() -> None:
 
 def test_features_list_streams_like_the_simulator() -> None:
     assert OAK_D.streams == ("CAM_A", "CAM_B", "CAM_C", "DEPTH_B_C")
+
+
+@pytest.mark.parametrize(
+    "nn_set",
+    [
+        pytest.param(lambda: {"CAM_A": yolo()}, id="one NN"),
+        pytest.param(lambda: {"CAM_A": yolo(), "DEPTH_B_C": mobilenet()}, id="two NNs"),
+    ],
+)
+def test_one_system_logger_reports_on_its_own_xlink_at_a_low_rate(nn_set: Any) -> None:
+    g = graph(OAK_D, nn_set())
+    logger = g.one("SystemLogger")
+    assert logger.props["rateHz"] == pytest.approx(1.0 / SYSINFO_SECONDS)
+    assert logger.props["rateHz"] <= 1.0  # a report at most every second: negligible load
+    ((xout, port),) = g.targets(logger, "out")
+    assert (xout.name, port, xout.props["streamName"]) == ("XLinkOut", "in", SYSINFO_XLINK)
+    # its link is not mistaken for a stream's
+    assert not SYSINFO_XLINK.startswith(xlink_name(""))

@@ -7,7 +7,7 @@ import msgspec
 from agent.cameras.simulator import SimulatedCamera
 from agent.config import SimulatedCamera as CameraSpec
 from agent.lifecycle import Slots
-from agent.messages import NNStatus, YoloConfig, YoloOptions
+from agent.messages import GenericConfig, NNStatus, OutputOptions, YoloConfig, YoloOptions
 from agent.state import CameraState, StateDocument, StoredDeployment, StoredRequest
 from agent.status import camera_status, nn_status, nn_statuses, routes
 from agent.topics import Topics
@@ -83,6 +83,25 @@ def test_routes_only_while_online() -> None:
         "YOLO",
         model("a").sha256,
     )
+    # detector networks are counted; a Generic one is not
+    assert online["CAM_A"].counts_topic == topics.counts("C", "CAM_A")
+    generic = routes(topics, "C", "online", {"CAM_C": deployment("g", nn_config=GenericConfig())})
+    assert generic["CAM_C"].counts_topic is None
+
+
+def test_a_state_file_from_before_output_shaping_takes_the_agents_default() -> None:
+    old = deployment("r")
+    raw = msgspec.json.encode(StoredDeployment.of(old))
+    without = msgspec.json.encode(
+        {k: v for k, v in msgspec.json.decode(raw).items() if k != "output"}
+    )
+    stored = msgspec.json.decode(without, type=StoredDeployment)
+    assert stored.output is None
+    default = OutputOptions(max_rate=5.0, on_frames=3)
+    assert stored.deployment(old.model, default).output == default
+    # one stored with its own output keeps it
+    own = StoredDeployment.of(deployment("s", output=OutputOptions(min_confidence=0.7)))
+    assert own.deployment(old.model, default).output == OutputOptions(min_confidence=0.7)
 
 
 def test_a_stored_deployment_is_the_deployment_again() -> None:
@@ -111,6 +130,13 @@ def test_the_document_names_its_models_and_keeps_its_format() -> None:
         "labels": None,
         "model_name": None,
         "request_id": "b",
+        "output": {
+            "max_rate": None,
+            "min_confidence": None,
+            "counts_max_rate": 2.0,
+            "on_frames": 2,
+            "off_seconds": 3.0,
+        },
     }
     assert raw["in_flight"] == [
         {"request_id": "r", "action": "deploy", "camera": "C", "stream": "CAM_A", "replies": []}

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
+
+from agent.messages import DeviceMemory, LeonCpu, OutputOptions, Temperatures
 
 if TYPE_CHECKING:
     import numpy as np
@@ -20,6 +22,7 @@ __all__ = [
     "CameraBackend",
     "CameraListener",
     "Deployment",
+    "DeviceHealth",
     "NNSet",
     "Output",
     "RawLayer",
@@ -35,9 +38,11 @@ class Deployment:
     labels: tuple[str, ...] | None = None
     model_name: str | None = None
     request_id: str = ""
+    output: OutputOptions = field(default_factory=OutputOptions)
 
     def same_network(self, other: Deployment | None) -> bool:
-        """True when running `other` instead needs no restart (labels are host-side only)."""
+        """True when running `other` instead needs no restart (labels and output are
+        host-side only)."""
         return (
             other is not None
             and other.model.sha256 == self.model.sha256
@@ -72,6 +77,19 @@ class Output:
     layers: tuple[RawLayer, ...] | None = None
 
 
+@dataclass(frozen=True, slots=True)
+class DeviceHealth:
+    """What a camera reports about itself; device fields stay unknown until it reports them
+    (a real OAK only while it runs a pipeline: its SystemLogger is part of it)."""
+
+    uptime: float | None = None  # seconds since the device last booted
+    temperature: Temperatures = field(default_factory=Temperatures)
+    memory: DeviceMemory = field(default_factory=DeviceMemory)
+    leon_cpu: LeonCpu = field(default_factory=LeonCpu)
+    # per stream: results dropped before the agent read them, since it started
+    dropped: Mapping[str, int] = field(default_factory=dict)
+
+
 class CameraListener(Protocol):
     """What a backend reports to; called on the event loop thread only."""
 
@@ -90,6 +108,14 @@ class Camera(Protocol):
     def name(self) -> str: ...
 
     @property
+    def product(self) -> str:
+        """The product name the device reports (e.g. "OAK-D-LITE"); for dashboards."""
+
+    @property
+    def firmware(self) -> str | None:
+        """The device's bootloader version where known; for dashboards."""
+
+    @property
     def features(self) -> CameraFeatures:
         """The sensors and stereo pairs an NN can be fed from."""
 
@@ -103,6 +129,10 @@ class Camera(Protocol):
     @property
     def stats(self) -> CameraStats:
         """The camera's counters as they stand now (cheap: read on every status publish)."""
+
+    @property
+    def health(self) -> DeviceHealth:
+        """The device's latest health report (cheap: read on every stats publish)."""
 
     async def apply(self, nn_set: NNSet) -> None:
         """Restart the camera running exactly `nn_set`.

@@ -11,7 +11,9 @@ Image paths, per stream:
   StereoDepth built: depthai 2.x has no generic spatial node, and raw layers carry no boxes
   to attach depth to.
 
-Each NN sends its output on an XLinkOut named `xlink_name(stream)`.
+Each NN sends its output on an XLinkOut named `xlink_name(stream)`; a SystemLogger sends
+the chip's temperatures, memory use and CPU load on `SYSINFO_XLINK` once every
+`SYSINFO_SECONDS` (a few hundred bytes: a negligible cost on the device and the link).
 """
 
 from __future__ import annotations
@@ -30,9 +32,11 @@ if TYPE_CHECKING:
     from agent.cameras.base import Deployment
     from agent.cameras.features import CameraFeatures, Sensor
 
-__all__ = ["build_pipeline", "stream_of", "xlink_name"]
+__all__ = ["SYSINFO_SECONDS", "SYSINFO_XLINK", "build_pipeline", "stream_of", "xlink_name"]
 
 _XLINK_PREFIX: Final = "nn_"
+SYSINFO_XLINK: Final = "sysinfo"  # no stream's name: those start with `nn_`
+SYSINFO_SECONDS: Final = 5.0
 # NN inputs keep only the newest frame: a slow NN must not stall the sensor or StereoDepth
 _NN_QUEUE: Final = 1
 # average depth over the middle half of each box, so background pixels at its edges count less
@@ -67,6 +71,7 @@ def build_pipeline(features: CameraFeatures, nn_set: Mapping[str, Deployment]) -
     builder = _Builder(features, nn_set)
     for stream in sorted(nn_set):  # CAM_* before DEPTH_*: plain streams get the preview
         builder.add(stream, nn_set[stream])
+    builder.system_logger()
     return builder.pipeline
 
 
@@ -113,6 +118,13 @@ class _Builder:
         xout = self.pipeline.create(dai.node.XLinkOut)
         xout.setStreamName(xlink_name(stream))
         nn.out.link(xout.input)
+
+    def system_logger(self) -> None:
+        logger = self.pipeline.create(dai.node.SystemLogger)
+        logger.setRate(1.0 / SYSINFO_SECONDS)
+        xout = self.pipeline.create(dai.node.XLinkOut)
+        xout.setStreamName(SYSINFO_XLINK)
+        logger.out.link(xout.input)
 
     def _network(self, deployment: Deployment, *, spatial: bool) -> Any:
         config = deployment.nn_config

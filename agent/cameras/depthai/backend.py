@@ -88,7 +88,7 @@ class DepthaiBackend:
         try:
             with anyio.fail_after(self._settings.boot_timeout):
                 # an abandoned probe closes its device itself when it returns
-                mxid, product, features = await anyio.to_thread.run_sync(
+                probed = await anyio.to_thread.run_sync(
                     probe,
                     target,
                     self._settings.boot_timeout,
@@ -102,6 +102,7 @@ class DepthaiBackend:
             log.warning("camera probe failed", target=target, error=str(exc), retry_in=delay)
             return
         self._retry_at.pop(target, None)
+        mxid, product = probed.mxid, probed.product
         if unicast:
             self._by_address[target] = mxid
         adopted = self._cameras.get(mxid)
@@ -115,7 +116,9 @@ class DepthaiBackend:
         camera = DepthaiCamera(
             mxid,
             name=self._settings.names.get(mxid) or product or mxid,
-            features=features,
+            product=product or "OAK",
+            firmware=probed.bootloader,
+            features=probed.features,
             target=target,
             settings=self._settings,
             listener=listener,

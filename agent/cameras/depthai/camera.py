@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import threading
+import time
+from collections import Counter
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any, Final
 
@@ -10,10 +12,10 @@ import anyio
 import anyio.to_thread
 import structlog
 
-from agent.cameras.base import Camera, Output
+from agent.cameras.base import Camera, DeviceHealth, Output
 from agent.cameras.depthai.device import CLOSE_TIMEOUT, Boot, DeviceBusy, Session
-from agent.cameras.depthai.outputs import to_output
-from agent.cameras.pipeline import build_pipeline, stream_of
+from agent.cameras.depthai.outputs import to_health, to_output
+from agent.cameras.pipeline import SYSINFO_XLINK, build_pipeline, stream_of
 from agent.errors import CameraOffline, DeployFailed
 from agent.messages import CameraStats
 
@@ -42,6 +44,8 @@ class DepthaiCamera(Camera):
         *,
         name: str,
         features: CameraFeatures,
+        product: str = "OAK",
+        firmware: str | None = None,
         target: str,
         settings: DepthaiSection,
         listener: CameraListener,
@@ -49,6 +53,8 @@ class DepthaiCamera(Camera):
     ) -> None:
         self._mxid = mxid
         self._name = name
+        self._product = product
+        self._firmware = firmware
         self._features = features
         self.target = target  # what `dai.DeviceInfo` opens: mxid (USB) or IP address (PoE)
         self.unicast = unicast  # found by address: broadcast discovery may never list it
@@ -68,8 +74,10 @@ class DepthaiCamera(Camera):
         self._send, self._receive = anyio.create_memory_object_stream[Output](_OUTPUT_BUFFER)
         self._tg: TaskGroup | None = None
         self._outputs = 0
-        self._dropped = 0
+        self._dropped: Counter[str] = Counter()  # per stream
         self._unreadable = 0  # counted in the reader thread
+        self._booted_at: float | None = None  # monotonic, while a session is open
+        self._system: Any = None  # the latest SystemLogger report of the open session
         self.boots = 0
 
     @property
@@ -79,6 +87,14 @@ class DepthaiCamera(Camera):
     @property
     def name(self) -> str:
         return self._name
+
+    @property
+    def product(self) -> str:
+        return self._product
+
+    @property
+    def firmware(self) -> str | None:
+        return self._firmware
 
     @property
     def features(self) -> CameraFeatures:
@@ -95,8 +111,22 @@ class DepthaiCamera(Camera):
     @property
     def stats(self) -> CameraStats:
         return CameraStats(
-            outputs=self._outputs, dropped=self._dropped, unreadable=self._unreadable
+            outputs=self._outputs, dropped=self._dropped.total(), unreadable=self._unreadable
         )
+
+    @property
+    def health(self) -> DeviceHealth:
+        booted_at, system = self._booted_at, self._system
+        uptime = None if booted_at is None else time.monotonic() - booted_at
+        dropped = dict(self._dropped)
+        if system is None:
+            return DeviceHealth(uptime=uptime, dropped=dropped)
+        try:
+            return to_health(system, uptime=uptime, dropped=dropped)
+        except (AttributeError, TypeError, ValueError):
+            log.exception("camera system report unreadable", camera=self._mxid)
+            self._system = None
+            return DeviceHealth(uptime=uptime, dropped=dropped)
 
     # --- presence, driven by discovery and by the reader ---------------------------------
 
@@ -184,6 +214,7 @@ class DepthaiCamera(Camera):
             raise
         assert session is not None  # None only once abandoned
         self._session = session
+        self._booted_at, self._system = time.monotonic(), None
         self._waiting = set(streams)
         self._settled = anyio.Event()
         self._lost_error = None
@@ -245,7 +276,11 @@ class DepthaiCamera(Camera):
         return None
 
     def _convert(self, name: str, message: Any) -> Output | None:
-        """One device message as an Output; None (logged, counted) when it cannot be read."""
+        """One device message as an Output; None (logged, counted) when it cannot be read,
+        or when it is a SystemLogger report (kept for the stats)."""
+        if name == SYSINFO_XLINK:
+            self._system = message  # read on the loop when the stats are published
+            return None
         try:
             return to_output(self._mxid, stream_of(name), message)
         except Exception:
@@ -265,9 +300,10 @@ class DepthaiCamera(Camera):
             try:
                 self._send.send_nowait(output)
             except anyio.WouldBlock:
-                self._dropped += 1
-                if self._dropped & (self._dropped - 1) == 0:  # log at powers of two
-                    log.warning("camera outputs dropped", camera=self._mxid, dropped=self._dropped)
+                self._dropped[output.stream] += 1
+                dropped = self._dropped.total()
+                if dropped & (dropped - 1) == 0:  # log at powers of two
+                    log.warning("camera outputs dropped", camera=self._mxid, dropped=dropped)
 
     # --- lifetime ------------------------------------------------------------------------
 
@@ -285,6 +321,7 @@ class DepthaiCamera(Camera):
 
     async def _close(self) -> None:
         session, self._session = self._session, None
+        self._booted_at, self._system = None, None
         await self._close_session(session)
 
     async def _close_session(self, session: Session | None) -> None:

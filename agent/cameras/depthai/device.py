@@ -9,12 +9,13 @@ from __future__ import annotations
 import contextlib
 import threading
 from collections import deque
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final
 
 import depthai as dai
 
 from agent.cameras.features import CameraFeatures, Sensor
-from agent.cameras.pipeline import xlink_name
+from agent.cameras.pipeline import SYSINFO_XLINK, xlink_name
 
 if TYPE_CHECKING:
     from collections.abc import Iterator, Sequence
@@ -26,6 +27,7 @@ __all__ = [
     "Boot",
     "BootAbandoned",
     "DeviceBusy",
+    "Probed",
     "Session",
     "probe",
 ]
@@ -86,13 +88,29 @@ def _exclusive(lock: threading.Lock, timeout: float, *, target: str) -> Iterator
         lock.release()
 
 
-def probe(target: str, timeout: float) -> tuple[str, str, CameraFeatures]:
+@dataclass(frozen=True, slots=True)
+class Probed:
+    """What opening a device once without a pipeline tells about it."""
+
+    mxid: str
+    product: str
+    bootloader: str | None  # None when it was not booted through its bootloader
+    features: CameraFeatures
+
+
+def probe(target: str, timeout: float) -> Probed:
     """Boot a device without a pipeline; return its mxid, product name and features."""
     with (
         _exclusive(_probe_lock, timeout, target=target),
         dai.Device(dai.DeviceInfo(target)) as device,
     ):
-        return str(device.getMxId()), str(device.getProductName()), _read_features(device)
+        bootloader = device.getBootloaderVersion()
+        return Probed(
+            mxid=str(device.getMxId()),
+            product=str(device.getProductName()),
+            bootloader=None if bootloader is None else str(bootloader),
+            features=_read_features(device),
+        )
 
 
 class Session:
@@ -108,6 +126,8 @@ class Session:
             xlink_name(s): device.getOutputQueue(xlink_name(s), _HOST_QUEUE, blocking=False)
             for s in streams
         }
+        # the newest SystemLogger report is all that matters
+        self.queues[SYSINFO_XLINK] = device.getOutputQueue(SYSINFO_XLINK, 1, blocking=False)
         # the device's last warnings say why an NN produced nothing
         self.device_log: deque[str] = deque(maxlen=_DEVICE_LOG_LINES)
         device.addLogCallback(self._on_log)

@@ -7,14 +7,15 @@ from typing import TYPE_CHECKING, Any, Final
 import depthai as dai
 import numpy as np
 
-from agent.cameras.base import Output, RawLayer
+from agent.cameras.base import DeviceHealth, Output, RawLayer
+from agent.messages import DeviceMemory, LeonCpu, MemoryUse, Temperatures
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
 
     import numpy.typing as npt
 
-__all__ = ["read_layers", "to_output"]
+__all__ = ["read_layers", "to_health", "to_output"]
 
 _NP_DTYPES: Final[dict[Any, tuple[str, type[np.generic]]]] = {
     dai.TensorInfo.DataType.FP16: ("float16", np.float16),
@@ -75,3 +76,34 @@ def to_output(camera: str, stream: str, message: Any) -> Output:
         return Output(camera, stream, seq, device_ts, detections=rows)
     layers = read_layers(message.getData(), message.getAllLayers())
     return Output(camera, stream, seq, device_ts, layers=layers)
+
+
+def _memory(info: Any) -> MemoryUse:
+    return MemoryUse(used=int(info.used), total=int(info.total))
+
+
+def to_health(message: Any, *, uptime: float | None, dropped: dict[str, int]) -> DeviceHealth:
+    """A SystemLogger report (`dai.SystemInformation`) as the camera's health."""
+    chip = message.chipTemperature
+    return DeviceHealth(
+        uptime=uptime,
+        temperature=Temperatures(
+            average=round(float(chip.average), 2),
+            css=round(float(chip.css), 2),
+            mss=round(float(chip.mss), 2),
+            upa=round(float(chip.upa), 2),
+            dss=round(float(chip.dss), 2),
+        ),
+        memory=DeviceMemory(
+            ddr=_memory(message.ddrMemoryUsage),
+            cmx=_memory(message.cmxMemoryUsage),
+            leon_css_heap=_memory(message.leonCssMemoryUsage),
+            leon_mss_heap=_memory(message.leonMssMemoryUsage),
+        ),
+        # depthai reports the load as a fraction of 1
+        leon_cpu=LeonCpu(
+            css=round(100.0 * float(message.leonCssCpuUsage.average), 2),
+            mss=round(100.0 * float(message.leonMssCpuUsage.average), 2),
+        ),
+        dropped=dropped,
+    )
