@@ -34,6 +34,8 @@ from agent.reporter import Reporter
 from agent.signing import Policy
 from agent.state import StateFile
 from agent.topics import DiscoveryTopics, Topics
+from agent.transfers import Transfers
+from agent.uploads import Uploads
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -100,6 +102,7 @@ class App:
     backend: CameraBackend
     reporter: Reporter
     hints: dict[str, str]
+    uploads: Uploads | None = None
     homeassistant: HomeAssistant | None = None
 
 
@@ -192,6 +195,66 @@ def _router(
     return receive
 
 
+def _subscriptions(config: Config, topics: Topics, *, simulated: bool) -> tuple[str, ...]:
+    """Commands (the agent's and its groups'), uploads and stats requests; the simulator's
+    knobs and HA's birth when used."""
+    subscriptions: tuple[str, ...] = (
+        *topics.command_filters,
+        *topics.group_command_filters,
+        *topics.upload_filters,
+        topics.stats_request,
+    )
+    if simulated:
+        subscriptions = (*subscriptions, topics.simulator_filter)
+    if config.homeassistant.enabled:
+        birth = DiscoveryTopics(config.homeassistant.discovery_prefix).birth
+        subscriptions = (*subscriptions, birth)
+    return subscriptions
+
+
+def _with_uploads(
+    uploads: Uploads, commands: Callable[[Inbound, Receipt], None]
+) -> Callable[[Inbound, Receipt], None]:
+    """Manifests and chunks to the uploads, so they never wait in a camera's command lane."""
+
+    def receive(message: Inbound, receipt: Receipt) -> None:
+        if uploads.owns(message.topic):
+            uploads.receive(message, receipt)
+        else:
+            commands(message, receipt)
+
+    return receive
+
+
+def _transfers(
+    config: Config,
+    topics: Topics,
+    store: ModelStore,
+    reporter: Reporter,
+    coordinator: Coordinator,
+) -> tuple[Uploads, Transfers]:
+    """Chunked uploads and downloads: their folders taken over, ready to run."""
+    uploads = Uploads(
+        config.state_path / "uploads",
+        topics=topics,
+        store=store,
+        reporter=reporter,
+        settings=config.models,
+        max_chunk_bytes=config.agent.max_payload_bytes,
+    )
+    uploads.models_in_use(coordinator.models_in_use)
+    uploads.load()
+    transfers = Transfers(
+        config.state_path / "downloads",
+        store=store,
+        uploads=uploads,
+        settings=config.download,
+        abandon_after=config.models.upload_timeout,
+    )
+    transfers.clean_up()
+    return uploads, transfers
+
+
 def _homeassistant(
     config: Config,
     link: MqttLink,
@@ -243,21 +306,11 @@ async def serve(
         # amqtt speaks 3.1.1 only, and stalls on a v5 CONNECT carrying a will
         log.info("the embedded broker speaks MQTT 3.1.1; using it")
         mqtt = msgspec.structs.replace(mqtt, protocol="3.1.1")
-    subscriptions: tuple[str, ...] = (
-        *topics.command_filters,
-        *topics.group_command_filters,
-        topics.stats_request,
-    )
-    if simulator is not None:
-        subscriptions = (*subscriptions, topics.simulator_filter)
-    if config.homeassistant.enabled:
-        birth = DiscoveryTopics(config.homeassistant.discovery_prefix).birth
-        subscriptions = (*subscriptions, birth)
     link = MqttLink(
         mqtt,
         client_id=config.client_id,
         will_topic=topics.availability,
-        subscriptions=subscriptions,
+        subscriptions=_subscriptions(config, topics, simulated=simulator is not None),
         event_queue_size=config.agent.event_queue_size,
         detection_queue_size=config.agent.detection_queue_size,
         max_payload_bytes=config.agent.max_payload_bytes,
@@ -293,6 +346,7 @@ async def serve(
     coordinator.load()
     for camera in backend.cameras.values():
         coordinator.add_camera(camera)
+    uploads, transfers = _transfers(config, topics, store, reporter, coordinator)
     health = HealthMonitor(
         reporter,
         link.stats,
@@ -307,6 +361,7 @@ async def serve(
         reporter=reporter,
         max_payload_bytes=config.agent.max_payload_bytes,
         simulator=simulator,
+        transfers=transfers,
         output=config.output,
         stats_requested=health.request,
         policy=Policy(
@@ -324,6 +379,7 @@ async def serve(
         backend,
         reporter,
         _hints(config, topics, backend, source),
+        uploads,
         homeassistant,
     )
 
@@ -347,12 +403,13 @@ async def serve(
             if not backend.cameras:
                 log.warning("no cameras found yet; they are adopted when they appear")
             await tg.start(intake.run, name="commands")
+            await tg.start(uploads.run, name="uploads")
             if homeassistant is not None:
                 await tg.start(homeassistant.run, name="homeassistant")
             await tg.start(
                 partial(
                     link.run,
-                    _router(intake, homeassistant),
+                    _with_uploads(uploads, _router(intake, homeassistant)),
                     answered=intake.stopped,
                     report=reporter.agent_error,
                 ),

@@ -26,6 +26,7 @@ __all__ = ["build_parser", "main"]
 EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_CONFIG = 2
+EXIT_INTERRUPTED = 130  # as a shell reports a command ended by SIGINT
 
 DESCRIPTION = """\
 Deploy neural networks onto Luxonis OAK cameras over MQTT: `run` the agent,
@@ -117,7 +118,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)  # imports the client: the slow part of a start
+    except KeyboardInterrupt:  # Ctrl-C while starting: nothing was sent yet
+        return EXIT_INTERRUPTED
     setup_logging(args.log_level, args.log_format)
     try:
         if args.command == "run":
@@ -133,8 +137,8 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         log.error("configuration error", error=str(exc))  # noqa: TRY400  # no traceback wanted
         return EXIT_CONFIG
-    except KeyboardInterrupt:
-        return EXIT_OK
+    except KeyboardInterrupt:  # before the command's own signal handling was in place
+        return EXIT_OK if args.command == "run" else EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":

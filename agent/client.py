@@ -1,10 +1,14 @@
-"""A small MQTT client for trying the agent: deploy, delete, watch.
+"""A small MQTT client for the agent: deploy, delete, watch, upload, models.
 
 It reaches the agent with `--host/--port/--prefix/--agent`, or reads them from the agent's
 own TOML (`--config`; flags override it). It talks MQTT 3.1.1, so it works with the embedded
-demo broker too. It acts only on messages on the topics it subscribed to (amqtt also sends a
-new client the retained messages other clients subscribed to), skips what does not decode,
-and reports an expected failure as one line on stderr and an exit code.
+demo broker too; `deploy --model` and `upload` try MQTT 5 first (unless the config says
+3.1.1), to read the broker's Maximum Packet Size from its CONNACK, and fall back to 3.1.1
+when the broker refuses it. A model whose deploy would not fit in one packet goes in chunks
+(`agent/sender.py`) before a deploy by sha256. It acts only on messages on the topics it
+subscribed to (amqtt also sends a new client the retained messages other clients subscribed
+to), skips what does not decode, and reports an expected failure as one line on stderr and
+an exit code.
 """
 
 from __future__ import annotations
@@ -31,18 +35,23 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from agent import overview
-from agent.config import ConfigError, MqttSection, load_config
+from agent.bars import progress_bar
+from agent.chunkplan import MIN_CHUNK_SIZE, chunk_size_for, publish_packet_size
+from agent.config import AgentSection, ConfigError, MqttSection, load_config
 from agent.connect import BrokerOptions, broker_options, connect_problem
 from agent.keyfiles import config_snippet, key_id_of, read_signing_key, write_key_pair
-from agent.messages import Event
+from agent.messages import Event, ModelEntry, UploadStatus
 from agent.mqtt import payload_bytes
+from agent.paho_fast import on_connack
 from agent.render import Style, render
+from agent.render import size as human_size
 from agent.retained import collect_retained
+from agent.sender import ModelFile, send_model, sha256_of
 from agent.signing import KEY_ID_PROPERTY, KEY_ID_RE, SIGNATURE_PROPERTY, envelope, sign
-from agent.topics import Topics
+from agent.topics import SHA256_RE, Topics
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator, Awaitable, Callable
+    from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
@@ -56,6 +65,7 @@ __all__ = [
     "EXIT_USAGE",
     "add_client_commands",
     "decode_event",
+    "decode_models",
     "run_client_command",
 ]
 
@@ -79,12 +89,13 @@ DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 1883
 DEFAULT_PREFIX = "oak"
 DEFAULT_REQUEST_TIMEOUT = 120.0
+DEFAULT_UPLOAD_TIMEOUT = 600.0
+DEFAULT_MODELS_TIMEOUT = 10.0
 DEFAULT_STATUS_TIMEOUT = 5.0
 _STATUS_QUIET = 0.5  # status: the retained messages are in once none came for this long
 DEFAULT_EXPIRES_IN = 60.0  # a signed command's expires_at, from now
 _CONNECT_TIMEOUT = 10.0
 _LEVEL = re.compile(r"[A-Za-z0-9._-]{1,64}")
-_REFUSED_PROTOCOL = frozenset({1, 132})  # 3.1.1 and MQTT 5 "unsupported protocol version"
 # CONNACK return codes of MQTT 3.1.1
 _REFUSALS = {
     1: "unsupported protocol version",
@@ -94,7 +105,12 @@ _REFUSALS = {
     5: "not authorised",
 }
 
+# CONNACK refusals of an MQTT 5 CONNECT by a broker that speaks only 3.1.1 (3.1.1's and 5's
+# "unsupported protocol version")
+_V5_UNSUPPORTED = frozenset({1, 132})
+
 _event_decoder = msgspec.json.Decoder(Event)
+_models_decoder = msgspec.json.Decoder(tuple[ModelEntry, ...])
 
 
 class ClientExit(Exception):
@@ -117,14 +133,25 @@ class _Target:
     broker: BrokerOptions
     topics: Topics
     agent: str
-    # MQTT 5 for signed commands (user properties) unless the agent's broker speaks 3.1.1
+    # MQTT 5 unless the agent's broker speaks 3.1.1: signed commands go in user properties,
+    # and the CONNACK names the broker's Maximum Packet Size
     mqtt5: bool = True
+    max_payload: int = AgentSection().max_payload_bytes  # the agent's, from its config
     # the agent's [security] max_command_age, when its config is given
     max_command_age: float | None = None
 
     @property
     def where(self) -> str:
         return self.broker.where
+
+
+@dataclass(slots=True)
+class _Link:
+    """A connected client, and what its CONNACK said."""
+
+    client: aiomqtt.Client
+    mqtt5: bool = False
+    max_packet: int | None = None  # the broker's Maximum Packet Size (MQTT 5)
 
 
 # --- arguments ----------------------------------------------------------------------------
@@ -166,6 +193,39 @@ def _port(value: str) -> int:
     if not value.isdigit() or not 1 <= int(value) <= 65535:
         raise argparse.ArgumentTypeError(f"{value!r} is not a port (1-65535)")
     return int(value)
+
+
+def _bytes(value: str) -> int:
+    if not value.isdigit() or int(value) < 1:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a number of bytes (1, 2, ...)")
+    return int(value)
+
+
+def _chunk_bytes(value: str) -> int:
+    if not value.isdigit() or int(value) < MIN_CHUNK_SIZE:
+        raise argparse.ArgumentTypeError(f"{value!r}: a chunk has at least {MIN_CHUNK_SIZE} bytes")
+    return int(value)
+
+
+def _sha256(value: str) -> str:
+    if not SHA256_RE.fullmatch(value.lower()):
+        raise argparse.ArgumentTypeError(f"{value!r} is not a sha256 (64 hex digits)")
+    return value.lower()
+
+
+def _transfer_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--max-packet",
+        type=_bytes,
+        metavar="BYTES",
+        help="the broker's largest packet, for MQTT 3.1.1 brokers (MQTT 5 ones say it)",
+    )
+    parser.add_argument(
+        "--chunk-size",
+        type=_chunk_bytes,
+        metavar="BYTES",
+        help="bytes per chunk (default: the most the broker's packet limit allows, <= 1 MiB)",
+    )
 
 
 def _count(value: str) -> int:
@@ -253,7 +313,7 @@ def _request_options(parser: argparse.ArgumentParser) -> None:
 
 
 def add_client_commands(sub: Any) -> None:
-    """Add `deploy`, `delete`, `watch` and `status` to the `oak-agent` subcommands."""
+    """Add `deploy`, `delete`, `upload`, `models`, `watch` and `status` to the subcommands."""
     common = _common_options()
     deploy = sub.add_parser(
         "deploy",
@@ -264,13 +324,29 @@ def add_client_commands(sub: Any) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     _request_options(deploy)
-    source = deploy.add_mutually_exclusive_group(required=True)
+    source = deploy.add_argument_group("the model: --model, --model-url, or --model-sha256 alone")
     source.add_argument(
-        "--model", type=Path, metavar="BLOB", help="a MyriadX .blob file, sent with the command"
+        "--model",
+        type=Path,
+        metavar="BLOB",
+        help="a MyriadX .blob file, sent with the command, or in chunks first when the "
+        "command would not fit in one packet of the broker",
     )
     source.add_argument(
-        "--model-sha256", metavar="SHA256", help="the sha256 of a model the agent already stores"
+        "--model-url",
+        metavar="URL",
+        help="an http(s) URL the agent downloads the model from (with --model-sha256)",
     )
+    source.add_argument(
+        "--model-sha256",
+        type=_sha256,
+        metavar="SHA256",
+        help="the model's sha256: alone, a model the agent already stores",
+    )
+    source.add_argument(
+        "--model-size", type=_bytes, metavar="BYTES", help="with --model-url: its size"
+    )
+    _transfer_options(deploy)
     deploy.add_argument(
         "--nn-config",
         type=_json_object,
@@ -299,6 +375,49 @@ def add_client_commands(sub: Any) -> None:
     )
     _request_options(delete)
     delete.set_defaults(parser=delete)
+
+    upload = sub.add_parser(
+        "upload",
+        parents=[common],
+        help="upload a model in chunks without deploying it; resumes an interrupted upload",
+        description=(
+            "Send a model to the agent in chunks (the README's chunk protocol) and wait until "
+            "it is stored. The agent keeps what it received: run the same command again after "
+            "an interruption and only the missing chunks are sent. Deploy it afterwards with "
+            "`deploy --model-sha256`."
+        ),
+        epilog=EXIT_CODES_HELP.replace("the request succeeded", "the model is stored"),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    upload.add_argument("--model", type=Path, required=True, metavar="BLOB", help="the .blob file")
+    upload.add_argument("--name", help="a name for the model list (default: the file's name)")
+    _transfer_options(upload)
+    upload.add_argument(
+        "--timeout",
+        type=_seconds,
+        default=DEFAULT_UPLOAD_TIMEOUT,
+        metavar="SECONDS",
+        help="seconds to wait for the model to be stored (default %(default)g)",
+    )
+    upload.set_defaults(parser=upload)
+
+    models = sub.add_parser(
+        "models",
+        parents=[common],
+        help="list the models the agent stores",
+        description="Print the agent's retained model list ({prefix}/{agent}/models).",
+        epilog=EXIT_CODES_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    models.add_argument("--json", action="store_true", help="print the list as JSON")
+    models.add_argument(
+        "--timeout",
+        type=_seconds,
+        default=DEFAULT_MODELS_TIMEOUT,
+        metavar="SECONDS",
+        help="seconds to wait for the list (default %(default)g)",
+    )
+    models.set_defaults(parser=models)
 
     watch = sub.add_parser(
         "watch",
@@ -378,13 +497,15 @@ def add_client_commands(sub: Any) -> None:
 
 
 def run_client_command(args: argparse.Namespace) -> int:
-    """Run `deploy`, `delete`, `watch`, `status` or `keygen`; the exit code."""
+    """Run `deploy`, `delete`, `upload`, `models`, `watch`, `status` or `keygen`; the exit code."""
     parser: argparse.ArgumentParser = args.parser
     if args.command == "keygen":
         return _keygen(args)
     try:
         target = _target(args)
-        signer = None if args.command in ("watch", "status") else _signer(args)
+        if args.command == "deploy":
+            _check_deploy_source(args)
+        signer = _signer(args) if args.command in ("deploy", "delete") else None
     except ClientExit as exc:
         parser.error(exc.message)  # usage and exit 2
     try:
@@ -394,6 +515,20 @@ def run_client_command(args: argparse.Namespace) -> int:
         if args.command == "watch":
             outcome = anyio.run(_until_signalled, lambda: _watch(target, args))
             return EXIT_OK if outcome is None else outcome
+        if args.command == "models":
+            outcome = anyio.run(_until_signalled, lambda: _models(target, args))
+            return EXIT_INTERRUPTED if outcome is None else outcome
+        if args.command == "upload":
+            model = _model_file(args.model)
+            outcome = anyio.run(_until_signalled, lambda: _upload(target, args, model))
+            if outcome is None:
+                print(
+                    "oak-agent upload: interrupted; run the same command again to send only "
+                    "what the agent is missing",
+                    file=sys.stderr,
+                )
+                return EXIT_INTERRUPTED
+            return outcome
         body = _body(args, signed=signer is not None, max_age=target.max_command_age)
         outcome = anyio.run(_until_signalled, lambda: _request(target, args, body, signer))
     except ClientExit as exc:
@@ -407,6 +542,28 @@ def run_client_command(args: argparse.Namespace) -> int:
         )
         return EXIT_INTERRUPTED
     return outcome
+
+
+def _check_deploy_source(args: argparse.Namespace) -> None:
+    """One model source: --model, --model-url with --model-sha256, or --model-sha256."""
+    if args.model is not None and (args.model_url is not None or args.model_sha256 is not None):
+        raise ClientExit(EXIT_USAGE, "--model goes alone: not with --model-url or --model-sha256")
+    if args.model_url is not None and args.model_sha256 is None:
+        raise ClientExit(EXIT_USAGE, "--model-url needs --model-sha256 (the agent checks it)")
+    if args.model_size is not None and args.model_url is None:
+        raise ClientExit(EXIT_USAGE, "--model-size goes with --model-url")
+    if args.model is None and args.model_sha256 is None:
+        raise ClientExit(EXIT_USAGE, "one of --model, --model-url or --model-sha256 is required")
+
+
+def _model_file(path: Path) -> ModelFile:
+    try:
+        model = sha256_of(path)
+    except OSError as exc:
+        raise ClientExit(EXIT_USAGE, f"cannot read {path}: {exc.strerror}") from None
+    if model.size == 0:
+        raise ClientExit(EXIT_USAGE, f"{path} is empty")
+    return model
 
 
 def _keygen(args: argparse.Namespace) -> int:
@@ -474,6 +631,7 @@ def _target(args: argparse.Namespace) -> _Target:
         topics=Topics.for_agent(prefix, agent),
         agent=agent,
         mqtt5=mqtt5,
+        max_payload=config.agent.max_payload_bytes if config else AgentSection().max_payload_bytes,
         max_command_age=config.security.max_command_age if config else None,
     )
 
@@ -497,6 +655,10 @@ def _body(
             body["model_name"] = args.model_name or args.model.name
         else:
             body["model_sha256"] = args.model_sha256
+            if args.model_url is not None:
+                body["model_url"] = args.model_url
+                if args.model_size is not None:
+                    body["model_size"] = args.model_size
             if args.model_name:
                 body["model_name"] = args.model_name
         if args.labels:
@@ -540,46 +702,53 @@ def _quiet_stdout() -> None:
     os.close(devnull)
 
 
-class _ProtocolRefused(Exception):
-    """The broker does not speak MQTT 5."""
-
-
-def _protocol_refused(exc: aiomqtt.MqttError) -> bool:
-    if not isinstance(exc, aiomqtt.MqttCodeError):
-        return False
-    rc = exc.rc if isinstance(exc.rc, int) else getattr(exc.rc, "value", None)
-    return rc in _REFUSED_PROTOCOL
-
-
 @contextlib.asynccontextmanager
-async def _connected(target: _Target, *, mqtt5: bool = False) -> AsyncIterator[aiomqtt.Client]:
+async def _connected(target: _Target, *, mqtt5: bool = False) -> AsyncIterator[_Link]:
     """A connected client; broker problems become a `ClientExit` naming host:port.
 
-    `mqtt5`: connect with MQTT 5, and raise `_ProtocolRefused` when the broker refuses it.
+    With `mqtt5`, MQTT 5 first (to read the broker's Maximum Packet Size), and 3.1.1 when
+    the broker refuses 5.
     """
-    client = aiomqtt.Client(
-        **target.broker.client_kwargs(),
-        identifier=f"oak-agent-cli-{uuid.uuid4().hex[:12]}",
-        protocol=aiomqtt.ProtocolVersion.V5 if mqtt5 else aiomqtt.ProtocolVersion.V311,
-        timeout=_CONNECT_TIMEOUT,
-    )
+    link = _Link(client=_client(target, mqtt5=mqtt5), mqtt5=mqtt5)
+    if mqtt5:
+        on_connack(link.client, lambda limit: setattr(link, "max_packet", limit))
     try:
-        await client.__aenter__()
+        await link.client.__aenter__()
     except aiomqtt.MqttError as exc:
-        if mqtt5 and _protocol_refused(exc):
-            raise _ProtocolRefused from None
-        problem = connect_problem(exc, target.broker)
-        if problem is None:
-            _refused(exc, target)
-        raise ClientExit(EXIT_BROKER, problem.message) from None
+        if not (mqtt5 and _refuses_v5(exc)):
+            problem = connect_problem(exc, target.broker)
+            if problem is None:
+                _refused(exc, target)
+            raise ClientExit(EXIT_BROKER, problem.message) from None
+        link.mqtt5 = False
+    if not link.mqtt5 and mqtt5:  # the broker speaks 3.1.1 only
+        async with _connected(target) as fallback:
+            yield fallback
+        return
     try:
-        yield client
+        yield link
     except aiomqtt.MqttError as exc:
         raise ClientExit(EXIT_BROKER, f"lost the connection to {target.where}: {exc}") from None
     finally:
         with anyio.move_on_after(2, shield=True):
             with contextlib.suppress(aiomqtt.MqttError):  # already gone: nothing to close
-                await client.__aexit__(None, None, None)
+                await link.client.__aexit__(None, None, None)
+
+
+def _client(target: _Target, *, mqtt5: bool) -> aiomqtt.Client:
+    return aiomqtt.Client(
+        **target.broker.client_kwargs(),
+        identifier=f"oak-agent-cli-{uuid.uuid4().hex[:12]}",
+        protocol=aiomqtt.ProtocolVersion.V5 if mqtt5 else aiomqtt.ProtocolVersion.V311,
+        timeout=_CONNECT_TIMEOUT,
+    )
+
+
+def _refuses_v5(exc: aiomqtt.MqttError) -> bool:
+    if not isinstance(exc, aiomqtt.MqttCodeError):
+        return False
+    rc = exc.rc if isinstance(exc.rc, int) else getattr(exc.rc, "value", None)
+    return rc in _V5_UNSUPPORTED
 
 
 def _refused(exc: aiomqtt.MqttError, target: _Target) -> NoReturn:
@@ -601,19 +770,70 @@ def _refused(exc: aiomqtt.MqttError, target: _Target) -> NoReturn:
 async def _request(
     target: _Target, args: argparse.Namespace, body: dict[str, Any], signer: _Signer | None
 ) -> int:
-    """Publish one command, print its events; the exit code of its final state."""
+    """Publish one command, print its events; the exit code of its final state.
+
+    A deploy whose model would not fit in one packet of the broker uploads it in chunks
+    first, then names it by sha256. A signed command carries its signature in MQTT 5 user
+    properties, or in an envelope on a 3.1.1 broker (agent/signing.py).
+    """
+    request_id = body["request_id"]
+    topics = target.topics
     seen: list[str] = []
+    topic = topics.command(args.camera, args.stream, args.command)
+    uploading = False
     try:
         with anyio.fail_after(args.timeout):
-            if signer is not None and target.mqtt5:
-                try:
-                    return await _exchange(target, args, body, signer, seen, mqtt5=True)
-                except _ProtocolRefused:
-                    pass  # a 3.1.1 broker: the signature goes in an envelope instead
-            return await _exchange(target, args, body, signer, seen, mqtt5=False)
+            wants5 = target.mqtt5 and ("model" in body or signer is not None)
+            async with _connected(target, mqtt5=wants5) as link:
+                client = link.client
+                payload, properties = _message(topic, body, signer, mqtt5=link.mqtt5)
+                limit = args.max_packet if args.command == "deploy" else None
+                limit = limit or link.max_packet
+                packet = publish_packet_size(topic, len(payload), mqtt5=link.mqtt5)
+                packet += _properties_size(properties)
+                if "model" in body and limit is not None and packet > limit:
+                    uploading = True
+                    model = _model_file(args.model)
+                    print(
+                        f"oak-agent deploy: the command ({human_size(packet)}) does not fit "
+                        f"the broker's packet limit ({human_size(limit)}): sending the model "
+                        "in chunks first",
+                        file=sys.stderr,
+                    )
+                    status = await _send(
+                        target, args, link, model, limit=limit, request_id=request_id
+                    )
+                    if status.state != "stored":
+                        return _upload_failed("deploy", model, status)
+                    uploading = False
+                    body = {k: v for k, v in body.items() if k != "model"}
+                    body["model_sha256"] = model.sha256
+                    payload, properties = _message(topic, body, signer, mqtt5=link.mqtt5)
+                await client.subscribe(topics.events, qos=1)
+                await client.publish(topic, payload, qos=1, properties=properties)
+                with _transfer_bar(request_id) as show:
+                    async for message in client.messages:
+                        # events are never retained: a retained one is stale or someone else's
+                        if message.retain or not message.topic.matches(topics.events):
+                            continue
+                        raw = payload_bytes(message)
+                        event = decode_event(raw)
+                        if event is None or event.request_id != request_id:
+                            continue
+                        seen.append(event.state)
+                        print(raw.decode(), flush=True)
+                        if event.progress is not None:
+                            show(event.progress.received, event.progress.total)
+                        if event.terminal:
+                            return _outcome(args.command, event)
     except TimeoutError:
         waited = f"within {args.timeout:g} s"
-        request_id = body["request_id"]
+        if uploading:
+            raise ClientExit(
+                EXIT_TIMEOUT,
+                f"the model was not stored {waited}; run the same command again to send only "
+                "what the agent is missing (or raise --timeout)",
+            ) from None
         if seen:
             raise ClientExit(
                 EXIT_TIMEOUT, f"request {request_id} is still {seen[-1]}: no final answer {waited}"
@@ -623,6 +843,7 @@ async def _request(
             f"no answer from agent {target.agent!r} on {target.where} {waited} "
             f"(is it running? `oak-agent watch` shows what it publishes)",
         ) from None
+    raise ClientExit(EXIT_BROKER, f"lost the connection to {target.where}")
 
 
 def _signed(
@@ -641,37 +862,188 @@ def _signed(
     return payload, properties
 
 
-async def _exchange(
+def _message(
+    topic: str, body: dict[str, Any], signer: _Signer | None, *, mqtt5: bool
+) -> tuple[bytes, Properties | None]:
+    """The payload (and properties) of a command, signed when there is a signer."""
+    payload = _encode(body)
+    if signer is None:
+        return payload, None
+    return _signed(topic, payload, signer, mqtt5=mqtt5)
+
+
+def _properties_size(properties: Properties | None) -> int:
+    """Bytes the properties add to a PUBLISH (beyond the one byte of an empty set)."""
+    if properties is None:
+        return 0
+    return len(properties.pack()) - 1  # type: ignore[no-untyped-call]
+
+
+@contextlib.contextmanager
+def _transfer_bar(request_id: str) -> Iterator[Callable[[int, int | None], None]]:
+    """Shows `transferring` progress events on a terminal; nothing otherwise (the events
+    themselves are printed)."""
+    if not sys.stderr.isatty():
+        yield lambda _done, _total: None
+        return
+    shown: list[Callable[[int, int | None], None]] = []
+    with contextlib.ExitStack() as stack:
+
+        def show(done: int, total: int | None) -> None:
+            if not shown:
+                shown.append(stack.enter_context(progress_bar(f"{request_id} transferring")))
+            shown[0](done, total)
+
+        yield show
+
+
+def _chunk_size(
+    args: argparse.Namespace, target: _Target, link: _Link, limit: int | None, model: ModelFile
+) -> int:
+    """--chunk-size, checked against the packet limit; else the largest that fits."""
+    topic = target.topics.chunk(model.sha256, model.size)  # the longest offset
+    most = min(target.max_payload, 1 << 30)
+    try:
+        fits = chunk_size_for(limit, topic, mqtt5=link.mqtt5, limit=most)
+    except ValueError as exc:
+        raise ClientExit(EXIT_USAGE, str(exc)) from None
+    if args.chunk_size is None:
+        return fits
+    if args.chunk_size > fits:
+        raise ClientExit(
+            EXIT_USAGE,
+            f"--chunk-size {args.chunk_size} does not fit: at most {fits} bytes "
+            + (
+                f"in a packet of {limit} bytes"
+                if limit is not None
+                else "(agent.max_payload_bytes)"
+            ),
+        )
+    return args.chunk_size  # type: ignore[no-any-return]
+
+
+async def _send(
     target: _Target,
     args: argparse.Namespace,
-    body: dict[str, Any],
-    signer: _Signer | None,
-    seen: list[str],
+    link: _Link,
+    model: ModelFile,
     *,
-    mqtt5: bool,
-) -> int:
-    request_id = body["request_id"]
-    topics = target.topics
-    topic = topics.command(args.camera, args.stream, args.command)
-    payload, properties = _encode(body), None
-    if signer is not None:
-        payload, properties = _signed(topic, payload, signer, mqtt5=mqtt5)
-    async with _connected(target, mqtt5=mqtt5) as client:
-        await client.subscribe(topics.events, qos=1)
-        await client.publish(topic, payload, qos=1, properties=properties)
-        async for message in client.messages:
-            # events are never retained: a retained one is stale or someone else's
-            if message.retain or not message.topic.matches(topics.events):
-                continue
-            payload = payload_bytes(message)
-            event = decode_event(payload)
-            if event is None or event.request_id != request_id:
-                continue
-            seen.append(event.state)
-            print(payload.decode(), flush=True)
-            if event.terminal:
-                return _outcome(args.command, event)
-    raise ClientExit(EXIT_BROKER, f"lost the connection to {target.where}")
+    limit: int | None,
+    request_id: str | None,
+) -> UploadStatus:
+    """Upload `model` in chunks with a progress bar; its last status."""
+    chunk_size = _chunk_size(args, target, link, limit, model)
+    name = getattr(args, "name", None) or getattr(args, "model_name", None) or model.path.name
+    with progress_bar(f"upload {model.path.name}") as show:
+        sent = await send_model(
+            link.client,
+            target.topics,
+            model,
+            chunk_size=chunk_size,
+            progress=show,
+            request_id=request_id,
+            model_name=name,
+        )
+    if sent.status is None:
+        raise ClientExit(
+            EXIT_TIMEOUT,
+            f"no answer from agent {target.agent!r} on {target.where} to the upload "
+            "(is it running, and does it know chunked uploads?)",
+        )
+    print(
+        f"oak-agent: {model.path.name} sha256 {model.sha256}: {sent.status.state}; sent "
+        f"{sent.chunks} chunks of {chunk_size} bytes ({human_size(sent.bytes)})",
+        file=sys.stderr,
+    )
+    return sent.status
+
+
+def _upload_failed(command: str, model: ModelFile, status: UploadStatus) -> int:
+    why = f" ({status.error.code}): {status.error.message}" if status.error else ""
+    print(f"oak-agent {command}: upload of {model.path.name} {status.state}{why}", file=sys.stderr)
+    return EXIT_FAILED
+
+
+async def _upload(target: _Target, args: argparse.Namespace, model: ModelFile) -> int:
+    """Upload without deploying; print the final status; exit 0 when stored."""
+    try:
+        with anyio.fail_after(args.timeout):
+            async with _connected(target, mqtt5=target.mqtt5) as link:
+                limit = args.max_packet or link.max_packet
+                status = await _send(target, args, link, model, limit=limit, request_id=None)
+    except TimeoutError:
+        raise ClientExit(
+            EXIT_TIMEOUT,
+            f"the model was not stored within {args.timeout:g} s; run the same command again "
+            "to send only what the agent is missing",
+        ) from None
+    print(msgspec.json.encode(status).decode(), flush=True)
+    if status.state != "stored":
+        return _upload_failed("upload", model, status)
+    return EXIT_OK
+
+
+async def _models(target: _Target, args: argparse.Namespace) -> int:
+    """Print the agent's retained model list."""
+    topic = target.topics.models
+    with anyio.move_on_after(args.timeout):
+        async with _connected(target) as link:
+            await link.client.subscribe(topic, qos=1)
+            async for message in link.client.messages:
+                if not message.topic.matches(topic):
+                    continue
+                raw = payload_bytes(message)
+                entries = decode_models(raw)
+                if entries is None:
+                    continue
+                if args.json:
+                    print(raw.decode(), flush=True)
+                else:
+                    _print_models(entries)
+                return EXIT_OK
+            raise ClientExit(EXIT_BROKER, f"lost the connection to {target.where}")
+    raise ClientExit(
+        EXIT_TIMEOUT,
+        f"agent {target.agent!r} on {target.where} published no model list within "
+        f"{args.timeout:g} s (is it running?)",
+    )
+
+
+_MODEL_COLUMNS = ("sha256", "size", "name", "stored", "last used", "in use by")
+
+
+def _print_models(entries: tuple[ModelEntry, ...]) -> None:
+    """A table: rich on a terminal, aligned plain columns otherwise (the full sha256)."""
+    rows = [
+        (
+            e.sha256,
+            human_size(e.size),
+            e.name or "",
+            _when(e.stored_at),
+            _when(e.last_used),
+            ", ".join(e.in_use_by) or "-",
+        )
+        for e in entries
+    ]
+    if sys.stdout.isatty():
+        from rich.console import Console  # noqa: PLC0415  # only on a terminal
+        from rich.table import Table  # noqa: PLC0415
+
+        table = Table(*_MODEL_COLUMNS, title=f"{len(rows)} models")
+        for row in rows:
+            table.add_row(*row)
+        Console().print(table)
+        return
+    widths = [max([len(c), *(len(r[i]) for r in rows)]) for i, c in enumerate(_MODEL_COLUMNS)]
+    for row in (_MODEL_COLUMNS, *rows):
+        print("  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)).rstrip())
+    sys.stdout.flush()
+
+
+def _when(ts: float) -> str:
+    if ts <= 0:
+        return "-"
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts))
 
 
 def _encode(body: dict[str, Any]) -> bytes:
@@ -679,6 +1051,14 @@ def _encode(body: dict[str, Any]) -> bytes:
     if "model" in body:
         return msgspec.msgpack.encode(body)
     return msgspec.json.encode(body)
+
+
+def decode_models(payload: bytes) -> tuple[ModelEntry, ...] | None:
+    """The model list in `payload`; None for anything else (never raises)."""
+    try:
+        return _models_decoder.decode(payload)
+    except (msgspec.DecodeError, UnicodeDecodeError, RecursionError):
+        return None
 
 
 def decode_event(payload: bytes) -> Event | None:
@@ -707,9 +1087,9 @@ async def _watch(target: _Target, args: argparse.Namespace) -> int:
     retained: dict[str, bytes] = {}
     printed = 0
     with anyio.move_on_after(args.timeout):
-        async with _connected(target) as client:
-            await client.subscribe(wanted, qos=1)
-            async for message in client.messages:
+        async with _connected(target) as link:
+            await link.client.subscribe(wanted, qos=1)
+            async for message in link.client.messages:
                 if not message.topic.matches(wanted):
                     continue
                 topic, payload = message.topic.value, payload_bytes(message)

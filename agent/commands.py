@@ -37,6 +37,7 @@ from agent.messages import (
     Event,
     ModelByHash,
     ModelUpload,
+    ModelUrl,
     OutputOptions,
     ReplyTo,
     decode_delete,
@@ -58,7 +59,9 @@ if TYPE_CHECKING:
     from agent.inbox import Inbound
     from agent.models import ModelStore, StoredModel
     from agent.reporter import Reporter
+    from agent.requests import Acquire
     from agent.topics import Topics
+    from agent.transfers import Transfers
     from agent.vocab import RequestState
 
 __all__ = ["CommandHandler"]
@@ -113,6 +116,7 @@ class CommandHandler:
         reporter: Reporter,
         max_payload_bytes: int,
         simulator: SimulatorBackend | None = None,
+        transfers: Transfers | None = None,
         output: OutputOptions | None = None,
         stats_requested: Callable[[], None] | None = None,
         policy: Policy | None = None,
@@ -124,6 +128,7 @@ class CommandHandler:
         self._reporter = reporter
         self._max_payload = max_payload_bytes
         self._simulator = simulator
+        self._transfers = transfers  # models on their way: uploads, downloads
         self._output = output if output is not None else OutputOptions()
         self._stats_requested = stats_requested
 
@@ -248,11 +253,13 @@ class CommandHandler:
         if command.expires_at is not None and now > command.expires_at:
             raise Expired(expires_at=command.expires_at, now=now)
         self._coordinator.check_target(topic.camera, topic.stream)
-        deployment = None
+        deployment = acquire = None
         if isinstance(command, Deploy):
-            deployment = await self._deployment(command, request_id)
-            # refuse what cannot run before the camera is taken down for it
-            self._coordinator.check_runnable(topic.camera, topic.stream, deployment)
+            acquire = self._acquire(command, request_id)
+            if acquire is None:
+                deployment = await self._deployment(command, request_id)
+                # refuse what cannot run before the camera is taken down for it
+                self._coordinator.check_runnable(topic.camera, topic.stream, deployment)
         return Request(
             id=request_id,
             action=topic.action,
@@ -260,13 +267,31 @@ class CommandHandler:
             stream=topic.stream,
             deployment=deployment,
             replies=[reply] if reply else [],
+            acquire=acquire,
             authenticity=authenticity,
             keep_until=command.expires_at if authenticity.signed else None,
         )
 
+    def _acquire(self, command: Deploy, request_id: str) -> Acquire | None:
+        """How to get a model that is on its way, an upload in progress or a `model_url`
+        (accepted now, `transferring` until it is there); None when it is at hand."""
+        model, transfers = command.model, self._transfers
+        if transfers is None or isinstance(model, ModelUpload) or not transfers.on_its_way(model):
+            return None
+
+        async def acquire(progress: Callable[[int, int | None], None]) -> Deployment:
+            stored = await transfers.model(model, progress, name=command.model_name)
+            progress(stored.size, stored.size)  # all of it (said once, if not said yet)
+            return self._deployment_of(command, request_id, stored)
+
+        return acquire
+
     async def _deployment(self, command: Deploy, request_id: str) -> Deployment:
+        return self._deployment_of(command, request_id, await self._model(command.model))
+
+    def _deployment_of(self, command: Deploy, request_id: str, model: StoredModel) -> Deployment:
         return Deployment(
-            model=await self._model(command.model),
+            model=model,
             nn_config=command.nn_config,
             labels=command.labels,
             model_name=command.model_name,
@@ -274,12 +299,12 @@ class CommandHandler:
             output=self._output if command.output is None else command.output.over(self._output),
         )
 
-    async def _model(self, source: ModelUpload | ModelByHash) -> StoredModel:
+    async def _model(self, source: ModelUpload | ModelByHash | ModelUrl) -> StoredModel:
         """Hash, store and parse an uploaded model, or find a stored one."""
         match source:
             case ModelUpload(data=data, sha256=expected):
                 return await self._store.put(data, expected_sha256=expected)
-            case ModelByHash(sha256=sha256):
+            case ModelByHash(sha256=sha256) | ModelUrl(sha256=sha256):
                 return await self._store.get(sha256)
 
     def _reject(
@@ -404,20 +429,28 @@ class CommandHandler:
             return [], True
         if command.expires_at is not None and now > command.expires_at:
             raise Expired(expires_at=command.expires_at, now=now)
-        deployment = None
-        if isinstance(command, Deploy):  # the model is stored once for every camera
-            deployment = await self._deployment(command, to.request_id)
+        deployment = acquire = None
+        if isinstance(command, Deploy):  # the model is stored (or awaited) once for all
+            acquire = self._acquire(command, to.request_id)
+            if acquire is None:
+                deployment = await self._deployment(command, to.request_id)
         submitted = []
         for camera in fresh:
-            request = await self._member(to, camera, deployment)
+            request = await self._member(to, camera, deployment, acquire)
             if request is not None:
                 submitted.append(request)
         return submitted, len(fresh) < len(cameras)
 
     async def _member(
-        self, to: _GroupReply, camera: str, deployment: Deployment | None
+        self,
+        to: _GroupReply,
+        camera: str,
+        deployment: Deployment | None,
+        acquire: Acquire | None = None,
     ) -> Request | None:
-        """Submit the group command's request for one camera; None when it was rejected."""
+        """Submit the group command's request for one camera; None when it was rejected.
+        A deploy whose model is on its way (`acquire`) waits for it in each camera's slot:
+        the cameras share the one upload or download."""
         try:
             self._policy.check_camera(to.authenticity, camera)
             self._coordinator.check_target(camera, to.stream)
@@ -430,6 +463,7 @@ class CommandHandler:
                 stream=to.stream,
                 deployment=deployment,
                 replies=list(to.replies),
+                acquire=acquire,
                 authenticity=to.authenticity,
                 keep_until=to.keep_until,
                 group=to.topic.group,
@@ -503,8 +537,10 @@ class CommandHandler:
         )
         match topic.fault:
             case "objects":
+                # the schedule itself: inside the envelope when it came in one
+                payload = signature.payload if signature is not None else message.payload
                 try:
-                    camera.schedule_objects(decode_objects(message.payload))
+                    camera.schedule_objects(decode_objects(payload))
                 except InvalidPayload as exc:
                     log.warning("simulator objects refused", error=exc.message)
                     self._reporter.agent_error(exc, context=f"simulator objects for {topic.camera}")

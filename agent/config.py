@@ -11,7 +11,7 @@ from typing import Annotated, Literal
 import msgspec
 from msgspec import Meta
 
-from agent.messages import OutputOptions
+from agent.messages import ObjectSchedule, OutputOptions
 from agent.signing import ANY_CAMERA, TrustedKey, read_public_key
 from agent.topics import MXID_RE
 
@@ -22,8 +22,10 @@ __all__ = [
     "Config",
     "ConfigError",
     "DepthaiSection",
+    "DownloadSettings",
     "HomeAssistantSection",
     "MetricsSection",
+    "ModelsSection",
     "MqttSection",
     "SecurityKey",
     "SecuritySection",
@@ -74,6 +76,17 @@ class AgentSection(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     groups: Annotated[tuple[TopicLevel, ...], Meta(max_length=64)] = ()
     # seconds between the retained `{base}/stats` and `{base}/cameras/{mxid}/stats`
     stats_interval: Annotated[float, Meta(ge=1.0, le=86_400.0)] = 30.0
+
+
+class ModelsSection(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """`[models]`: chunked uploads over MQTT (`{base}/models/{sha256}/...`)."""
+
+    # an upload with no chunk written for this long is abandoned and its partial deleted
+    upload_timeout: Annotated[float, Meta(gt=0.0, le=30 * 86_400.0)] = 3600.0
+    # the sizes of all uploads in progress together; a new one beyond it is `storage_full`
+    max_partial_bytes: Annotated[int, Meta(ge=4096)] = 256 * 1024 * 1024
+    # a stored / failed upload's retained status is cleared (empty retained message) after this
+    status_retention: Annotated[float, Meta(ge=0.0, le=30 * 86_400.0)] = 600.0
 
 
 class TlsSection(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -160,6 +173,8 @@ class SimulatedCamera(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     fps: Annotated[float, Meta(gt=0.0, le=1000.0)] = 10.0
     # synthetic objects per frame from YOLO and MobileNet networks
     objects: Annotated[int, Meta(ge=0, le=100)] = 3
+    # instead of them, what the objects knob would set: {frames = [[0, 0], [0], []], loop = true}
+    schedule: ObjectSchedule | None = None
 
 
 class SimulatorSection(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -181,6 +196,24 @@ class DepthaiSection(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     boot_retries: Annotated[int, Meta(ge=1, le=20)] = 3
     # seconds between discovery scans (each costs a ~0.5 s subprocess)
     discovery_interval: Annotated[float, Meta(ge=1.0, le=3600.0)] = 5.0
+
+
+# `scheme://host/` at least: a prefix without the slash after the host would also allow
+# `https://models.example.com.elsewhere.net/...` or `https://models.example.com@elsewhere/`
+UrlPrefix = Annotated[str, Meta(pattern=r"^https?://[^/?#@\s]+/[^?#\s]*$", max_length=2048)]
+
+
+class DownloadSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """`[download]`: fetching models named by `model_url` in a deploy."""
+
+    # URLs a deploy may name, compared character by character; empty allows any http(s) URL
+    allowed_url_prefixes: tuple[UrlPrefix, ...] = ()
+    # CA certificates to trust for https; httpx's bundled CA set (certifi) when unset
+    ca_file: str | None = None
+    # seconds one download may take in all, retries included
+    timeout: Annotated[float, Meta(gt=0.0, le=86_400.0)] = 600.0
+    # a model larger than this is refused (`payload_too_large`)
+    max_model_bytes: Annotated[int, Meta(ge=1024)] = 256 * 1024 * 1024
 
 
 # a topic name (levels separated by /) without wildcards, empty levels or a leading $
@@ -228,9 +261,11 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     agent: AgentSection = AgentSection()
     mqtt: MqttSection = MqttSection()
     broker: BrokerSection = BrokerSection()
+    models: ModelsSection = ModelsSection()
     simulator: SimulatorSection | None = None
     # real cameras; the backend when there is no [simulator] section
     depthai: DepthaiSection | None = None
+    download: DownloadSettings = DownloadSettings()
     homeassistant: HomeAssistantSection = HomeAssistantSection()
     # how NN output is shaped when a deploy does not say (its `output` fields override these)
     output: OutputOptions = OutputOptions()
@@ -346,6 +381,10 @@ def load_config(path: Path) -> Config:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from exc
     _check(config)
     config = msgspec.structs.replace(config, mqtt=with_located_files(config.mqtt, path.parent))
+    if config.download.ca_file is not None:
+        ca_file = locate(config.download.ca_file, base=path.parent, credential=False)
+        download = msgspec.structs.replace(config.download, ca_file=ca_file)
+        config = msgspec.structs.replace(config, download=download)
     state_dir = Path(config.agent.state_dir)
     if not state_dir.is_absolute():
         state_dir = (path.parent / state_dir).resolve()

@@ -17,6 +17,7 @@ from agent.cameras import preflight
 from agent.errors import (
     AgentError,
     CameraOffline,
+    Internal,
     Interrupted,
     ReplayWindowFull,
     ShuttingDown,
@@ -52,6 +53,8 @@ log = structlog.get_logger(__name__)
 _RETRY_WRITE_SECONDS: Final = 5.0
 _FINAL_WRITE_SECONDS: Final = 3.0
 _PRUNE_EVERY_SECONDS: Final = 60.0
+_PROGRESS_SECONDS: Final = 1.0  # a `transferring` event at most this often ...
+_PROGRESS_SHARE: Final = 10  # ... unless a tenth more of the model came
 
 
 class Coordinator:
@@ -358,6 +361,18 @@ class Coordinator:
         held = (d for worker in self.workers.values() for d in worker.slots.deployments())
         return self._recorded.models() | {d.model.sha256 for d in held}
 
+    def models_in_use(self) -> dict[str, list[str]]:
+        """sha256 -> the "mxid/stream" that run the model or are to run it."""
+        used: dict[str, list[str]] = {}
+        for mxid, worker in self.workers.items():
+            slots = worker.slots
+            for stream, deployment in (*slots.running.items(), *slots.desired().items()):
+                where = f"{mxid}/{stream}"
+                names = used.setdefault(deployment.model.sha256, [])
+                if where not in names:
+                    names.append(where)
+        return used
+
     async def persist(self) -> None:
         """Have the state written; return once a write that starts after this call is done.
 
@@ -411,12 +426,56 @@ class Coordinator:
         told = self._take_told()
         for worker in prepared:
             worker.commit()
+            self._fetch(worker)
         for event, request in (*earlier, *accepted):
             self._reporter.event(event, request.replies)
         _call(told)
         if self._write_failing:
             log.info("state write recovered", path=str(self._state.path))
             self._write_failing = False
+
+    # --- requests waiting for their model ------------------------------------------------
+
+    def _fetch(self, worker: CameraWorker) -> None:
+        """Get the model of each request that began waiting for it, in a task of its own."""
+        for request in worker.slots.transfers():
+            if self._task_group is not None:
+                self._task_group.start_soon(
+                    self._transfer, worker, request, name=f"transfer[{request.id}]"
+                )
+
+    async def _transfer(self, worker: CameraWorker, request: Request) -> None:
+        """Wait for a request's model, saying how far it came; then stage it, or fail it.
+
+        Cancelled at shutdown, the request stays waiting: the last state write records it
+        as unfinished, and it is answered `interrupted` after the restart.
+        """
+        assert request.acquire is not None  # only such requests wait
+        throttle = _Throttle()
+
+        def progress(received: int, total: int | None) -> None:
+            if throttle.due(received, total):
+                self._announce(worker.slots.progress(request, received, total))
+
+        structlog.contextvars.bind_contextvars(request_id=request.id)
+        try:
+            deployment = await request.acquire(progress)
+            self.check_runnable(worker.mxid, request.stream, deployment)
+        except AgentError as exc:
+            log.warning("model not had", code=exc.code, error=exc.message)
+            self._announce(worker.slots.transfer_failed(request, error_info(exc)))
+            self._write_wanted.set()  # its answer goes out once a write records it
+            return
+        except Exception as exc:
+            log.exception("getting the model failed unexpectedly")
+            error = error_info(Internal(f"{type(exc).__name__}: {exc}"))
+            self._announce(worker.slots.transfer_failed(request, error))
+            self._write_wanted.set()
+            return
+        finally:
+            structlog.contextvars.unbind_contextvars("request_id")
+        if worker.slots.model_arrived(request, deployment):
+            self._write_wanted.set()
 
     def _take_told(self) -> list[Callable[[], None]]:
         told, self._after_this_write = self._after_this_write, []
@@ -502,6 +561,27 @@ class Coordinator:
             with anyio.move_on_after(_FINAL_WRITE_SECONDS, shield=True):
                 await self._final_write()
             self._closed.set()
+
+
+class _Throttle:
+    """`transferring` events: the first, then after 1 s or 10 % more, and the last."""
+
+    def __init__(self) -> None:
+        self._at: float | None = None
+        self._received = 0
+
+    def due(self, received: int, total: int | None) -> bool:
+        now = time.monotonic()
+        if self._at is not None and received <= self._received:
+            return False  # nothing new
+        first = self._at is None
+        last = total is not None and received >= total
+        step = total is not None and received - self._received >= total / _PROGRESS_SHARE
+        later = self._at is not None and now - self._at >= _PROGRESS_SECONDS
+        if not (first or last or step or later):
+            return False
+        self._at, self._received = now, received
+        return True
 
 
 def _call(callbacks: list[Callable[[], None]]) -> None:

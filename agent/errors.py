@@ -12,11 +12,13 @@ __all__ = [
     "CameraOffline",
     "ChecksumMismatch",
     "DeployFailed",
+    "DownloadFailed",
     "ErrorInfo",
     "Expired",
     "IncompatibleModel",
     "Internal",
     "Interrupted",
+    "InvalidChunk",
     "InvalidModel",
     "InvalidPayload",
     "ModelNotFound",
@@ -28,9 +30,12 @@ __all__ = [
     "ShuttingDown",
     "StateUnreadable",
     "StateWriteFailed",
+    "StorageFull",
     "Unauthorized",
     "UnknownCamera",
     "UnknownStream",
+    "UploadNotFound",
+    "UploadTimeout",
     "clip",
     "echo",
     "error_info",
@@ -195,6 +200,24 @@ class DeployFailed(AgentError):
     code = "deploy_failed"
 
 
+class DownloadFailed(AgentError):
+    """A `model_url` could not be fetched: an HTTP status, or a network problem past retries.
+
+    `url` is given without credentials (no userinfo, no query string).
+    """
+
+    code = "download_failed"
+
+    def __init__(self, *, reason: str, status: int | None = None, url: str | None = None) -> None:
+        where = f" {clip(url, 200)}" if url else ""
+        super().__init__(
+            f"download of{where} failed: {reason}" if where else f"download failed: {reason}"
+        )
+        self.reason = reason
+        self.status = status
+        self.url = url
+
+
 class Interrupted(AgentError):
     code = "interrupted"
 
@@ -216,6 +239,39 @@ class StateWriteFailed(AgentError):
 
 class Internal(AgentError):
     code = "internal"
+
+
+# --- chunked model uploads, answered on `{base}/models/{sha256}/status` -------------------
+
+
+class InvalidChunk(AgentError):
+    """A chunk of a model upload outside the model, misaligned or of the wrong length."""
+
+    code = "invalid_chunk"
+
+
+class UploadNotFound(AgentError):
+    code = "upload_not_found"
+
+    def __init__(self, *, sha256: str) -> None:
+        super().__init__(
+            f"no upload of {clip(sha256)} is in progress; send its manifest to .../upload first"
+        )
+        self.sha256 = sha256
+
+
+class UploadTimeout(AgentError):
+    code = "upload_timeout"
+
+    def __init__(self, *, seconds: float) -> None:
+        super().__init__(f"no chunk arrived for {seconds:g} s; the partial model was deleted")
+        self.seconds = seconds
+
+
+class StorageFull(AgentError):
+    """No room for another upload: `models.max_partial_bytes`, or too many at once."""
+
+    code = "storage_full"
 
 
 # --- problems of the agent itself, published on `{base}/errors` --------------------------

@@ -24,7 +24,7 @@ if TYPE_CHECKING:
     from agent.mqtt import LinkStats
     from agent.reporter import Reporter
 
-__all__ = ["HealthMonitor", "ProcessSampler", "percent", "rss_bytes"]
+__all__ = ["HealthMonitor", "ProcessSampler", "percent", "rss_bytes", "with_percent"]
 
 _LAG_PROBE_SECONDS: Final = 0.1
 # a stats request within this of the last sample reuses its rates (fps, CPU %): too short a

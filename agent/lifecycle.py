@@ -6,6 +6,12 @@ redeploy, deleting what is not deployed); it supersedes a request queued for the
 When the write is done the request is queued, and the camera's next apply takes everything
 queued with one restart. When the write fails, the requests it took are refused and what they
 superseded is queued again. No I/O: each step returns what it said, for the caller to publish.
+
+A deploy whose model is still on its way (an upload in progress, a URL to download) is
+accepted like any other, then waits in its slot (`transferring`) and replaces nothing yet;
+any later request for its stream supersedes it. Once its model is there it is staged again
+for the next state write (not `accepted` twice) and goes on like any other request; when
+its model cannot be had, it fails.
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ from dataclasses import dataclass
 from operator import attrgetter
 from typing import TYPE_CHECKING, Final
 
+from agent.messages import Progress
 from agent.requests import Phase
 
 if TYPE_CHECKING:
@@ -44,6 +51,7 @@ class Slot:
 
     stream: str
     running: Deployment | None = None  # what runs (or ran last, while offline)
+    waiting: Request | None = None  # accepted, its model on its way (`transferring`)
     queued: Request | None = None
     applying: Request | None = None
     failure: Failure | None = None
@@ -61,6 +69,9 @@ class _Entry:
     settles: bool  # changes nothing the camera runs: succeeds with the write
     replaced: Request | None = None  # the request it supersedes
     replaced_queued: bool = False  # (one queued before this write, not one staged in it)
+    replaced_waiting: Request | None = None  # a request waiting for its model, superseded
+    replaced_in_write: Request | None = None  # one to wait, staged in this write, superseded
+    said: int = 0  # events `prepare` said about the request
 
 
 class Slots:
@@ -72,6 +83,7 @@ class Slots:
         self._staged: list[Request] = []
         self._writing: list[_Entry] = []
         self._clock = 0  # orders the slots' `*_since`
+        self._transfers: list[Request] = []  # began waiting for their model: to be fetched
 
     def get(self, stream: str) -> Slot | None:
         return self._slots.get(stream)
@@ -146,22 +158,38 @@ class Slots:
         staged, self._staged = self._staged, []
         for request in staged:
             slot = self._at(request.stream)
-            entry = _Entry(request, settles=not self._needs_apply(request, slot))
-            latest = next(
-                (e for e in reversed(self._writing) if e.request.stream == request.stream), None
-            )
-            if latest is None:
+            waits = request.awaits_model
+            entry = _Entry(request, settles=not waits and not self._needs_apply(request, slot))
+            same = [e for e in self._writing if e.request.stream == request.stream]
+            if slot.waiting is not None and slot.waiting is not request:
+                # an earlier request still waiting for its model: this one comes after it
+                entry.replaced_waiting, slot.waiting = slot.waiting, None
+                entry.replaced_waiting.phase = Phase.DONE
+                said += entry.replaced_waiting.say("superseded", superseded_by=request.id)
+            for earlier in same:  # one to wait for its model, taken in by this same write
+                if earlier.request.awaits_model and earlier.request.phase is Phase.WRITING:
+                    earlier.request.phase = Phase.DONE  # (refused with it if the write fails)
+                    said += earlier.request.say("superseded", superseded_by=request.id)
+                    entry.replaced_in_write = earlier.request
+            # what waits for its model replaces nothing, and is replaced by what comes after
+            latest = next((e for e in reversed(same) if not e.request.awaits_model), None)
+            if waits:
+                pass
+            elif latest is None:
                 entry.replaced, slot.queued = slot.queued, None
                 entry.replaced_queued = entry.replaced is not None
-            elif not latest.settles:  # staged in this write, to be queued only after it
-                entry.replaced = latest.request
+            elif not latest.settles:
+                entry.replaced = latest.request  # staged in this write, to be queued after it
             if entry.replaced is not None:
                 entry.replaced.phase = Phase.DONE
                 said += entry.replaced.say("superseded", superseded_by=request.id)
+            before = len(said)
             request.phase = Phase.WRITING
-            said += request.say("accepted")
+            if not request.model_arrived:  # else it was accepted before its model came
+                said += request.say("accepted")
             if entry.settles:
                 said += request.say("succeeded")
+            entry.said = len(said) - before
             self._writing.append(entry)
         return said
 
@@ -174,7 +202,10 @@ class Slots:
         return not request.deployment.same_network(slot.running)
 
     def commit(self) -> bool:
-        """The write recorded what `prepare` took: settle or queue it; True if any is queued."""
+        """The write recorded what `prepare` took: settle or queue it; True if any is queued.
+
+        A request that waits for its model goes into its slot's `waiting` (see `transfers`).
+        """
         writing, self._writing = self._writing, []
         queued = False
         for entry in writing:
@@ -183,14 +214,25 @@ class Slots:
             if entry.settles:
                 self._run(slot, request)
                 request.phase = Phase.DONE
-            elif request.phase is Phase.WRITING:  # not superseded within the same write
+            elif request.phase is not Phase.WRITING:  # superseded within the same write
+                continue
+            elif request.awaits_model:
+                slot.waiting, request.phase = request, Phase.TRANSFERRING
+                self._transfers.append(request)
+            else:
                 self._queue(slot, request)
                 queued = True
         return queued
 
     def roll_back(self) -> list[Request]:
-        """The write failed: undo what `prepare` did; return the requests it took, refused."""
+        """The write failed: undo what `prepare` did; return the requests it took, refused.
+
+        A request whose model arrived after it was accepted cannot be refused: it is staged
+        again for the next write.
+        """
         writing, self._writing = self._writing, []
+        refused: list[Request] = []
+        again: list[Request] = []
         for entry in reversed(writing):
             replaced = entry.replaced
             if replaced is not None:
@@ -198,9 +240,69 @@ class Slots:
                     replaced.events.pop()  # its `superseded`, never sent
                 if entry.replaced_queued:
                     self._queue(self._at(replaced.stream), replaced)
-            entry.request.events.clear()
-            entry.request.phase = Phase.DONE
-        return [entry.request for entry in writing]
+            if entry.replaced_in_write is not None:
+                entry.replaced_in_write.events.pop()  # its `superseded`; refused below
+                entry.replaced_in_write.phase = Phase.WRITING
+            restage = []
+            waiting = entry.replaced_waiting
+            if waiting is not None:
+                waiting.events.pop()  # its `superseded`, never sent
+                if waiting.model_arrived:
+                    waiting.phase = Phase.STAGED
+                    restage.append(waiting)
+                else:
+                    self._at(waiting.stream).waiting = waiting
+                    waiting.phase = Phase.TRANSFERRING
+            request = entry.request
+            if request.model_arrived:
+                del request.events[len(request.events) - entry.said :]
+                request.phase = Phase.STAGED
+                restage.append(request)
+            else:
+                request.events.clear()
+                request.phase = Phase.DONE
+                refused.append(request)
+            again[:0] = restage  # in the order they were staged
+        self._staged[:0] = again
+        refused.reverse()
+        return refused
+
+    # --- a request waiting for its model ---------------------------------------------------
+
+    def transfers(self) -> list[Request]:
+        """The requests that began waiting for their model since the last call: fetch them."""
+        transfers, self._transfers = self._transfers, []
+        return transfers
+
+    def model_arrived(self, request: Request, deployment: Deployment) -> bool:
+        """The model of a waiting request is there: stage it for the next state write.
+
+        False when there is nothing to write: it was superseded meanwhile, or a later request
+        for its stream is staged and will supersede it.
+        """
+        slot = self._at(request.stream)
+        if request.phase is not Phase.TRANSFERRING or slot.waiting is not request:
+            return False
+        request.deployment = deployment
+        if any(r.stream == request.stream for r in self._staged):
+            return False  # it stays waiting, for that one to supersede
+        slot.waiting, request.phase = None, Phase.STAGED
+        self._staged.append(request)
+        return True
+
+    def transfer_failed(self, request: Request, error: ErrorInfo) -> list[Notice]:
+        """The model of a waiting request cannot be had: it fails."""
+        slot = self._at(request.stream)
+        if request.phase is not Phase.TRANSFERRING or slot.waiting is not request:
+            return []
+        slot.waiting, request.phase = None, Phase.DONE
+        return request.say("failed", error=error)
+
+    def progress(self, request: Request, received: int, total: int | None) -> list[Notice]:
+        """How far the model of a waiting request has come: `transferring`."""
+        if request.phase is not Phase.TRANSFERRING:
+            return []
+        return request.say("transferring", progress=Progress(received=received, total=total))
 
     # --- the camera's apply ----------------------------------------------------------------
 
@@ -255,10 +357,12 @@ class Slots:
     # --- what the state file records -------------------------------------------------------
 
     def _waiting(self) -> list[Request]:
-        """Accepted and not finished: applying, queued, then in the write under way."""
+        """Accepted and not finished: applying, queued, waiting for a model, then in the
+        write under way."""
         return [
             *self.applying(),
             *(request for _, request in self._queued()),
+            *(slot.waiting for slot in self._slots.values() if slot.waiting is not None),
             # of the write under way: not the changes that settle with it, nor the superseded
             *(
                 e.request
@@ -304,7 +408,7 @@ class Slots:
 
 def _merge(target: dict[str, Deployment], requests: Iterable[Request]) -> None:
     for request in requests:
-        if request.deployment is None:
-            target.pop(request.stream, None)
-        else:
+        if request.deployment is not None:
             target[request.stream] = request.deployment
+        elif not request.awaits_model:  # a delete; a deploy without its model changes nothing
+            target.pop(request.stream, None)

@@ -22,6 +22,7 @@ from agent.vocab import (
     CameraStateName,
     NNStateName,
     RequestState,
+    UploadStateName,
 )
 
 if TYPE_CHECKING:
@@ -54,25 +55,31 @@ __all__ = [
     "MobileNetConfig",
     "MobileNetOptions",
     "ModelByHash",
+    "ModelEntry",
     "ModelRef",
     "ModelUpload",
+    "ModelUrl",
     "NNConfig",
     "NNStatus",
     "NNSummary",
     "ObjectSchedule",
     "OutputOptions",
     "OutputSpec",
+    "Progress",
     "ReplyTo",
     "SimObject",
     "Spatial",
     "StreamHealth",
     "Temperatures",
+    "UploadManifest",
+    "UploadStatus",
     "YoloConfig",
     "YoloOptions",
     "decode_delete",
     "decode_deploy",
     "decode_group_delete",
     "decode_group_deploy",
+    "decode_manifest",
     "decode_objects",
     "encode_json",
     "salvage_request_id",
@@ -85,6 +92,7 @@ _T = TypeVar("_T")
 MAX_LABELS: Final = 1000
 MAX_LABEL_BYTES: Final = 64 * 1024
 MAX_NN_CONFIG_CHARS: Final = 64 * 1024
+MAX_URL_CHARS: Final = 8192  # presigned URLs run to about 2,000 characters
 
 Probability = Annotated[float, Meta(ge=0.0, le=1.0)]
 UnixSeconds = Annotated[float, Meta(ge=0.0, le=1e11, description="finite unix seconds")]
@@ -192,6 +200,9 @@ class DeployCommand(msgspec.Struct, frozen=True, kw_only=True):
     request_id: RequestId | None = None
     model: bytes | None = None
     model_sha256: Sha256Hex | None = None
+    # http(s) URL to download the model from (with model_sha256, and model_size if known)
+    model_url: Annotated[str, Meta(min_length=1, max_length=MAX_URL_CHARS)] | None = None
+    model_size: Annotated[int, Meta(ge=1, le=1 << 40)] | None = None
     model_name: Annotated[str, Meta(max_length=256)] | None = None
     # at most MAX_LABEL_BYTES in total as well: checked after decoding
     labels: Annotated[tuple[Label, ...], Meta(max_length=MAX_LABELS)] | None = None
@@ -241,12 +252,20 @@ class ModelByHash(msgspec.Struct, frozen=True):
     sha256: str  # lower case
 
 
+class ModelUrl(msgspec.Struct, frozen=True):
+    """A model to download (`model_url`), checked against its sha256 (and size, if given)."""
+
+    url: str  # may hold credentials: never logged as it is (agent.download.redact_url)
+    sha256: str  # lower case
+    size: int | None = None
+
+
 class Deploy(msgspec.Struct, frozen=True, kw_only=True):
     """A deploy command as `decode_deploy` returns it: nn_config parsed, the model's source
     named; the types say what the decoder checked."""
 
     nn_config: NNConfig
-    model: ModelUpload | ModelByHash
+    model: ModelUpload | ModelByHash | ModelUrl
     request_id: str | None = None
     model_name: str | None = None
     labels: tuple[str, ...] | None = None
@@ -341,8 +360,14 @@ def _deploy(command: DeployCommand) -> Deploy:
     if isinstance(nn_config, str):
         nn_config = _nn_config(nn_config)
     sha256 = command.model_sha256.lower() if command.model_sha256 is not None else None
-    model: ModelUpload | ModelByHash
-    if command.model is not None:
+    model: ModelUpload | ModelByHash | ModelUrl
+    if command.model_url is not None:
+        if command.model is not None:
+            raise InvalidPayload("give model or model_url, not both", path="$.model_url")
+        if sha256 is None:
+            raise InvalidPayload("model_url needs model_sha256", path="$.model_sha256")
+        model = ModelUrl(command.model_url, sha256, command.model_size)
+    elif command.model is not None:
         if not command.model:
             raise InvalidPayload("model is empty", path="$.model")
         model = ModelUpload(command.model, sha256)
@@ -395,6 +420,32 @@ def decode_group_delete(payload: bytes) -> tuple[DeleteCommand, GroupTarget]:
     return delete, _target(command.target)
 
 
+# --- chunked model uploads -----------------------------------------------------------------
+
+MIN_CHUNK_SIZE: Final = 4096
+MAX_MODEL_SIZE: Final = 1 << 40  # a bound on the number, not a limit of the agent's disk
+
+
+class UploadManifest(msgspec.Struct, frozen=True, kw_only=True):
+    """What `{base}/models/{sha256}/upload` announces; also kept beside the partial file."""
+
+    size: Annotated[int, Meta(ge=1, le=MAX_MODEL_SIZE)]
+    # every chunk but the last has exactly this many bytes; at most agent.max_payload_bytes
+    chunk_size: Annotated[int, Meta(ge=MIN_CHUNK_SIZE, le=MAX_MODEL_SIZE)]
+    request_id: RequestId | None = None
+    model_name: Annotated[str, Meta(max_length=256)] | None = None
+    expires_at: UnixSeconds | None = None
+
+
+_json_manifest: Final = msgspec.json.Decoder(UploadManifest)
+_msgpack_manifest: Final = msgspec.msgpack.Decoder(UploadManifest)
+
+
+def decode_manifest(payload: bytes) -> UploadManifest:
+    """Decode an upload manifest (JSON object or MessagePack map); raise InvalidPayload."""
+    return _decode(payload, _json_manifest, _msgpack_manifest)
+
+
 def salvage_request_id(payload: bytes) -> str | None:
     """Best effort: the request_id of a payload that failed validation, to echo it back.
 
@@ -416,6 +467,13 @@ class ReplyTo(msgspec.Struct, frozen=True):
     correlation_data: bytes | None = None
 
 
+class Progress(msgspec.Struct, frozen=True):
+    """How much of a model a `transferring` request has: bytes received, of `total`."""
+
+    received: int
+    total: int | None = None  # unknown for a download whose size was not given
+
+
 class Event(msgspec.Struct, frozen=True, omit_defaults=True):
     request_id: str
     action: Action
@@ -429,6 +487,8 @@ class Event(msgspec.Struct, frozen=True, omit_defaults=True):
     # the group the command was sent to; with camera "" an answer of the agent as a whole
     # (`skipped`, or `rejected` before any camera was chosen)
     group: str | None = None
+    # on `transferring`: how far its model has come
+    progress: Progress | None = None
 
     @property
     def terminal(self) -> bool:
@@ -447,6 +507,32 @@ class ModelRef(msgspec.Struct, frozen=True, omit_defaults=True):
     sha256: str
     size: int
     name: str | None = None
+
+
+class UploadStatus(msgspec.Struct, frozen=True, omit_defaults=True):
+    """The retained `{base}/models/{sha256}/status` of a chunked upload."""
+
+    state: UploadStateName
+    size: int
+    received: int
+    # [start, end) byte ranges not received yet, at most MAX_MISSING_RANGES of them
+    missing: tuple[tuple[int, int], ...]
+    updated_at: float
+    chunk_size: int | None = None
+    missing_truncated: bool = False
+    request_id: str | None = None
+    error: ErrorInfo | None = None
+
+
+class ModelEntry(msgspec.Struct, frozen=True):
+    """One model of the retained `{base}/models` list."""
+
+    sha256: str
+    size: int
+    name: str | None
+    stored_at: float
+    last_used: float
+    in_use_by: tuple[str, ...]  # "mxid/stream" of the NNs that run it or will
 
 
 class NNStatus(msgspec.Struct, frozen=True):

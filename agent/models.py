@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Final
 
 import anyio
 import depthai as dai
+import msgspec
 import structlog
 
 from agent.errors import ChecksumMismatch, InvalidModel, ModelNotFound, StateWriteFailed
@@ -26,7 +27,7 @@ from agent.state import make_private_folder
 if TYPE_CHECKING:
     from collections.abc import Callable
 
-__all__ = ["BlobInfo", "ModelStore", "StoredModel", "TensorInfo", "parse_blob"]
+__all__ = ["BlobInfo", "ModelStore", "StoredFile", "StoredModel", "TensorInfo", "parse_blob"]
 
 log = structlog.get_logger(__name__)
 
@@ -36,6 +37,7 @@ _PRUNE_GRACE_SECONDS: Final = 300.0
 _UNREFERENCED_BYTES: Final = 256 * 1024 * 1024
 _TMP_PREFIX: Final = ".incoming-"
 _TMP_SUFFIX: Final = ".tmp"
+_META_SUFFIX: Final = ".meta.json"  # beside `<sha256>.blob`: its name and when it was stored
 
 _DTYPES: Final = {
     "FP16": "float16",
@@ -69,6 +71,26 @@ class StoredModel:
     info: BlobInfo
 
 
+class _Meta(msgspec.Struct, frozen=True):
+    name: str | None = None
+    stored_at: float = 0.0
+
+
+_meta_encoder: Final = msgspec.json.Encoder()
+_meta_decoder: Final = msgspec.json.Decoder(_Meta)
+
+
+@dataclass(frozen=True, slots=True)
+class StoredFile:
+    """A model in the store as the `{base}/models` list shows it."""
+
+    sha256: str
+    size: int
+    name: str | None
+    stored_at: float
+    last_used: float
+
+
 def _tensor(name: str, tensor: object) -> TensorInfo:
     dims = tuple(int(d) for d in reversed(tensor.dims))  # type: ignore[attr-defined]
     dtype = tensor.dataType.name  # type: ignore[attr-defined]
@@ -88,6 +110,10 @@ def parse_blob(path: Path) -> BlobInfo:
     return BlobInfo(
         version=dai.OpenVINO.getVersionName(blob.version), inputs=inputs, outputs=outputs
     )
+
+
+def _nothing() -> None:
+    """Nobody to tell."""
 
 
 def _sha256(data: bytes) -> str:
@@ -156,6 +182,11 @@ class ModelStore:
         # run beside it, so that one large upload holds up no other command
         self._limiter = anyio.CapacityLimiter(1)
         self._referenced: Callable[[], set[str]] = set
+        self._changed: Callable[[], None] = _nothing
+
+    def on_change(self, changed: Callable[[], None]) -> None:
+        """Be told (on the event loop) when a model was added or removed."""
+        self._changed = changed
 
     def keep_referenced(self, referenced: Callable[[], set[str]]) -> None:
         """Name the models pruning must keep (those the desired and last-good sets use)."""
@@ -185,6 +216,7 @@ class ModelStore:
             self._on_write_error(problem)  # reported here, on the event loop
             raise StateWriteFailed(f"{problem}; nothing was changed, send it again") from exc
         if added:  # bound the store at once: uploads that end rejected are never referenced
+            self._changed()
             await self.prune()
         return model
 
@@ -196,7 +228,63 @@ class ModelStore:
         """Remove unreferenced blobs: all used longer ago than the grace period, and the
         oldest ones beyond the byte bound (the newest is always kept); return them."""
         keep = self._referenced()  # read on the event loop, where it changes
-        return await anyio.to_thread.run_sync(self._prune, keep, limiter=self._limiter)
+        removed = await anyio.to_thread.run_sync(self._prune, keep, limiter=self._limiter)
+        if removed:
+            self._changed()
+        return removed
+
+    async def put_file(self, path: Path, sha256: str, *, name: str | None) -> StoredModel:
+        """Move a complete, fsynced model file whose sha256 was checked into the store.
+
+        The file is parsed first (InvalidModel: it stays where it is, for the caller to
+        remove) and renamed into the store, so it must be on the store's file system. The
+        caller bounds how many run at once.
+        """
+        info = await anyio.to_thread.run_sync(parse_blob, path)
+        size = (await anyio.to_thread.run_sync(path.stat)).st_size
+        try:
+            model = await anyio.to_thread.run_sync(
+                self._install, path, sha256, size, info, name, limiter=self._limiter
+            )
+        except OSError as exc:
+            problem = f"cannot store model in {self.root}: {exc.strerror or exc}"
+            self._on_write_error(problem)
+            raise StateWriteFailed(problem) from exc
+        self._changed()
+        await self.prune()
+        return model
+
+    def exists(self, sha256: str) -> bool:
+        """Whether the store has a file for `sha256` (not verified: see `get`)."""
+        return self.path(sha256).is_file()
+
+    async def files(self) -> list[StoredFile]:
+        """Every stored model, for the `{base}/models` list."""
+        return await anyio.to_thread.run_sync(self._files, limiter=self._limiter)
+
+    def _files(self) -> list[StoredFile]:
+        found = []
+        for path in self.root.glob("*.blob"):
+            try:
+                info = path.stat()
+            except OSError:
+                continue
+            meta = _Meta()
+            with contextlib.suppress(OSError, msgspec.MsgspecError):
+                meta = _meta_decoder.decode(self._meta_path(path.stem).read_bytes())
+            found.append(
+                StoredFile(
+                    sha256=path.stem,
+                    size=info.st_size,
+                    name=meta.name,
+                    stored_at=meta.stored_at or info.st_mtime,
+                    last_used=info.st_mtime,
+                )
+            )
+        return sorted(found, key=lambda f: f.stored_at)
+
+    def _meta_path(self, sha256: str) -> Path:
+        return self.root / f"{sha256}{_META_SUFFIX}"
 
     def _prune(self, keep: set[str]) -> list[str]:
         recent = time.time() - _PRUNE_GRACE_SECONDS
@@ -217,6 +305,7 @@ class ModelStore:
                 path.unlink()
                 self._known.pop(path.stem, None)
                 removed.append(path.stem)
+                _remove(self._meta_path(path.stem))
         if removed:
             log.info("unreferenced models removed", models=removed)
         return removed
@@ -240,9 +329,17 @@ class ModelStore:
             raise
         return model, True
 
-    def _install(self, tmp: Path, sha256: str, size: int, info: BlobInfo) -> StoredModel:
+    def _install(
+        self, tmp: Path, sha256: str, size: int, info: BlobInfo, name: str | None = None
+    ) -> StoredModel:
         """Rename a written and parsed upload to `<sha256>.blob`, atomically."""
         final = self.path(sha256)
+        self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
+        # its name and time for the `{base}/models` list: not worth an fsync of its own
+        meta = self._meta_path(sha256)
+        spare = meta.with_name(f"{_TMP_PREFIX}{meta.name}{_TMP_SUFFIX}")
+        spare.write_bytes(_meta_encoder.encode(_Meta(name=name, stored_at=time.time())))
+        spare.replace(meta)
         tmp.replace(final)
         _fsync_dir(self.root)
         model = StoredModel(sha256=sha256, size=size, path=final, info=info)

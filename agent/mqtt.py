@@ -217,7 +217,10 @@ class MqttLink:
     # --- producers: never block, called from any task on the loop --------------------------
 
     def retain(self, topic: str, payload: bytes) -> None:
-        """Set the retained state of `topic`; the latest value wins and survives reconnects."""
+        """Set the retained state of `topic`; the latest value wins and survives reconnects.
+
+        An empty payload clears the topic on the broker; once sent, it is forgotten.
+        """
         if self._box.retained.get(topic) == payload:
             return
         self._box.retained[topic] = payload
@@ -631,14 +634,17 @@ class MqttLink:
         if box.dirty:
             topic = next(iter(box.dirty))
             del box.dirty[topic]
+            payload = box.retained[topic]
             try:
                 await self._acknowledged(
-                    client.publish(topic, box.retained[topic], qos=1, retain=True, timeout=ack_wait)
+                    client.publish(topic, payload, qos=1, retain=True, timeout=ack_wait)
                 )
             except BaseException:
                 box.dirty[topic] = None
                 raise
             self.stats.retained_sent += 1
+            if not payload and box.retained.get(topic) == payload:
+                del box.retained[topic]  # cleared on the broker: nothing to republish
             return True
         if box.events:
             item = box.events[0]

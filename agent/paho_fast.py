@@ -2,8 +2,10 @@
 
 aiomqtt 2.x wraps one paho client (`Client._client`) and exposes neither manual
 acknowledgements nor the CONNACK's session-present flag: `manual_acks` switches them on
-through paho's public API on that client, and the link cannot work without it. Nor does
-its Message keep paho's DUP flag: `duplicates` reads it through paho's public `on_message`.
+through paho's public API on that client, and the link cannot work without it. Nor does it
+keep the CONNACK's properties: `on_connack` reads the broker's Maximum Packet Size there (the
+client uses it to choose between an inline and a chunked model); nor does its Message keep
+paho's DUP flag: `duplicates` reads it through paho's public `on_message`.
 
 The fast path proper also uses private attributes, of aiomqtt (`Client._disconnected`) and
 of paho (`_registered_write`, `_call_socket_register_write`, `_sock_close`). It is used
@@ -53,6 +55,7 @@ __all__ = [
     "fast_path_for",
     "has_socket",
     "manual_acks",
+    "on_connack",
     "pause_reading_while",
     "publish_batch",
     "register_writers_safely",
@@ -286,6 +289,22 @@ def register_writers_safely(client: aiomqtt.Client, *, fast: bool) -> None:
         loop.call_soon_threadsafe(add, sock)
 
     paho.on_socket_register_write = register
+
+
+def on_connack(client: aiomqtt.Client, found: Callable[[int | None], None]) -> None:
+    """Tell `found` the Maximum Packet Size of each CONNACK (MQTT 5; None when it names
+    none, or on 3.1.1): aiomqtt does not keep the CONNACK's properties. Call before connecting.
+    """
+    paho = _paho(client)
+    on_connect: Any = paho.on_connect  # aiomqtt's
+
+    def note_limit(*args: Any) -> None:  # (client, userdata, flags, reason, properties)
+        properties = args[4] if len(args) > 4 else None
+        limit = getattr(properties, "MaximumPacketSize", None)
+        found(limit if isinstance(limit, int) else None)
+        on_connect(*args)
+
+    paho.on_connect = note_limit
 
 
 def has_socket(client: aiomqtt.Client) -> bool:

@@ -20,8 +20,10 @@ from agent.messages import (
     Event,
     Info,
     Layer,
+    ModelEntry,
     NNStatus,
     Spatial,
+    UploadStatus,
     encode_json,
 )
 from agent.shaping import Shaper, confident
@@ -49,7 +51,7 @@ class Publisher(Protocol):
     """What the reporter publishes through: the MQTT link (agent/mqtt.py) implements it."""
 
     def retain(self, topic: str, payload: bytes) -> None:
-        """Set the retained state of `topic`; the latest value wins."""
+        """Set the retained state of `topic`; the latest value wins; empty clears it."""
 
     def send(self, topic: str, payload: bytes) -> None:
         """Queue an event that answers a command: never dropped."""
@@ -129,7 +131,13 @@ class Reporter:
         if self._observer is not None:
             self._observer.nn_status(camera, stream, status)
 
-    # --- events --------------------------------------------------------------------------
+    def upload_status(self, sha256: str, status: UploadStatus | None) -> None:
+        """A chunked upload's retained status; None clears it (an empty retained message)."""
+        payload = b"" if status is None else encode_json(status)
+        self._link.retain(self._topics.upload_status(sha256), payload)
+
+    def models(self, entries: Iterable[ModelEntry]) -> None:
+        self._link.retain(self._topics.models, encode_json(tuple(entries)))
 
     def camera_health(self, camera: str, health: CameraHealth) -> None:
         self._link.retain(self._topics.camera_stats(camera), encode_json(health))
@@ -139,6 +147,8 @@ class Reporter:
 
     def command_counts(self) -> CommandCounts:
         return CommandCounts(**{state: self.commands[state] for state in _OUTCOMES})
+
+    # --- events --------------------------------------------------------------------------
 
     def event(self, event: Event, replies: Iterable[ReplyTo] = (), *, replay: bool = False) -> None:
         """Publish a request's event; `replay`: one published before, not counted again."""

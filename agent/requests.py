@@ -6,10 +6,11 @@ import enum
 import itertools
 import time
 from collections import OrderedDict
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Final, NamedTuple
+from typing import TYPE_CHECKING, Final, NamedTuple, TypeAlias
 
-from agent.messages import Event
+from agent.messages import Event, Progress
 from agent.signing import UNSIGNED, Authenticity
 
 if TYPE_CHECKING:
@@ -20,7 +21,7 @@ if TYPE_CHECKING:
     from agent.messages import ReplyTo
     from agent.vocab import Action, RequestState
 
-__all__ = ["Notice", "Phase", "Request", "RequestLog"]
+__all__ = ["Acquire", "Notice", "Phase", "Request", "RequestLog"]
 
 _SIZE: Final = 256
 _SIGNED_LIMIT: Final = 4096
@@ -31,9 +32,15 @@ class Phase(enum.Enum):
 
     STAGED = enum.auto()  # submitted: waits for the next state write
     WRITING = enum.auto()  # in the state write under way, which is to record it
+    TRANSFERRING = enum.auto()  # recorded: waits for its model (an upload, a download)
     QUEUED = enum.auto()  # recorded: waits for the camera's next apply
     APPLYING = enum.auto()  # in the camera's apply under way
     DONE = enum.auto()  # finished, superseded or refused: nothing more happens to it
+
+
+Acquire: TypeAlias = Callable[[Callable[[int, int | None], None]], Awaitable["Deployment"]]
+"""Gets a request's model (calling back with bytes received and the total) and returns its
+deployment; raises an AgentError when the model cannot be had."""
 
 
 class Notice(NamedTuple):
@@ -59,6 +66,19 @@ class Request:
     # read from the state file: its answer went out from an earlier run, or was lost with it
     recorded_before: bool = False
     phase: Phase = Phase.STAGED
+    # a deploy whose model is still on its way: how to get it (deployment None until then)
+    acquire: Acquire | None = None
+
+    @property
+    def awaits_model(self) -> bool:
+        """A deploy accepted before its model is there (it is `transferring` meanwhile)."""
+        return self.acquire is not None and self.deployment is None
+
+    @property
+    def model_arrived(self) -> bool:
+        """A deploy accepted before its model was there, whose model is there now."""
+        return self.acquire is not None and self.deployment is not None
+
     # who sent it (for the audit log)
     authenticity: Authenticity = UNSIGNED
     # signed: its expires_at; its record is kept against replays at least until then
@@ -86,6 +106,7 @@ class Request:
         *,
         error: ErrorInfo | None = None,
         superseded_by: str | None = None,
+        progress: Progress | None = None,
     ) -> Event:
         """An event about this request, not recorded (see `say`)."""
         return Event(
@@ -98,6 +119,7 @@ class Request:
             error=error,
             superseded_by=superseded_by,
             group=self.group,
+            progress=progress,
         )
 
     def say(
@@ -106,12 +128,19 @@ class Request:
         *,
         error: ErrorInfo | None = None,
         superseded_by: str | None = None,
+        progress: Progress | None = None,
     ) -> list[Notice]:
-        """Record the request's next event; return it to publish (nothing when silent)."""
+        """Record the request's next event; return it to publish (nothing when silent).
+
+        A `transferring` event replaces the one before it: only the latest progress is kept.
+        """
         if self.silent:
             return []
-        event = self.event(state, error=error, superseded_by=superseded_by)
-        self.events.append(event)
+        event = self.event(state, error=error, superseded_by=superseded_by, progress=progress)
+        if state == "transferring" and self.last is not None and self.last.state == state:
+            self.events[-1] = event
+        else:
+            self.events.append(event)
         return [Notice(event, self)]
 
 

@@ -27,15 +27,17 @@ __all__ = ["Counts", "RateGate", "Shaper", "confident"]
 class RateGate:
     """Lets at most `rate` events a second through; `None`: all of them, `0`: none.
 
-    A generic cell rate algorithm with half an interval of tolerance: events arriving with
-    jitter around the allowed rate are not thinned below it, and over any window of T seconds
-    at most `1 + (T + interval / 2) / interval` pass.
+    A generic cell rate algorithm: over any window of T seconds at most
+    `1 + (T + tolerance * interval) / interval` pass. A tolerance (a share of the interval)
+    keeps frames arriving with jitter around the allowed rate from being thinned below it;
+    without one, consecutive events are never closer than the interval.
     """
 
-    def __init__(self, rate: float | None) -> None:
+    def __init__(self, rate: float | None, *, tolerance: float = 0.5) -> None:
         self._interval: float | None = None
         if rate is not None:
             self._interval = math.inf if rate == 0 else 1.0 / rate
+        self._tolerance = tolerance
         self._due = -math.inf  # the theoretical time of the next event
 
     def allow(self, now: float) -> bool:
@@ -43,7 +45,7 @@ class RateGate:
         interval = self._interval
         if interval is None:
             return True
-        if interval == math.inf or now < self._due - interval / 2:
+        if interval == math.inf or now < self._due - interval * self._tolerance:
             return False
         self._due = max(self._due, now) + interval
         return True
@@ -75,7 +77,8 @@ class Shaper:
         self.options = options
         self._labels = labels
         self._detections = RateGate(options.max_rate)
-        self._counts_gate = RateGate(options.counts_max_rate)
+        # strict: counts messages never closer than 1 / counts_max_rate
+        self._counts_gate = RateGate(options.counts_max_rate, tolerance=0.0)
         self._by_label: dict[str, int] = {}  # every label seen: objects in the latest frame
         self._streak: dict[str, int] = {}  # consecutive frames with the label, up to on_frames
         self._last_seen: dict[str, float] = {}

@@ -6,11 +6,15 @@ import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
+from agent.errors import echo
+
 if TYPE_CHECKING:
     from agent.vocab import Action
 
 __all__ = [
     "MXID_RE",
+    "OFFSET_RE",
+    "SHA256_RE",
     "STREAM_RE",
     "CommandTopic",
     "DiscoveryTopics",
@@ -19,11 +23,15 @@ __all__ = [
     "SimulatorTopic",
     "StatsRequest",
     "Topics",
+    "UploadTopic",
     "is_depth_stream",
 ]
 
 MXID_RE = re.compile(r"[A-Z0-9]{1,64}")
 STREAM_RE = re.compile(r"CAM_[A-H]|DEPTH_[A-H]_[A-H]")
+SHA256_RE = re.compile(r"[0-9a-f]{64}")
+# a byte offset in decimal: no sign, no leading zero, below 10^15 (far above any model)
+OFFSET_RE = re.compile(r"0|[1-9][0-9]{0,14}")
 
 Fault = Literal["unplug", "replug", "fail_next_boot", "objects"]
 
@@ -51,6 +59,20 @@ class GroupCommandTopic:
 class SimulatorTopic:
     camera: str
     fault: Fault
+
+
+@dataclass(frozen=True, slots=True)
+class UploadTopic:
+    """`{base}/models/{sha256}/upload` (offset None) or `.../chunks/{offset}`.
+
+    `sha256` is the segment as given; `problem` says why the topic is unusable (a sha256
+    that is not 64 lowercase hex digits, an offset that is not a decimal number).
+    """
+
+    sha256: str
+    kind: Literal["upload", "chunk"]
+    offset: int | None = None  # a chunk's, when it parses
+    problem: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,6 +142,45 @@ class Topics:
 
     def group_command(self, group: str, action: Action) -> str:
         return f"{self.prefix}/groups/{group}/nn/{action}"
+
+    @property
+    def upload_filters(self) -> tuple[str, str]:
+        return (f"{self.base}/models/+/upload", f"{self.base}/models/+/chunks/+")
+
+    @property
+    def models(self) -> str:
+        return f"{self.base}/models"
+
+    def upload(self, sha256: str) -> str:
+        return f"{self.base}/models/{sha256}/upload"
+
+    def chunk(self, sha256: str, offset: int) -> str:
+        return f"{self.base}/models/{sha256}/chunks/{offset}"
+
+    def upload_status(self, sha256: str) -> str:
+        return f"{self.base}/models/{sha256}/status"
+
+    def parse_upload(self, topic: str) -> UploadTopic | None:
+        """Parse a model upload topic; None when `topic` is not one (it may be a command)."""
+        prefix = self.base + "/models/"
+        if not topic.startswith(prefix):
+            return None
+        match topic[len(prefix) :].split("/"):
+            case [sha256, "upload"]:
+                kind: Literal["upload", "chunk"] = "upload"
+                offset = None
+                problem = None
+            case [sha256, "chunks", raw]:
+                kind = "chunk"
+                offset = int(raw) if raw.isascii() and OFFSET_RE.fullmatch(raw) else None
+                problem = None if offset is not None else f"offset {echo(raw)} is not decimal"
+            case _:
+                return None
+        if not SHA256_RE.fullmatch(sha256):
+            problem = f"{echo(sha256)} is not a sha256 (64 lowercase hex digits)"
+        if problem is not None:
+            return UploadTopic(sha256, kind, None, problem)
+        return UploadTopic(sha256, kind, offset)
 
     @property
     def simulator_filter(self) -> str:

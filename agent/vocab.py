@@ -10,15 +10,24 @@ __all__ = [
     "CameraStateName",
     "NNStateName",
     "RequestState",
+    "UploadStateName",
 ]
 
 Action = Literal["deploy", "delete"]
 """What a command asks for one stream: the last segment of its topic."""
 
 RequestState = Literal[
-    "accepted", "applying", "succeeded", "failed", "superseded", "rejected", "skipped"
+    "accepted",
+    "transferring",
+    "applying",
+    "succeeded",
+    "failed",
+    "superseded",
+    "rejected",
+    "skipped",
 ]
-"""The `state` of a request event. `skipped`: a group command selects none of the agent's
+"""The `state` of a request event. `transferring`: the deploy's model is on its way (an
+upload or a download), with progress. `skipped`: a group command selects none of the agent's
 cameras; said once, by the agent as a whole (no camera), and nothing follows it."""
 
 TERMINAL_STATES: Final = frozenset({"succeeded", "failed", "superseded", "rejected", "skipped"})
@@ -28,3 +37,6 @@ CameraStateName = Literal["online", "restarting", "offline"]
 
 NNStateName = Literal["none", "deploying", "running", "failed"]
 """The `state` of one stream's NN status."""
+
+UploadStateName = Literal["receiving", "stored", "failed"]
+"""The `state` of a chunked model upload's status."""

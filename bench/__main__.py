@@ -10,6 +10,7 @@ import sys
 import time
 
 from bench import (
+    chunked,
     commands,
     discovery_lag,
     latency,
@@ -32,6 +33,7 @@ _BENCHES = {
         storm,
         commands,
         overtake,
+        chunked,
         startup,
         discovery_lag,
         shaping,

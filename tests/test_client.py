@@ -484,6 +484,8 @@ def test_every_option_has_help() -> None:
         "delete",
         "watch",
         "status",
+        "upload",
+        "models",
         "keygen",
         "fleet",
     }
@@ -495,8 +497,9 @@ def test_every_option_has_help() -> None:
         *subparsers.choices.items(),
         *((f"fleet {name}", sub) for name, sub in actions.choices.items()),
     ]
+    with_exit_codes = ("deploy", "delete", "watch", "status", "upload", "models", "fleet")
     for name, sub in parsers:
-        if name in ("deploy", "delete", "watch", "status", "fleet") or name.startswith("fleet "):
+        if name in with_exit_codes or name.startswith("fleet "):
             assert "exit codes:" in sub.format_help()
         for action in sub._actions:
             assert action.help, f"{name} {action.option_strings or action.dest} has no help"

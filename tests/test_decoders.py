@@ -28,7 +28,7 @@ from agent.messages import (
     salvage_request_id,
 )
 from agent.state import StateDocument, StateFile
-from agent.topics import CommandTopic, SimulatorTopic, Topics
+from agent.topics import CommandTopic, SimulatorTopic, StatsRequest, Topics
 from tests.strategies import deep_values, hostile_payloads
 
 if TYPE_CHECKING:
@@ -167,7 +167,11 @@ def test_event_encodes_error_only_on_failure() -> None:
 segment = st.text(alphabet=string.ascii_letters + string.digits + "_-+#/", max_size=20)
 
 
-@given(segment, segment, st.sampled_from(["deploy", "delete", "status", "unplug", ""]))
+@given(
+    segment,
+    segment,
+    st.sampled_from(["deploy", "delete", "status", "unplug", "objects", "request", "counts", ""]),
+)
 def test_topic_parsing_is_total(camera: str, stream: str, last: str) -> None:
     topics = Topics.for_agent("oak", "agent-1")
     parsed = topics.parse(f"{topics.base}/cameras/{camera}/streams/{stream}/nn/{last}")
@@ -179,6 +183,16 @@ def test_topic_parsing_is_total(camera: str, stream: str, last: str) -> None:
         )
     knob = topics.parse(f"{topics.base}/simulator/cameras/{camera}/{last}")
     assert knob is None or isinstance(knob, SimulatorTopic)
+    if isinstance(knob, SimulatorTopic):
+        assert topics.simulator(knob.camera, knob.fault) == (
+            f"{topics.base}/simulator/cameras/{camera}/{last}"
+        )
+    # only `{base}/stats/request` asks for the stats; the retained stats topics are outputs
+    stats = topics.parse(f"{topics.base}/stats/{last}")
+    assert isinstance(stats, StatsRequest) == (last == "request")
+    assert topics.parse(topics.stats) is None
+    assert topics.parse(topics.camera_stats(camera)) is None
+    assert topics.parse(topics.counts(camera, stream)) is None
     assert topics.parse(f"other/{camera}") is None
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -19,6 +21,11 @@ from tests.requestgen import (
     states,
     written,
 )
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from agent.cameras.base import Deployment
 
 
 def test_a_deploy_is_accepted_by_the_write_then_applied() -> None:
@@ -281,3 +288,232 @@ def test_yolo_and_mobilenet_are_different_networks() -> None:
     request = deploy("yolo")
     request.deployment = deployment("yolo", nn_config=yolo)
     assert written(slots, request) == [("yolo", "accepted")]
+
+
+# --- a deploy whose model is on its way ------------------------------------------------------
+
+
+async def _never(progress: object) -> Deployment:  # the slots never call it
+    raise AssertionError
+
+
+def waiting(request_id: str, stream: str = "CAM_A") -> Request:
+    """A deploy accepted before its model is there."""
+    return Request(id=request_id, action="deploy", camera="C", stream=stream, acquire=_never)
+
+
+def test_a_deploy_waits_for_its_model_then_goes_on_without_a_second_accepted() -> None:
+    slots = running()
+    request = waiting("w")
+    assert written(slots, request) == [("w", "accepted")]
+    assert request.phase is Phase.TRANSFERRING
+    assert slots.transfers() == [request]
+    assert slots.transfers() == []
+    assert slots.in_flight() == [request]  # a crash now answers it `interrupted`
+    assert slots.desired() == slots.running  # it changes nothing yet
+    assert not slots.has_queued()
+    assert states(slots.progress(request, 5, 10)) == [("w", "transferring")]
+    assert states(slots.progress(request, 10, 10)) == [("w", "transferring")]
+    assert [e.state for e in request.events] == ["accepted", "transferring"]  # the latest kept
+    arrived = deployment("w", "b")
+    assert slots.model_arrived(request, arrived)
+    assert request.phase in (Phase.STAGED,)  # (mypy narrowed it above)
+    assert states(slots.prepare()) == []  # accepted already
+    assert slots.desired() == {"CAM_A": arrived}
+    assert slots.commit()
+    assert states(slots.start_apply()) == [("w", "applying")]
+    assert states(slots.apply_succeeded()) == [("w", "succeeded")]
+    assert slots.running == {"CAM_A": arrived}
+
+
+def test_a_waiting_deploy_replaces_nothing_and_is_superseded_by_any_later_request() -> None:
+    slots = running()
+    queued = deploy("q", name="b")
+    written(slots, queued)
+    request = waiting("w")
+    assert written(slots, request) == [("w", "accepted")]
+    assert queued.phase is Phase.QUEUED  # goes on: it came first
+    later = delete("d")
+    assert written(slots, later) == [
+        ("w", "superseded"),
+        ("q", "superseded"),
+        ("d", "accepted"),
+    ]
+    assert request.events[-1].superseded_by == "d"
+    assert not slots.model_arrived(request, deployment("w", "c"))  # too late: nothing to do
+    assert states(slots.transfer_failed(request, FAILED)) == []
+
+
+def test_a_failed_transfer_fails_the_request_and_changes_nothing() -> None:
+    slots = running()
+    request = waiting("w")
+    written(slots, request)
+    said = slots.transfer_failed(request, FAILED)
+    assert states(said) == [("w", "failed")]
+    assert said[0].event.error == FAILED
+    assert request.phase is Phase.DONE
+    assert slots.in_flight() == []
+    assert slots.running == {"CAM_A": deployment("old", "a")}
+
+
+def test_a_failed_write_stages_an_arrived_model_again_and_refuses_only_new_requests() -> None:
+    slots = running()
+    request = waiting("w")
+    written(slots, request)
+    arrived = deployment("w", "b")
+    assert slots.model_arrived(request, arrived)
+    new = deploy("n", stream="CAM_B")
+    slots.stage(new)
+    assert states(slots.prepare()) == [("n", "accepted")]
+    assert slots.roll_back() == [new]  # refused; the arrived one waits for the next write
+    assert request.phase is Phase.STAGED
+    assert [e.state for e in request.events] == ["accepted"]
+    assert slots.has_unwritten()
+    assert states(slots.prepare()) == []
+    assert slots.commit()
+    assert slots.desired() == {"CAM_A": arrived}
+
+
+def test_a_failed_write_puts_a_superseded_waiting_deploy_back() -> None:
+    slots = running()
+    request = waiting("w")
+    written(slots, request)
+    slots.stage(deploy("later", name="c"))
+    assert states(slots.prepare()) == [("w", "superseded"), ("later", "accepted")]
+    slots.roll_back()
+    assert request.phase is Phase.TRANSFERRING
+    assert [e.state for e in request.events] == ["accepted"]
+    assert slots.in_flight() == [request]
+    assert slots.model_arrived(request, deployment("w", "b"))
+
+
+def test_an_arrived_model_waits_for_a_later_staged_request_to_supersede_it() -> None:
+    slots = running()
+    request = waiting("w")
+    written(slots, request)
+    later = deploy("later", name="c")
+    slots.stage(later)
+    assert not slots.model_arrived(request, deployment("w", "b"))
+    assert states(slots.prepare()) == [("w", "superseded"), ("later", "accepted")]
+    slots.commit()
+    assert slots.desired() == {"CAM_A": later.deployment}
+
+
+def test_a_later_request_in_the_same_write_supersedes_a_deploy_about_to_wait() -> None:
+    slots = running()
+    queued = deploy("q", name="b")
+    written(slots, queued)
+    request = waiting("w")
+    later = deploy("n", name="c")
+    slots.stage(request)
+    slots.stage(later)
+    assert states(slots.prepare()) == [
+        ("w", "accepted"),
+        ("w", "superseded"),
+        ("q", "superseded"),
+        ("n", "accepted"),
+    ]
+    assert slots.roll_back() == [request, later]  # both refused, nothing said about them
+    assert (request.events, later.events) == ([], [])
+    assert [e.state for e in queued.events] == ["accepted"]
+    assert queued.phase is Phase.QUEUED
+    request, later = waiting("w2"), deploy("n2", name="c")
+    assert written(slots, request, later) == [
+        ("w2", "accepted"),
+        ("w2", "superseded"),
+        ("q", "superseded"),
+        ("n2", "accepted"),
+    ]
+    assert slots.transfers() == []  # superseded before it began to wait
+    assert slots.desired() == {"CAM_A": later.deployment}
+    assert slots.in_flight() == [later]
+
+
+_steps_with_transfers = st.lists(
+    st.one_of(
+        st.tuples(st.just("deploy"), _streams, st.sampled_from("abc")),
+        st.tuples(st.just("delete"), _streams, st.just("")),
+        st.tuples(st.just("wait"), _streams, st.just("")),
+        st.tuples(st.sampled_from(["arrive", "lose"]), st.integers(0, 3), st.sampled_from("abc")),
+        st.tuples(st.sampled_from(["write", "fail_write", "apply", "fail_apply", "offline"])),
+    ),
+    max_size=40,
+)
+
+
+def _made(step: str, request_id: str, stream: str, name: str) -> Request:
+    if step == "deploy":
+        return deploy(request_id, stream, name)
+    return delete(request_id, stream) if step == "delete" else waiting(request_id, stream)
+
+
+def _settle(slots: Slots, write: Callable[[], None]) -> None:
+    """Two writes (what was staged, then what arrived meanwhile), then one good apply."""
+    write()
+    write()
+    slots.booted = True
+    slots.start_apply()
+    slots.apply_succeeded()
+
+
+@settings(max_examples=400, deadline=None)
+@given(_steps_with_transfers)
+def test_every_request_ends_once_with_deploys_waiting_for_their_model(
+    steps: list[tuple[str, ...]],
+) -> None:
+    """With deploys that wait for their model, arrive or fail in any order: each request is
+    accepted at most once and ends at most once; when everything arrived, all have ended."""
+    slots = running()
+    requests: list[Request] = []
+    transferring: list[Request] = []
+    refused: set[str] = set()
+
+    def write(*, fail: bool = False) -> None:
+        slots.prepare()
+        if fail:
+            refused.update(r.id for r in slots.roll_back())
+        else:
+            slots.commit()
+            transferring.extend(slots.transfers())
+
+    for n, (step, *args) in enumerate(steps):
+        match step:
+            case "deploy" | "delete" | "wait":
+                stream, name = args
+                request = _made(step, f"r{n}", stream, name)
+                requests.append(request)
+                slots.stage(request)
+            case "arrive" | "lose" if transferring:
+                request = transferring.pop(int(args[0]) % len(transferring))
+                if step == "arrive":
+                    slots.model_arrived(request, deployment(request.id, args[1]))
+                else:
+                    slots.transfer_failed(request, FAILED)
+            case "write" | "fail_write":
+                write(fail=step == "fail_write")
+            case "apply":
+                slots.start_apply()
+                slots.apply_succeeded()
+                slots.booted = True
+            case "fail_apply":
+                slots.start_apply()
+                slots.apply_failed(FAILED)
+            case "offline":
+                slots.fail_queued(FAILED)
+        for request in requests:
+            assert len([e for e in request.events if e.terminal]) <= 1, request.events
+            assert [e.state for e in request.events].count("accepted") <= 1, request.events
+    write()
+    while transferring:  # every model arrives in the end
+        request = transferring.pop()
+        slots.model_arrived(request, deployment(request.id, "a"))
+    _settle(slots, write)
+    for request in requests:
+        assert len([e for e in request.events if e.terminal]) <= 1, request.events
+        if request.id in refused:
+            assert request.events == []
+        else:
+            assert request.done, (request.id, request.phase, request.events)
+            assert request.events[0].state == "accepted"
+    assert slots.in_flight() == []
+    assert not slots.has_staged()

@@ -4,6 +4,7 @@ driven by its objects knob (`{base}/simulator/cameras/{mxid}/objects`)."""
 from __future__ import annotations
 
 import shutil
+import time
 import uuid
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -12,8 +13,11 @@ import aiomqtt
 import anyio
 import msgspec
 import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from agent.messages import OutputOptions
+from agent.config import SecurityKey, SecuritySection
+from agent.messages import ObjectSchedule, OutputOptions
+from agent.signing import envelope, public_key_text, sign
 from tests.harness import CAM1, CAM2, WAIT, agent_and_observer, camera_spec, make_config
 
 if TYPE_CHECKING:
@@ -221,6 +225,22 @@ async def test_presence_holds_over_one_missed_frame_and_goes_after_off_seconds(
         assert messages[-1].ts - messages[-2].ts >= 1.0 - 2 / FPS
 
 
+async def test_without_frames_presence_times_out_and_the_count_goes_to_zero(
+    broker: Broker, tmp_path: Path, own_blobs: dict[str, Path]
+) -> None:
+    config = config_for(broker, tmp_path)
+    output = {"counts_max_rate": 1000, "on_frames": 1, "off_seconds": 1.0}
+    async with agent_and_observer(broker, config) as (_, obs):
+        await deploy(obs, own_blobs["ssd_tiny"], "u1", output=output)
+        await schedule(obs, [[1]], loop=True)
+        await obs.wait_for(lambda: counts(obs) and counts(obs)[-1].present == ["person"])
+        await obs.send(obs.topics.simulator(CAM1, "unplug"), b"")  # no more frames
+        await obs.wait_for(lambda: obs.latest(obs.topics.camera_availability(CAM1)) == b"offline")
+        await obs.wait_for(lambda: counts(obs)[-1].present == [], what="absent")
+        # the count the last frame left is not kept once nothing has been seen for a while
+        assert shape(counts(obs)[-1]) == (0, {"person": 0}, [])
+
+
 async def test_min_confidence_filters_before_counting_and_publishing(
     broker: Broker, tmp_path: Path, own_blobs: dict[str, Path]
 ) -> None:
@@ -262,6 +282,24 @@ async def test_max_rate_bounds_the_detections_and_counts_still_follow_every_fram
         # the counts saw every frame in between, not only the published ones
         frame_seqs = [m.frame_seq for m in _frames(obs)]
         assert len(frame_seqs) > len(messages)
+
+
+async def test_counts_max_rate_bounds_counts_and_the_latest_state_still_goes_out(
+    broker: Broker, tmp_path: Path, own_blobs: dict[str, Path]
+) -> None:
+    config = config_for(broker, tmp_path)
+    output = {"counts_max_rate": 2, "on_frames": 1, "off_seconds": 600}
+    async with agent_and_observer(broker, config) as (_, obs):
+        await deploy(obs, own_blobs["ssd_tiny"], "cr1", output=output)
+        await schedule(obs, [[1], [1, 1]], loop=True)  # a change on every frame
+        await obs.wait_for(lambda: len(counts(obs)) >= 5, what="counts")
+        seen = _frames(obs)
+        span = seen[-1].frame_seq - seen[0].frame_seq
+        # 2 a second at 20 fps: one message per 10 frames or more (generous margin)
+        assert len(seen) - 1 <= span * 2 / FPS * 1.5 + 1
+        # the changes stop: the final state goes out, at once or when the window opens
+        await schedule(obs, [[1, 1, 1]])
+        await obs.wait_for(lambda: counts(obs)[-1].total == 3, what="the latest state")
 
 
 def _frames(obs: Observer) -> list[Any]:
@@ -347,6 +385,44 @@ async def test_counts_cleared_when_the_nn_is_deleted_and_none_for_generic(
         layers = obs.detections(CAM1, "CAM_B")
         assert layers[-1]["seq"] - layers[0]["seq"] >= (len(layers) - 1) * 2
         assert obs.on(obs.topics.counts(CAM1, "CAM_B")) == []
+
+
+async def test_a_schedule_in_the_config_runs_from_the_start(
+    broker: Broker, tmp_path: Path, own_blobs: dict[str, Path]
+) -> None:
+    schedule = ObjectSchedule(frames=((1, 1), (1, 1), (1,), (1,)))
+    config = make_config(broker, tmp_path, cameras=(camera_spec(CAM1, schedule=schedule),))
+    async with agent_and_observer(broker, config) as (_, obs):
+        await deploy(obs, own_blobs["ssd_tiny"], "k1", output={"counts_max_rate": 1000})
+        await obs.wait_for(lambda: len(counts(obs)) >= 3, what="counts changing")
+        assert {m.by_label["person"] for m in counts(obs)} == {1, 2}
+
+
+async def test_with_signing_required_the_objects_knob_takes_a_signed_envelope(
+    broker: Broker, tmp_path: Path, own_blobs: dict[str, Path]
+) -> None:
+    key = Ed25519PrivateKey.generate()
+    section = SecuritySection(
+        require_signed=True,
+        keys=(SecurityKey(id="ops", public_key=public_key_text(key.public_key())),),
+    )
+    config = config_for(broker, tmp_path, security=section)
+    async with agent_and_observer(broker, config) as (_, obs):
+        body = _body(own_blobs["ssd_tiny"], "e1", output={"counts_max_rate": 1000})
+        body["expires_at"] = time.time() + 60
+        topic = obs.topics.command(CAM1, "CAM_A", "deploy")
+        payload = msgspec.json.encode(body)
+        await obs.send(topic, envelope(payload, "ops", sign(key, topic, payload)))
+        assert (await obs.outcome("e1")).state == "succeeded"
+        await obs.wait_for(lambda: counts(obs), what="first counts")
+        knob = obs.topics.simulator(CAM1, "objects")
+        unsigned = msgspec.json.encode({"frames": [[1, 1, 1]]})
+        await obs.send(knob, unsigned)  # refused: unsigned
+        await frames_pass(obs, 10)
+        assert all(m.total == 0 for m in counts(obs))
+        schedule = msgspec.json.encode({"frames": [[1]]})
+        await obs.send(knob, envelope(schedule, "ops", sign(key, knob, schedule)))
+        await obs.wait_for(lambda: counts(obs)[-1].total == 1, what="the signed schedule")
 
 
 async def test_a_bad_objects_schedule_is_reported_naming_the_field(

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -151,17 +153,19 @@ def test_max_rate_at_30_fps_halved() -> None:
 @given(
     rate=st.floats(0.1, 100.0),
     gaps=st.lists(st.floats(0.0, 0.5), min_size=1, max_size=300),
+    tolerance=st.sampled_from([0.0, 0.5]),
 )
-def test_rate_gate_bound_over_any_window(rate: float, gaps: list[float]) -> None:
-    gate = RateGate(rate)
+def test_rate_gate_bound_over_any_window(rate: float, gaps: list[float], tolerance: float) -> None:
+    gate = RateGate(rate, tolerance=tolerance)
     times = list(np.cumsum(gaps))
     passed = [t for t in times if gate.allow(t)]
     interval = 1.0 / rate
     for i, start in enumerate(passed):
         for j in range(i, len(passed)):
             window = passed[j] - start
-            # GCRA with half an interval of tolerance
-            assert j - i + 1 <= 1 + (window + interval / 2) / interval + 1e-9
+            assert j - i + 1 <= 1 + (window + tolerance * interval) / interval + 1e-9
+    if tolerance == 0.0:  # strict: never two closer than the interval
+        assert all(b - a >= interval - 1e-9 for a, b in itertools.pairwise(passed))
 
 
 @settings(max_examples=200)

@@ -89,6 +89,7 @@ class SimulatedCamera(Camera):
         self._outputs = 0
         self._booted_at: float | None = None
         self._schedule = _Schedule()
+        self._schedule.set(spec.schedule)
         self.boots = 0
 
     @property
