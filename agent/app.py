@@ -17,6 +17,7 @@ import msgspec
 import structlog
 
 from agent import __version__
+from agent.audit import AuditLog
 from agent.cameras.simulator import SimulatorBackend
 from agent.commands import CommandHandler
 from agent.config import Config, DepthaiSection
@@ -102,6 +103,7 @@ class App:
     backend: CameraBackend
     reporter: Reporter
     hints: dict[str, str]
+    audit: AuditLog
     uploads: Uploads | None = None
     homeassistant: HomeAssistant | None = None
 
@@ -334,11 +336,18 @@ async def serve(
         # models uploaded but not (yet) referenced: a few of the largest commands
         unreferenced_bytes=4 * config.agent.max_payload_bytes,
     )
+    audit = AuditLog(
+        config.state_path / "audit",
+        on_failure=reporter.agent_error,
+        max_bytes=config.security.audit_max_bytes,
+        enabled=config.security.audit,
+    )
     coordinator = Coordinator(
         reporter,
         topics,
         state=StateFile(config.state_path),
         store=store,
+        audit=audit,
         group_writes=group_writes,
         output=config.output,
         max_signed_requests=config.security.max_signed_requests,
@@ -369,6 +378,7 @@ async def serve(
             require_signed=config.security.require_signed,
             max_command_age=config.security.max_command_age,
         ),
+        audit=audit,
     )
     intake = Intake(handler, coordinator, lanes=concurrent_commands)
     app = App(
@@ -379,11 +389,14 @@ async def serve(
         backend,
         reporter,
         _hints(config, topics, backend, source),
+        audit,
         uploads,
         homeassistant,
     )
 
     async with AsyncExitStack() as stack:
+        # entered first, left last: it writes the lines of the shutdown's answers too
+        await stack.enter_async_context(audit.running())
         if config.broker.embedded:
             from agent.broker import embedded_broker  # noqa: PLC0415  # amqtt only when used
 

@@ -4,6 +4,7 @@ oak-agent run --config PATH        the daemon
 oak-agent deploy|delete|watch|status ...  a small MQTT client for the agent (client.py)
 oak-agent keygen --out DIR         a key pair for signing commands (client.py, keyfiles.py)
 oak-agent fleet deploy|delete|status|abort ...  staged rollouts across agents (fleet/)
+oak-agent audit --config PATH      the audit log as a table (auditview.py)
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ EXIT_INTERRUPTED = 130  # as a shell reports a command ended by SIGINT
 DESCRIPTION = """\
 Deploy neural networks onto Luxonis OAK cameras over MQTT: `run` the agent,
 or talk to a running one with `deploy`, `delete`, `watch` and `status` (`keygen` makes a
-key to sign commands with)."""
+key to sign commands with); `audit` prints the commands it received and their outcomes."""
 EPILOG = """\
 try it without hardware (from the repository; scripts/demo runs the agent with an
 embedded broker on 127.0.0.1:1883 and two simulated cameras):
@@ -114,6 +115,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--config", type=Path, required=True, help="the agent's TOML config file")
     add_client_commands(sub)
     add_fleet_commands(sub)
+    from agent.auditview import add_audit_command  # noqa: PLC0415
+
+    add_audit_command(sub)
     return parser
 
 
@@ -131,6 +135,10 @@ def main(argv: list[str] | None = None) -> int:
             from agent.fleet.cli import run_fleet_command  # noqa: PLC0415
 
             return run_fleet_command(args)
+        if args.command == "audit":
+            from agent.auditview import run_audit_command  # noqa: PLC0415
+
+            return run_audit_command(args)
         from agent.client import run_client_command  # noqa: PLC0415
 
         return run_client_command(args)

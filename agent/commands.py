@@ -25,6 +25,7 @@ from agent.errors import (
     PayloadTooLarge,
     RetainedCommand,
     ShuttingDown,
+    UnknownCamera,
     clip,
     echo,
     error_info,
@@ -54,8 +55,10 @@ from agent.topics import CommandTopic, GroupCommandTopic, SimulatorTopic, StatsR
 if TYPE_CHECKING:
     from collections.abc import Callable
 
+    from agent.audit import AuditLog, Received
     from agent.cameras.simulator import SimulatorBackend
     from agent.coordinator import Coordinator
+    from agent.errors import ErrorInfo
     from agent.inbox import Inbound
     from agent.models import ModelStore, StoredModel
     from agent.reporter import Reporter
@@ -74,6 +77,7 @@ def _nothing() -> None:
 log = structlog.get_logger(__name__)
 
 _VERIFY_INLINE_BYTES: Final = 1024 * 1024  # larger signed payloads are verified in a thread
+_HASH_IN_TASK_ABOVE: Final = 64 * 1024  # payload bytes hashed for the audit log beside the rest
 
 
 def _reply_to(message: Inbound, topics: Topics) -> ReplyTo | None:
@@ -102,6 +106,11 @@ class _GroupReply:
     replies: list[ReplyTo] = field(default_factory=list)
     authenticity: Authenticity = UNSIGNED
     keep_until: float | None = None  # signed: its expires_at
+    # its one `received` line in the audit log (camera ""); each camera's request adds its
+    # `outcome` line like any request
+    received: Received | None = None
+    audited: bool = False  # the received line is recorded
+    member_error: ErrorInfo | None = None  # the last camera's refusal
 
 
 class CommandHandler:
@@ -120,8 +129,10 @@ class CommandHandler:
         output: OutputOptions | None = None,
         stats_requested: Callable[[], None] | None = None,
         policy: Policy | None = None,
+        audit: AuditLog | None = None,
     ) -> None:
         self._topics = topics
+        self._audit = audit
         self._policy = policy if policy is not None else Policy()
         self._coordinator = coordinator
         self._store = store
@@ -152,7 +163,10 @@ class CommandHandler:
         if isinstance(parsed, GroupCommandTopic):
             return await self._group(parsed, message)
         if isinstance(parsed, SimulatorTopic):
-            self._fault(parsed, message)
+            received = self._received(message, parsed.fault, parsed.camera, None)
+            if received is not None:
+                await received.hash(message.payload)
+            self._fault(parsed, message, received)
         elif isinstance(parsed, StatsRequest):
             self._stats(message)
         return None
@@ -176,15 +190,53 @@ class CommandHandler:
         if isinstance(topic, GroupCommandTopic):
             request_id = self._salvage(payload) or f"auto-{uuid.uuid4().hex}"
             to = _GroupReply(topic, request_id, replies=[reply] if reply else [])
+            to.received = self._received(message, topic.action, "", None)
+            if to.received is not None:
+                to.received.hash_now(message.payload)
             self._say_group(to, "", "rejected", ShuttingDown())
             return
-        self._reject(topic, payload, reply, ShuttingDown())
+        event = self._reject(topic, payload, reply, ShuttingDown())
+        received = self._received(message, topic.action, topic.camera, topic.stream)
+        if received is not None:
+            received.request_id = event.request_id
+            received.hash_now(message.payload)
+            received.record_now("rejected", error=event.error)
+
+    def _received(
+        self, message: Inbound, action: str, camera: str, stream: str | None
+    ) -> Received | None:
+        """The audit record of a command received; None when there is no audit log."""
+        if self._audit is None:
+            return None
+        return self._audit.received(
+            topic=message.topic,
+            action=action,
+            camera=camera,
+            stream=stream,
+            payload_bytes=len(message.payload),
+        )
 
     async def _command(self, topic: CommandTopic, message: Inbound) -> Callable[[], None] | None:
+        structlog.contextvars.bind_contextvars(camera=clip(topic.camera), stream=clip(topic.stream))
+        received = self._received(message, topic.action, topic.camera, topic.stream)
+        try:
+            async with anyio.create_task_group() as tg:
+                if received is not None:  # the exact bytes received, envelope included
+                    if len(message.payload) > _HASH_IN_TASK_ABOVE:  # while the model is stored
+                        tg.start_soon(received.hash, message.payload, name="audit.hash")
+                    else:
+                        received.hash_now(message.payload)
+                unrecorded = await self._handle_command(topic, message, received)
+        finally:
+            structlog.contextvars.unbind_contextvars("camera", "stream", "request_id")
+        return unrecorded
+
+    async def _handle_command(
+        self, topic: CommandTopic, message: Inbound, received: Received | None
+    ) -> Callable[[], None] | None:
         payload = message.payload
         reply = None
         authenticity = UNSIGNED
-        structlog.contextvars.bind_contextvars(camera=clip(topic.camera), stream=clip(topic.stream))
         try:
             reply = _reply_to(message, self._topics)
             self._admit(message)
@@ -194,21 +246,24 @@ class CommandHandler:
                 authenticity = Authenticity(signed=True, key_id=None)  # not verified yet
             authenticity = await self._authenticate(message.topic, topic.camera, signature)
             request = await self._validate(
-                topic, payload, reply, authenticity, resent=message.resent
+                topic, payload, reply, authenticity, received=received, resent=message.resent
             )
             if request is None:
                 return _nothing  # a replay: the original request's record answers it
+            if received is not None:
+                await received.hashed()
             await self._coordinator.submit(request)
+            if received is not None:
+                # at once: no state write (whose answers bring outcome lines) ran in between
+                received.record_now("submitted")
         except AgentError as exc:
-            self._reject(topic, payload, reply, exc, authenticity)
+            await self._rejected(topic, payload, reply, exc, authenticity, received=received)
         except Exception as exc:
             log.exception("command failed unexpectedly")
             error = Internal(f"{type(exc).__name__}: {exc}")
-            self._reject(topic, payload, reply, error, authenticity)
+            await self._rejected(topic, payload, reply, error, authenticity, received=received)
         else:
-            return partial(self._answer, topic, request.id, reply, ShuttingDown())
-        finally:
-            structlog.contextvars.unbind_contextvars("camera", "stream", "request_id")
+            return partial(self._refused_late, request, reply, received)
         return None
 
     async def _authenticate(
@@ -233,6 +288,7 @@ class CommandHandler:
         reply: ReplyTo | None,
         authenticity: Authenticity,
         *,
+        received: Received | None,
         resent: bool = False,
     ) -> Request | None:
         """The accepted request, or None when a repeated request_id was answered instead."""
@@ -248,7 +304,17 @@ class CommandHandler:
                 raise Expired(expires_at=command.expires_at, now=now)
         request_id = command.request_id or f"auto-{uuid.uuid4().hex}"
         structlog.contextvars.bind_contextvars(request_id=request_id)
+        if received is not None:
+            received.authenticity = authenticity
+            received.request_id = request_id
+            if isinstance(command, Deploy) and isinstance(command.model, ModelByHash):
+                received.model_sha256 = command.model.sha256
         if self._coordinator.replay(request_id, topic.camera, reply, resent=resent):
+            if received is not None:
+                known = self._coordinator.requests.get(request_id, topic.camera)
+                last = None if known is None else known.last
+                state = None if last is None else last.state
+                await received.record("replayed", replayed_state=state)
             return None
         if command.expires_at is not None and now > command.expires_at:
             raise Expired(expires_at=command.expires_at, now=now)
@@ -260,6 +326,11 @@ class CommandHandler:
                 deployment = await self._deployment(command, request_id)
                 # refuse what cannot run before the camera is taken down for it
                 self._coordinator.check_runnable(topic.camera, topic.stream, deployment)
+            if received is not None:
+                # a model on its way is named by its sha256 (by hash, or a model_url)
+                received.model_sha256 = (
+                    deployment.model.sha256 if deployment is not None else command.model.sha256
+                )
         return Request(
             id=request_id,
             action=topic.action,
@@ -314,9 +385,36 @@ class CommandHandler:
         reply: ReplyTo | None,
         exc: AgentError,
         authenticity: Authenticity = UNSIGNED,
-    ) -> None:
+    ) -> Event:
         request_id = self._salvage(payload) or f"auto-{uuid.uuid4().hex}"
-        self._answer(topic, request_id, reply, exc, authenticity)
+        return self._answer(topic, request_id, reply, exc, authenticity)
+
+    async def _rejected(
+        self,
+        topic: CommandTopic,
+        payload: bytes,
+        reply: ReplyTo | None,
+        exc: AgentError,
+        authenticity: Authenticity,
+        *,
+        received: Received | None,
+    ) -> None:
+        """Answer `rejected`; audit it: one received line, final at once."""
+        event = self._reject(topic, payload, reply, exc, authenticity)
+        if received is None:
+            return
+        received.authenticity = authenticity
+        received.request_id = received.request_id or event.request_id
+        await received.record("rejected", error=event.error)
+
+    def _refused_late(
+        self, request: Request, reply: ReplyTo | None, received: Received | None
+    ) -> None:
+        """A submitted command no state write took in (the agent stopped): refused after all."""
+        topic = CommandTopic(camera=request.camera, stream=request.stream, action=request.action)
+        event = self._answer(topic, request.id, reply, ShuttingDown(), request.authenticity)
+        if received is not None:
+            received.outcome(event)
 
     def _answer(
         self,
@@ -324,14 +422,14 @@ class CommandHandler:
         request_id: str,
         reply: ReplyTo | None,
         exc: AgentError,
-        authenticity: Authenticity = UNSIGNED,
-    ) -> None:
+        authenticity: Authenticity | None = UNSIGNED,
+    ) -> Event:
         log.warning(
             "command rejected",
             code=exc.code,
             error=exc.message,
-            signed=authenticity.signed,
-            key_id=authenticity.key_id,
+            signed=authenticity is not None and authenticity.signed,
+            key_id=None if authenticity is None else authenticity.key_id,
         )
         event = Event(
             request_id=request_id,
@@ -343,6 +441,7 @@ class CommandHandler:
             error=error_info(exc),
         )
         self._reporter.event(event, [reply] if reply else [])
+        return event
 
     def _salvage(self, payload: bytes) -> str | None:
         """The request_id to echo in a rejection; never raises, whatever the payload holds."""
@@ -368,6 +467,9 @@ class CommandHandler:
         payload = message.payload
         to = _GroupReply(topic, self._salvage(payload) or f"auto-{uuid.uuid4().hex}")
         structlog.contextvars.bind_contextvars(group=topic.group, request_id=to.request_id)
+        to.received = self._received(message, topic.action, "", None)
+        if to.received is not None:  # the exact bytes received (in a thread when large)
+            await to.received.hash(message.payload)
         try:
             reply = _reply_to(message, self._topics)
             to.replies = [reply] if reply else []
@@ -389,8 +491,24 @@ class CommandHandler:
         finally:
             structlog.contextvars.unbind_contextvars("group", "request_id")
         if submitted:
+            self._audit_group(to, "submitted")
             return partial(self._refuse_members, to, submitted)
-        return _nothing if replayed else None  # a replay: a camera's record answers it
+        if replayed:
+            self._audit_group(to, "replayed")
+            return _nothing  # a replay: a camera's record answers it
+        self._audit_group(to, "rejected", to.member_error)  # every selected camera refused
+        return None
+
+    def _audit_group(self, to: _GroupReply, state: str, error: ErrorInfo | None = None) -> None:
+        """The group command's one `received` line, recorded once."""
+        received = to.received
+        if received is None or to.audited:
+            return
+        to.audited = True
+        received.authenticity = to.authenticity
+        received.request_id = to.request_id
+        received.stream = to.stream or None
+        received.record_now(state, error=error)
 
     async def _authenticate_group(self, topic: str, signature: Signature | None) -> Authenticity:
         """The signature of a group command, as `_authenticate` (the cameras come later)."""
@@ -480,11 +598,13 @@ class CommandHandler:
 
     def _refuse_members(self, to: _GroupReply, requests: list[Request]) -> None:
         for request in requests:
-            self._say_group(to, request.camera, "rejected", ShuttingDown())
+            event = self._say_group(to, request.camera, "rejected", ShuttingDown())
+            if to.received is not None:
+                to.received.outcome(event)
 
     def _say_group(
         self, to: _GroupReply, camera: str, state: RequestState, exc: AgentError | None = None
-    ) -> None:
+    ) -> Event:
         if exc is not None:
             log.warning(
                 "group command rejected",
@@ -505,12 +625,19 @@ class CommandHandler:
             group=to.topic.group,
         )
         self._reporter.event(event, to.replies)
+        if not camera:  # an answer of the command as a whole: `rejected` or `skipped`
+            self._audit_group(to, state, event.error)
+        elif event.error is not None:
+            to.member_error = event.error
+        return event
 
-    def _fault(self, topic: SimulatorTopic, message: Inbound) -> None:
+    def _fault(self, topic: SimulatorTopic, message: Inbound, received: Received | None) -> None:
         if self._simulator is None:
             return
         if message.retain:
             log.warning("retained simulator command ignored", camera=clip(topic.camera))
+            if received is not None:
+                received.record_now("ignored", error=error_info(RetainedCommand()))
             return
         try:  # the same rule as for commands: see the README, "Signed commands"
             signature = find_signature(message.payload, message.user_properties)
@@ -523,10 +650,16 @@ class CommandHandler:
                 code=exc.code,
                 error=exc.message,
             )
+            if received is not None:
+                received.record_now("ignored", error=error_info(exc))
             return
+        if received is not None:
+            received.authenticity = authenticity
         camera = self._simulator.cameras.get(topic.camera)
         if camera is None:
             log.warning("simulator command for unknown camera", camera=clip(topic.camera))
+            if received is not None:
+                received.record_now("ignored", error=error_info(UnknownCamera(camera=topic.camera)))
             return
         log.info(
             "simulator fault",
@@ -535,6 +668,8 @@ class CommandHandler:
             signed=authenticity.signed,
             key_id=authenticity.key_id,
         )
+        if received is not None:
+            received.record_now("executed")
         match topic.fault:
             case "objects":
                 # the schedule itself: inside the envelope when it came in one

@@ -141,6 +141,8 @@ class SecurityKey(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 
 
 class SecuritySection(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """`[security]`: signed commands and the audit log."""
+
     # unsigned commands (and simulator knobs) are rejected `unauthorized`
     require_signed: bool = False
     # a signed command's expires_at may be at most this many seconds ahead
@@ -148,6 +150,10 @@ class SecuritySection(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     # signed request ids kept against replays until their expires_at; beyond, refused
     max_signed_requests: Annotated[int, Meta(ge=1, le=1_000_000)] = 4096
     keys: tuple[SecurityKey, ...] = ()
+    # append every command received and every request's outcome to {state_dir}/audit/
+    audit: bool = True
+    # the audit file is rotated when a line would take it past this; 5 rotated files kept
+    audit_max_bytes: Annotated[int, Meta(ge=1024)] = 10 * 1024 * 1024
 
     def trusted_keys(self) -> dict[str, TrustedKey]:
         """The keys by id, parsed (the config was checked by `load_config`)."""

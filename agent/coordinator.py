@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Final
 import anyio
 import structlog
 
+from agent.audit import outcome_line
 from agent.cameras import preflight
 from agent.errors import (
     AgentError,
@@ -38,6 +39,7 @@ if TYPE_CHECKING:
 
     from anyio.abc import TaskGroup, TaskStatus
 
+    from agent.audit import AuditLog
     from agent.cameras.base import Camera, Deployment
     from agent.messages import Event, ReplyTo
     from agent.models import ModelStore
@@ -65,12 +67,14 @@ class Coordinator:
         *,
         state: StateFile,
         store: ModelStore,
+        audit: AuditLog | None = None,
         group_writes: bool = True,
         output: OutputOptions | None = None,
         max_signed_requests: int = 4096,
     ) -> None:
         self._reporter = reporter
         self._output = output if output is not None else OutputOptions()
+        self._audit = audit
         self._topics = topics
         self._state = state
         self._store = store
@@ -132,6 +136,7 @@ class Coordinator:
             replies=list(stored.replies),
             phase=Phase.DONE,
             keep_until=keep_until,
+            authenticity=None,  # not kept in the state file: unknown to the audit log
         )
         error = Interrupted(
             "the agent stopped before this request finished; the camera "
@@ -429,6 +434,7 @@ class Coordinator:
             self._fetch(worker)
         for event, request in (*earlier, *accepted):
             self._reporter.event(event, request.replies)
+            self._audit_outcome(event, request)
         _call(told)
         if self._write_failing:
             log.info("state write recovered", path=str(self._state.path))
@@ -507,7 +513,22 @@ class Coordinator:
         error = error_info(StateWriteFailed(f"{reason}; nothing was changed, send it again"))
         for request in refused:
             self.requests.discard(request)
-            self._reporter.event(request.event("rejected", error=error), request.replies)
+            event = request.event("rejected", error=error)
+            self._reporter.event(event, request.replies)
+            self._audit_outcome(event, request)
+
+    def _audit_outcome(self, event: Event, request: Request) -> None:
+        """A request's terminal event is published: its `outcome` line in the audit log."""
+        if self._audit is None or not event.terminal:
+            return
+        deployment = request.deployment
+        line = outcome_line(
+            event,
+            topic=self._topics.command(request.camera, request.stream, request.action),
+            authenticity=request.authenticity,
+            model_sha256=None if deployment is None else deployment.model.sha256,
+        )
+        self._audit.record(line)
 
     async def _final_write(self) -> None:
         """At shutdown: record what was staged or held as unfinished (`interrupted` later)."""

@@ -8,6 +8,7 @@ import msgspec
 
 __all__ = [
     "AgentError",
+    "AuditWriteFailed",
     "BadSignature",
     "CameraOffline",
     "ChecksumMismatch",
@@ -287,6 +288,12 @@ class ModelWriteFailed(AgentError):
     """A model could not be written to the model store."""
 
     code = "model_write_failed"
+
+
+class AuditWriteFailed(AgentError):
+    """The audit log cannot be written: commands are still handled, their lines are lost."""
+
+    code = "audit_write_failed"
 
 
 class SessionTakenOver(AgentError):

@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +21,7 @@ import msgspec
 import structlog
 
 from agent.errors import ChecksumMismatch, InvalidModel, ModelNotFound, StateWriteFailed
-from agent.state import make_private_folder
+from agent.state import make_private_folder, private_temp_file
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -122,8 +121,7 @@ def _sha256(data: bytes) -> str:
 
 def _write_parsed(folder: Path, data: bytes) -> tuple[Path, BlobInfo]:
     """Write `data` to a temp file in `folder`, fsynced, and parse it; the temp file's path."""
-    folder.mkdir(mode=0o700, parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=folder, prefix=_TMP_PREFIX, suffix=_TMP_SUFFIX)
+    fd, tmp_name = private_temp_file(folder, prefix=_TMP_PREFIX, suffix=_TMP_SUFFIX)
     tmp = Path(tmp_name)
     try:
         with os.fdopen(fd, "wb") as f:

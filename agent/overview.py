@@ -31,7 +31,9 @@ COLUMNS: Final = (
     "TEMP",
     "LAST ERROR",
 )
-_CONTROL: Final = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+# control characters, the Unicode line and paragraph separators (a line break to many
+# viewers) and the bidirectional overrides (they reorder what a terminal shows)
+_CONTROL: Final = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
 _MAX_CELL: Final = 48
 
 

@@ -79,8 +79,8 @@ class Request:
         """A deploy accepted before its model was there, whose model is there now."""
         return self.acquire is not None and self.deployment is not None
 
-    # who sent it (for the audit log)
-    authenticity: Authenticity = UNSIGNED
+    # who sent it (for the audit log); None: not known (answered after a restart)
+    authenticity: Authenticity | None = UNSIGNED
     # signed: its expires_at; its record is kept against replays at least until then
     keep_until: float | None = None
     # sent to a group (`{prefix}/groups/{group}/...`): its events name the group too

@@ -38,23 +38,48 @@ __all__ = [
     "StoredDeployment",
     "StoredRequest",
     "make_private_folder",
+    "private_temp_file",
 ]
 
 log = structlog.get_logger(__name__)
 
 FORMAT_VERSION: Final = 1
 _PRIVATE: Final = 0o700
+_PRIVATE_FILE: Final = 0o600
 _TMP_PREFIX: Final = ".state-"
 _TMP_SUFFIX: Final = ".tmp"
 
 
 def make_private_folder(folder: Path) -> None:
-    """Create `folder` (and parents) as 0700; tighten it when others may read it (logged)."""
-    folder.mkdir(mode=_PRIVATE, parents=True, exist_ok=True)
+    """Create `folder` (and parents) as 0700 whatever the umask; tighten an existing one
+    when others may read it (logged)."""
+    try:
+        folder.mkdir(mode=_PRIVATE, parents=True)
+    except FileExistsError:
+        if not folder.is_dir():
+            raise
+    else:
+        folder.chmod(_PRIVATE)  # mkdir's mode passes through the umask
+        return
     mode = stat.S_IMODE(folder.stat().st_mode)
     if mode & 0o077:
         folder.chmod(mode & _PRIVATE)
         log.warning("folder was open to others; now 0700", path=str(folder), was=oct(mode))
+
+
+def private_temp_file(folder: Path, *, prefix: str, suffix: str) -> tuple[int, str]:
+    """`tempfile.mkstemp` in `folder` (made private when missing), the file 0600 whatever
+    the umask; its descriptor and name."""
+    if not folder.is_dir():
+        make_private_folder(folder)
+    fd, name = tempfile.mkstemp(dir=folder, prefix=prefix, suffix=suffix)
+    try:
+        os.fchmod(fd, _PRIVATE_FILE)  # mkstemp asks for 0600, and the umask may take bits off
+    except BaseException:
+        os.close(fd)
+        os.unlink(name)
+        raise
+    return fd, name
 
 
 class StoredDeployment(msgspec.Struct, frozen=True):
@@ -227,8 +252,7 @@ class StateFile:
 
     def _write(self, payload: bytes) -> None:
         folder = self.path.parent
-        folder.mkdir(mode=_PRIVATE, parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=folder, prefix=_TMP_PREFIX, suffix=_TMP_SUFFIX)
+        fd, tmp = private_temp_file(folder, prefix=_TMP_PREFIX, suffix=_TMP_SUFFIX)
         try:
             with os.fdopen(fd, "wb") as f:
                 f.write(payload)

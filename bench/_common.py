@@ -422,10 +422,12 @@ class Site:
         boot_seconds: float = 0.2,
         objects: int | None = None,
         mqtt: Sequence[str] = (),
+        extra: Sequence[str] = (),
     ) -> tuple[Path, Topics]:
         """A TOML config for a new agent in a new folder; its path and the agent's topics.
 
-        `mqtt`: more lines for the `[mqtt]` section (`receive_maximum = 8`)."""
+        `mqtt`: more lines for the `[mqtt]` section (`receive_maximum = 8`); `extra`: lines
+        added at the end (`[security]`)."""
         agent_id = f"bench-{uuid.uuid4().hex[:8]}"
         folder = self.root / agent_id
         folder.mkdir()
@@ -456,6 +458,7 @@ class Site:
             ]
             if objects is not None:
                 lines.append(f"objects = {objects}")
+        lines += ["", *extra]
         path = folder / "agent.toml"
         path.write_text("\n".join(lines) + "\n")
         load_config(path)  # fail here, with the reason, rather than in the subprocess

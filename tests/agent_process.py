@@ -102,8 +102,9 @@ class AgentProcess:
 
 
 @contextlib.contextmanager
-def agent_process(config: Path, log: Path) -> Iterator[AgentProcess]:
-    """Start `oak-agent run`; on exit stop it by PID (SIGTERM, then SIGKILL)."""
+def agent_process(config: Path, log: Path, *, umask: int = -1) -> Iterator[AgentProcess]:
+    """Start `oak-agent run` (with `umask` when given); on exit stop it by PID (SIGTERM,
+    then SIGKILL)."""
     with log.open("ab") as sink:
         process = subprocess.Popen(
             [
@@ -118,6 +119,7 @@ def agent_process(config: Path, log: Path) -> Iterator[AgentProcess]:
             ],
             stdout=subprocess.DEVNULL,
             stderr=sink,
+            umask=umask,
         )
     try:
         yield AgentProcess(process, log)

@@ -127,13 +127,18 @@ class Observer:
     topics: Topics
     messages: list[Seen] = field(default_factory=list)
     _changed: anyio.Event = field(default_factory=anyio.Event)
+    # the same messages by topic, and events decoded once each: `wait_for` re-asks its
+    # question at every message, so a query must not cost a pass over everything seen
+    _by_topic: dict[str, list[Seen]] = field(default_factory=dict)
+    _events: list[Event] = field(default_factory=list)
+    _events_by_id: dict[str, list[Event]] = field(default_factory=dict)
 
     async def _record(self) -> None:
         async for message in self.client.messages:
             payload = message.payload if isinstance(message.payload, bytes) else b""
-            self.messages.append(
-                Seen(message.topic.value, payload, message.retain, message.properties)
-            )
+            seen = Seen(message.topic.value, payload, message.retain, message.properties)
+            self.messages.append(seen)
+            self._by_topic.setdefault(seen.topic, []).append(seen)
             self._changed.set()
             self._changed = anyio.Event()
 
@@ -152,7 +157,7 @@ class Observer:
     # --- queries -------------------------------------------------------------------------
 
     def on(self, topic: str) -> list[Seen]:
-        return [m for m in self.messages if m.topic == topic]
+        return list(self._by_topic.get(topic, ()))
 
     def latest(self, topic: str) -> bytes | None:
         found = self.on(topic)
@@ -163,8 +168,14 @@ class Observer:
         return None if payload is None else msgspec.json.decode(payload)
 
     def events(self, request_id: str | None = None) -> list[Event]:
-        decoded = [_event_decoder.decode(m.payload) for m in self.on(self.topics.events)]
-        return [e for e in decoded if request_id is None or e.request_id == request_id]
+        seen = self._by_topic.get(self.topics.events, [])
+        for message in seen[len(self._events) :]:
+            event = _event_decoder.decode(message.payload)
+            self._events.append(event)
+            self._events_by_id.setdefault(event.request_id, []).append(event)
+        if request_id is None:
+            return list(self._events)
+        return list(self._events_by_id.get(request_id, ()))
 
     def states(self, request_id: str) -> list[str]:
         return [e.state for e in self.events(request_id)]

@@ -487,6 +487,7 @@ def test_every_option_has_help() -> None:
         "upload",
         "models",
         "keygen",
+        "audit",
         "fleet",
     }
     fleet = subparsers.choices["fleet"]
@@ -497,7 +498,7 @@ def test_every_option_has_help() -> None:
         *subparsers.choices.items(),
         *((f"fleet {name}", sub) for name, sub in actions.choices.items()),
     ]
-    with_exit_codes = ("deploy", "delete", "watch", "status", "upload", "models", "fleet")
+    with_exit_codes = ("deploy", "delete", "watch", "status", "upload", "models", "audit", "fleet")
     for name, sub in parsers:
         if name in with_exit_codes or name.startswith("fleet "):
             assert "exit codes:" in sub.format_help()

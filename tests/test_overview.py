@@ -149,3 +149,8 @@ def test_any_retained_payload_gives_a_table_without_control_characters(
     assert json.loads(overview.to_json(table)) == [dict(zip(
         ("agent", "camera", "state", "stream", "nn", "model", "objects", "present",
          "temperature", "last_error"), row.cells(), strict=True)) for row in table]  # fmt: skip
+
+
+def test_separators_and_bidi_overrides_are_cleaned_from_cells() -> None:
+    # hypothesis found U+2028 in a camera name: str.splitlines() (and many viewers) break there
+    assert overview._clean("front\u2028door\u202e\u2066x") == "front?door??x"

@@ -25,7 +25,9 @@ async def test_storm_of_deploys_coalesces(
     broker: Broker, tmp_path: Path, own_blobs: dict[str, Path]
 ) -> None:
     blob = own_blobs["yolo_tiny"].read_bytes()
-    cameras = (camera_spec(CAM1, boot_seconds=1.0),)
+    # the whole storm must arrive within one boot (under a busy CPU, 20 stored models took
+    # more than 1 s and a third restart began): what is asserted is the coalescing
+    cameras = (camera_spec(CAM1, boot_seconds=3.0),)
     async with agent_and_observer(broker, make_config(broker, tmp_path, cameras=cameras)) as (
         app,
         obs,

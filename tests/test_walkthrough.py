@@ -106,14 +106,14 @@ def _connected(log: Path) -> dict[str, object] | None:
 
 def test_the_secure_broker_walkthrough_as_written(tmp_path: Path) -> None:
     blocks = _blocks()
-    assert len(blocks) == 6, "the test follows the walkthrough's six blocks"
+    assert len(blocks) == 7, "the test follows the walkthrough's seven blocks"
     agents, operators = free_port(), free_port()
     blocks = [b.replace("8883", str(agents)).replace("8884", str(operators)) for b in blocks]
     site = tmp_path / "repo"
     site.mkdir()
     for name in (".venv", "tests"):
         (site / name).symlink_to(ROOT / name)
-    certificates, broker_files, configs, broker, agent, deploys = blocks
+    certificates, broker_files, configs, broker, agent, deploys, audit = blocks
 
     for block in (certificates, broker_files, configs):
         done = _run(block, site)
@@ -139,3 +139,13 @@ def test_the_secure_broker_walkthrough_as_written(tmp_path: Path) -> None:
     assert done.returncode == 1, done  # the unsigned deploy's exit code
     assert "rejected (unauthorized)" in done.stderr
     assert "Traceback" not in done.stderr
+    shown = _run(audit, site)  # the agent has stopped: its log is complete
+    assert shown.returncode == 0, shown
+    rows = [re.split(r"\s{2,}", line.strip()) for line in shown.stdout.splitlines()]
+    assert rows[0][:3] == ["time (UTC)", "kind", "state"]
+    # kind, state, error, action, camera, stream, request_id, signed
+    assert [r[1:4] + r[8:9] for r in rows[1:]] == [
+        ["received", "submitted", "-", "yes: operator"],
+        ["outcome", "succeeded", "-", "yes: operator"],
+        ["received", "rejected", "unauthorized", "no"],
+    ], shown.stdout
