@@ -180,7 +180,7 @@ async def test_group_deploy_by_url_downloads_once_for_every_camera(
             await obs.send(topic, msgspec.json.encode(command))
 
             def finals() -> dict[str, str] | None:
-                found = {e.camera: e.state for e in obs.events("g1") if e.terminal}
+                found: dict[str, str] = {e.camera: e.state for e in obs.events("g1") if e.terminal}
                 return found if set(found) >= {CAM1, CAM2} else None
 
             assert await obs.wait_for(finals, what="g1 answered for both cameras") == {
