@@ -552,6 +552,10 @@ class CommandHandler:
             acquire = self._acquire(command, to.request_id)
             if acquire is None:
                 deployment = await self._deployment(command, to.request_id)
+            if to.received is not None:  # as for one camera (see `_validate`)
+                to.received.model_sha256 = (
+                    deployment.model.sha256 if deployment is not None else command.model.sha256
+                )
         submitted = []
         for camera in fresh:
             request = await self._member(to, camera, deployment, acquire)

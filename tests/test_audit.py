@@ -577,6 +577,7 @@ async def test_a_group_command_is_one_received_line_and_an_outcome_per_camera(
     received = next(x for x in lines if x["request_id"] == "g-all" and x["kind"] == "received")
     assert (received["topic"], received["camera"], received["state"]) == (topic, "", "submitted")
     assert received["stream"] == "CAM_A"
+    assert received["model_sha256"] == _sha(blob)
     assert received["payload_sha256"] == _sha(msgspec.msgpack.encode(every))
     outcomes = {
         x["camera"]: x["state"]
