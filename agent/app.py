@@ -128,6 +128,7 @@ def _info(config: Config, backend: CameraBackend, started_at: float, link: LinkC
         ),
         started_at=started_at,
         link=link,
+        groups=config.agent.groups,
     )
 
 
@@ -197,9 +198,11 @@ def _router(
 
 
 def _subscriptions(config: Config, topics: Topics, *, simulated: bool) -> tuple[str, ...]:
-    """Commands, uploads and stats requests; the simulator's knobs and HA's birth when used."""
+    """Commands (the agent's and its groups'), uploads and stats requests; the simulator's
+    knobs and HA's birth when used."""
     subscriptions: tuple[str, ...] = (
         *topics.command_filters,
+        *topics.group_command_filters,
         *topics.upload_filters,
         topics.stats_request,
     )
@@ -307,7 +310,7 @@ async def serve(
     `concurrent_commands=False` (one command at a time, whatever its camera) only to
     benchmark the old ways.
     """
-    topics = Topics.for_agent(config.mqtt.prefix, config.agent.id)
+    topics = Topics.for_agent(config.mqtt.prefix, config.agent.id, config.agent.groups)
     backend = _backend(config)
     simulator = backend if isinstance(backend, SimulatorBackend) else None
     mqtt = config.mqtt

@@ -3,6 +3,7 @@
 oak-agent run --config PATH        the daemon
 oak-agent deploy|delete|watch|status ...  a small MQTT client for the agent (client.py)
 oak-agent keygen --out DIR         a key pair for signing commands (client.py, keyfiles.py)
+oak-agent fleet deploy|delete|status|abort ...  staged rollouts across agents (fleet/)
 oak-agent audit --config PATH      the audit log as a table (auditview.py)
 """
 
@@ -82,6 +83,7 @@ async def _run_until_signalled(config_path: Path) -> None:
 def build_parser() -> argparse.ArgumentParser:
     """The `oak-agent` argument parser with every subcommand."""
     from agent.client import add_client_commands  # noqa: PLC0415
+    from agent.fleet.cli import add_fleet_commands  # noqa: PLC0415
 
     parser = argparse.ArgumentParser(
         prog="oak-agent",
@@ -112,6 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--config", type=Path, required=True, help="the agent's TOML config file")
     add_client_commands(sub)
+    add_fleet_commands(sub)
     from agent.auditview import add_audit_command  # noqa: PLC0415
 
     add_audit_command(sub)
@@ -128,6 +131,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "run":
             anyio.run(_run_until_signalled, args.config)
             return EXIT_OK
+        if args.command == "fleet":
+            from agent.fleet.cli import run_fleet_command  # noqa: PLC0415
+
+            return run_fleet_command(args)
         if args.command == "audit":
             from agent.auditview import run_audit_command  # noqa: PLC0415
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import time
 import uuid
+from dataclasses import dataclass, field
 from functools import partial
 from typing import TYPE_CHECKING, Final
 
@@ -29,6 +30,8 @@ from agent.errors import (
     echo,
     error_info,
 )
+from agent.groups import select
+from agent.intake import ALL_LANES
 from agent.messages import (
     DeleteCommand,
     Deploy,
@@ -40,12 +43,14 @@ from agent.messages import (
     ReplyTo,
     decode_delete,
     decode_deploy,
+    decode_group_delete,
+    decode_group_deploy,
     decode_objects,
     salvage_request_id,
 )
 from agent.requests import Request
 from agent.signing import UNSIGNED, Authenticity, Policy, Signature, find_signature
-from agent.topics import CommandTopic, SimulatorTopic, StatsRequest
+from agent.topics import CommandTopic, GroupCommandTopic, SimulatorTopic, StatsRequest
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -53,12 +58,14 @@ if TYPE_CHECKING:
     from agent.audit import AuditLog, Received
     from agent.cameras.simulator import SimulatorBackend
     from agent.coordinator import Coordinator
+    from agent.errors import ErrorInfo
     from agent.inbox import Inbound
     from agent.models import ModelStore, StoredModel
     from agent.reporter import Reporter
     from agent.requests import Acquire
     from agent.topics import Topics
     from agent.transfers import Transfers
+    from agent.vocab import RequestState
 
 __all__ = ["CommandHandler"]
 
@@ -87,6 +94,23 @@ def _reply_to(message: Inbound, topics: Topics) -> ReplyTo | None:
             "replies go outside the agents' topics"
         )
     return ReplyTo(topic=topic, correlation_data=message.correlation_data)
+
+
+@dataclass(slots=True)
+class _GroupReply:
+    """What every answer to one group command carries."""
+
+    topic: GroupCommandTopic
+    request_id: str
+    stream: str = ""  # known once the target is decoded
+    replies: list[ReplyTo] = field(default_factory=list)
+    authenticity: Authenticity = UNSIGNED
+    keep_until: float | None = None  # signed: its expires_at
+    # its one `received` line in the audit log (camera ""); each camera's request adds its
+    # `outcome` line like any request
+    received: Received | None = None
+    audited: bool = False  # the received line is recorded
+    member_error: ErrorInfo | None = None  # the last camera's refusal
 
 
 class CommandHandler:
@@ -120,10 +144,13 @@ class CommandHandler:
         self._stats_requested = stats_requested
 
     def lane(self, message: Inbound) -> str:
-        """A camera's commands (and simulator knobs) go in one lane: the camera's id."""
+        """A camera's commands (and simulator knobs) go in one lane: the camera's id; a group
+        command may span every camera, so it goes after all before it and before all after."""
         parsed = self._topics.parse(message.topic)
         if isinstance(parsed, CommandTopic | SimulatorTopic):
             return parsed.camera
+        if isinstance(parsed, GroupCommandTopic):
+            return ALL_LANES
         return ""  # ignored by `handle`
 
     async def handle(self, message: Inbound) -> Callable[[], None] | None:
@@ -133,6 +160,8 @@ class CommandHandler:
         parsed = self._topics.parse(message.topic)
         if isinstance(parsed, CommandTopic):
             return await self._command(parsed, message)
+        if isinstance(parsed, GroupCommandTopic):
+            return await self._group(parsed, message)
         if isinstance(parsed, SimulatorTopic):
             received = self._received(message, parsed.fault, parsed.camera, None)
             if received is not None:
@@ -145,7 +174,7 @@ class CommandHandler:
     def refuse(self, message: Inbound) -> None:
         """Answer a command received too late to be handled: the agent is stopping."""
         topic = self._topics.parse(message.topic)
-        if not isinstance(topic, CommandTopic):
+        if not isinstance(topic, CommandTopic | GroupCommandTopic):
             return
         try:
             reply = _reply_to(message, self._topics)
@@ -158,6 +187,14 @@ class CommandHandler:
             signature = None
         if signature is not None:
             payload = signature.payload
+        if isinstance(topic, GroupCommandTopic):
+            request_id = self._salvage(payload) or f"auto-{uuid.uuid4().hex}"
+            to = _GroupReply(topic, request_id, replies=[reply] if reply else [])
+            to.received = self._received(message, topic.action, "", None)
+            if to.received is not None:
+                to.received.hash_now(message.payload)
+            self._say_group(to, "", "rejected", ShuttingDown())
+            return
         event = self._reject(topic, payload, reply, ShuttingDown())
         received = self._received(message, topic.action, topic.camera, topic.stream)
         if received is not None:
@@ -272,9 +309,9 @@ class CommandHandler:
             received.request_id = request_id
             if isinstance(command, Deploy) and isinstance(command.model, ModelByHash):
                 received.model_sha256 = command.model.sha256
-        if self._coordinator.replay(request_id, reply, resent=resent):
+        if self._coordinator.replay(request_id, topic.camera, reply, resent=resent):
             if received is not None:
-                known = self._coordinator.requests.get(request_id)
+                known = self._coordinator.requests.get(request_id, topic.camera)
                 last = None if known is None else known.last
                 state = None if last is None else last.state
                 await received.record("replayed", replayed_state=state)
@@ -316,19 +353,16 @@ class CommandHandler:
         async def acquire(progress: Callable[[int, int | None], None]) -> Deployment:
             stored = await transfers.model(model, progress, name=command.model_name)
             progress(stored.size, stored.size)  # all of it (said once, if not said yet)
-            return Deployment(
-                model=stored,
-                nn_config=command.nn_config,
-                labels=command.labels,
-                model_name=command.model_name,
-                request_id=request_id,
-            )
+            return self._deployment_of(command, request_id, stored)
 
         return acquire
 
     async def _deployment(self, command: Deploy, request_id: str) -> Deployment:
+        return self._deployment_of(command, request_id, await self._model(command.model))
+
+    def _deployment_of(self, command: Deploy, request_id: str, model: StoredModel) -> Deployment:
         return Deployment(
-            model=await self._model(command.model),
+            model=model,
             nn_config=command.nn_config,
             labels=command.labels,
             model_name=command.model_name,
@@ -423,6 +457,183 @@ class CommandHandler:
             return
         if self._stats_requested is not None:
             self._stats_requested()
+
+    # --- group commands: `{prefix}/groups/{group}/nn/{action}` ------------------------------
+
+    async def _group(self, topic: GroupCommandTopic, message: Inbound) -> Callable[[], None] | None:
+        """A group command: one request per camera its target selects here, all under its
+        request_id; `skipped` when it selects none. A problem of the command as a whole is
+        one `rejected` with no camera."""
+        payload = message.payload
+        to = _GroupReply(topic, self._salvage(payload) or f"auto-{uuid.uuid4().hex}")
+        structlog.contextvars.bind_contextvars(group=topic.group, request_id=to.request_id)
+        to.received = self._received(message, topic.action, "", None)
+        if to.received is not None:  # the exact bytes received (in a thread when large)
+            await to.received.hash(message.payload)
+        try:
+            reply = _reply_to(message, self._topics)
+            to.replies = [reply] if reply else []
+            self._admit(message)
+            signature = find_signature(payload, message.user_properties)
+            if signature is not None:  # an envelope's request_id is inside it
+                payload = signature.payload
+                to.request_id = self._salvage(payload) or to.request_id
+                structlog.contextvars.bind_contextvars(request_id=to.request_id)
+            to.authenticity = await self._authenticate_group(message.topic, signature)
+            submitted, replayed = await self._group_requests(to, payload, message.resent)
+        except AgentError as exc:
+            self._say_group(to, "", "rejected", exc)
+            return None
+        except Exception as exc:
+            log.exception("group command failed unexpectedly")
+            self._say_group(to, "", "rejected", Internal(f"{type(exc).__name__}: {exc}"))
+            return None
+        finally:
+            structlog.contextvars.unbind_contextvars("group", "request_id")
+        if submitted:
+            self._audit_group(to, "submitted")
+            return partial(self._refuse_members, to, submitted)
+        if replayed:
+            self._audit_group(to, "replayed")
+            return _nothing  # a replay: a camera's record answers it
+        self._audit_group(to, "rejected", to.member_error)  # every selected camera refused
+        return None
+
+    def _audit_group(self, to: _GroupReply, state: str, error: ErrorInfo | None = None) -> None:
+        """The group command's one `received` line, recorded once."""
+        received = to.received
+        if received is None or to.audited:
+            return
+        to.audited = True
+        received.authenticity = to.authenticity
+        received.request_id = to.request_id
+        received.stream = to.stream or None
+        received.record_now(state, error=error)
+
+    async def _authenticate_group(self, topic: str, signature: Signature | None) -> Authenticity:
+        """The signature of a group command, as `_authenticate` (the cameras come later)."""
+        if signature is not None and len(signature.payload) > _VERIFY_INLINE_BYTES:
+            return await anyio.to_thread.run_sync(self._policy.check_group, topic, signature)
+        return self._policy.check_group(topic, signature)
+
+    async def _group_requests(
+        self, to: _GroupReply, payload: bytes, resent: bool
+    ) -> tuple[list[Request], bool]:
+        """The requests submitted, one per camera, and whether any camera replayed instead."""
+        command, target = (
+            decode_group_deploy(payload)
+            if to.topic.action == "deploy"
+            else decode_group_delete(payload)
+        )
+        to.stream = target.stream
+        cameras = select(target, (w.camera for w in self._coordinator.workers.values()))
+        if not cameras:
+            log.info("group command selects none of this agent's cameras")
+            self._say_group(to, "", "skipped")
+            return [], False
+        now = time.time()
+        if to.authenticity.signed:  # as for a command to one camera (see `_validate`)
+            self._policy.check_fresh(command.request_id, command.expires_at, now)
+            if command.expires_at is not None and now > command.expires_at:
+                raise Expired(expires_at=command.expires_at, now=now)
+            to.keep_until = command.expires_at
+        reply = to.replies[0] if to.replies else None
+        fresh = [
+            c
+            for c in cameras
+            if not self._coordinator.replay(to.request_id, c, reply, resent=resent)
+        ]
+        if not fresh:
+            return [], True
+        if command.expires_at is not None and now > command.expires_at:
+            raise Expired(expires_at=command.expires_at, now=now)
+        deployment = acquire = None
+        if isinstance(command, Deploy):  # the model is stored (or awaited) once for all
+            acquire = self._acquire(command, to.request_id)
+            if acquire is None:
+                deployment = await self._deployment(command, to.request_id)
+            if to.received is not None:  # as for one camera (see `_validate`)
+                to.received.model_sha256 = (
+                    deployment.model.sha256 if deployment is not None else command.model.sha256
+                )
+        submitted = []
+        for camera in fresh:
+            request = await self._member(to, camera, deployment, acquire)
+            if request is not None:
+                submitted.append(request)
+        return submitted, len(fresh) < len(cameras)
+
+    async def _member(
+        self,
+        to: _GroupReply,
+        camera: str,
+        deployment: Deployment | None,
+        acquire: Acquire | None = None,
+    ) -> Request | None:
+        """Submit the group command's request for one camera; None when it was rejected.
+        A deploy whose model is on its way (`acquire`) waits for it in each camera's slot:
+        the cameras share the one upload or download."""
+        try:
+            self._policy.check_camera(to.authenticity, camera)
+            self._coordinator.check_target(camera, to.stream)
+            if deployment is not None:
+                self._coordinator.check_runnable(camera, to.stream, deployment)
+            request = Request(
+                id=to.request_id,
+                action=to.topic.action,
+                camera=camera,
+                stream=to.stream,
+                deployment=deployment,
+                replies=list(to.replies),
+                acquire=acquire,
+                authenticity=to.authenticity,
+                keep_until=to.keep_until,
+                group=to.topic.group,
+            )
+            await self._coordinator.submit(request)
+        except AgentError as exc:
+            self._say_group(to, camera, "rejected", exc)
+        except Exception as exc:
+            log.exception("group command failed unexpectedly", camera=camera)
+            self._say_group(to, camera, "rejected", Internal(f"{type(exc).__name__}: {exc}"))
+        else:
+            return request
+        return None
+
+    def _refuse_members(self, to: _GroupReply, requests: list[Request]) -> None:
+        for request in requests:
+            event = self._say_group(to, request.camera, "rejected", ShuttingDown())
+            if to.received is not None:
+                to.received.outcome(event)
+
+    def _say_group(
+        self, to: _GroupReply, camera: str, state: RequestState, exc: AgentError | None = None
+    ) -> Event:
+        if exc is not None:
+            log.warning(
+                "group command rejected",
+                camera=camera,
+                code=exc.code,
+                error=exc.message,
+                signed=to.authenticity.signed,
+                key_id=to.authenticity.key_id,
+            )
+        event = Event(
+            request_id=to.request_id,
+            action=to.topic.action,
+            camera=camera,
+            stream=to.stream,
+            state=state,
+            ts=time.time(),
+            error=None if exc is None else error_info(exc),
+            group=to.topic.group,
+        )
+        self._reporter.event(event, to.replies)
+        if not camera:  # an answer of the command as a whole: `rejected` or `skipped`
+            self._audit_group(to, state, event.error)
+        elif event.error is not None:
+            to.member_error = event.error
+        return event
 
     def _fault(self, topic: SimulatorTopic, message: Inbound, received: Received | None) -> None:
         if self._simulator is None:

@@ -72,6 +72,8 @@ class AgentSection(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     event_queue_size: Annotated[int, Meta(ge=1)] = 10_000
     # detection messages waiting for the publisher; newer ones are dropped when full
     detection_queue_size: Annotated[int, Meta(ge=1)] = 1024
+    # groups this agent belongs to: it also takes commands on `{prefix}/groups/{group}/nn/...`
+    groups: Annotated[tuple[TopicLevel, ...], Meta(max_length=64)] = ()
     # seconds between the retained `{base}/stats` and `{base}/cameras/{mxid}/stats`
     stats_interval: Annotated[float, Meta(ge=1.0, le=86_400.0)] = 30.0
 
@@ -292,6 +294,8 @@ def _check(config: Config) -> None:
         raise ConfigError("mqtt: set password or password_file, not both")
     if mqtt.tls is not None and (mqtt.tls.cert_file is None) != (mqtt.tls.key_file is None):
         raise ConfigError("mqtt.tls: set both cert_file and key_file (mutual TLS), or neither")
+    if len(set(config.agent.groups)) != len(config.agent.groups):
+        raise ConfigError("agent.groups: a group is named twice")
     if config.metrics is not None:
         try:
             split_listen(config.metrics.listen)

@@ -121,6 +121,7 @@ class Coordinator:
                     recorded_before=True,
                     phase=Phase.DONE,
                     keep_until=document.signed_until.get(outcome.request_id),
+                    group=outcome.group,
                 )
             )
         for stored in document.in_flight:
@@ -243,13 +244,15 @@ class Coordinator:
             others=worker.running,
         )
 
-    def replay(self, request_id: str, reply: ReplyTo | None, *, resent: bool = False) -> bool:
-        """Answer a repeated request_id from the record; False when it is new.
+    def replay(
+        self, request_id: str, camera: str, reply: ReplyTo | None, *, resent: bool = False
+    ) -> bool:
+        """Answer a repeated request_id for `camera` from the record; False when it is new.
 
         `resent`: the transport's own second delivery of a command (MQTT DUP) whose answer
         this agent has already sent (or holds): answered once is enough.
         """
-        known = self.requests.get(request_id)
+        known = self.requests.get(request_id, camera)
         if known is None or known.last is None:
             return False
         if reply is not None and reply not in known.replies:
@@ -281,7 +284,7 @@ class Coordinator:
             raise ShuttingDown
         if not worker.camera.present:
             raise CameraOffline(camera=request.camera)
-        known = self.requests.get(request.id)
+        known = self.requests.get(request.id, request.camera)
         if known is not None and known.phase is Phase.STAGED:  # the same id, not yet written
             known.replies.extend(r for r in request.replies if r not in known.replies)
             return

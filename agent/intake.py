@@ -38,13 +38,17 @@ if TYPE_CHECKING:
 
     from agent.inbox import Inbound, Receipt
 
-__all__ = ["CONCURRENCY", "Boundary", "Intake", "Records"]
+__all__ = ["ALL_LANES", "CONCURRENCY", "Boundary", "Intake", "Records"]
 
 log = structlog.get_logger(__name__)
 
 CONCURRENCY: Final = 4
 """Lanes handled at once. Memory is bounded by the front end (MQTT: `receive_maximum`
 messages or `max_payload_bytes` held); this bounds the threads hashing and storing models."""
+
+ALL_LANES: Final = "/"
+"""The lane of a message that may concern every lane (a group command): it is handled after
+every message before it and before every message after it. No topic level is `/`."""
 
 _GRACE_SECONDS: Final = 5.0  # for the messages in hand when shutting down
 _CLOSING_SECONDS: Final = 3.0  # for the records' last write
@@ -85,7 +89,7 @@ class _Item:
     receipt: Receipt
     lane: str
     seq: int  # arrival order
-    after: anyio.Event | None  # set when the lane's previous message is done
+    after: tuple[anyio.Event, ...]  # set when the lane's previous message(s) are done
     done: anyio.Event = field(default_factory=anyio.Event)
     unrecorded: Callable[[], None] | None = None  # answers it if the records never take it
 
@@ -125,11 +129,16 @@ class Intake:
             receipt.release()
             return
         lane = self._boundary.lane(message) if self._lanes else ""
-        previous = self._last.get(lane)
         self._arrived_count += 1
-        after = None if previous is None else previous.done
-        item = _Item(message, receipt, lane, self._arrived_count, after)
-        self._last[lane] = item
+        if lane == ALL_LANES:  # after every lane's latest, and every lane's latest itself
+            after = tuple(item.done for item in self._last.values())
+            item = _Item(message, receipt, lane, self._arrived_count, after)
+            self._last = {ALL_LANES: item}
+        else:
+            previous = self._last.get(lane) or self._last.get(ALL_LANES)
+            after = () if previous is None else (previous.done,)
+            item = _Item(message, receipt, lane, self._arrived_count, after)
+            self._last[lane] = item
         self._waiting[item] = None
         self._arrivals.append(item)
         self._arrived.set()
@@ -169,8 +178,8 @@ class Intake:
 
     async def _take(self, item: _Item) -> None:
         try:
-            if item.after is not None:
-                await item.after.wait()
+            for event in item.after:
+                await event.wait()
             async with self._limiter:
                 if self._stopping:
                     return  # not handled: the shutdown refuses it

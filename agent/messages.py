@@ -15,6 +15,7 @@ from msgspec import Meta
 
 from agent.errors import AgentError, ErrorInfo, InvalidPayload, clip
 from agent.limits import json_problem, msgpack_problem, payload_format, utf8_problem
+from agent.topics import STREAM_RE
 from agent.vocab import (
     TERMINAL_STATES,
     Action,
@@ -44,6 +45,7 @@ __all__ = [
     "ErrorInfo",
     "Event",
     "GenericConfig",
+    "GroupTarget",
     "Info",
     "InfoCamera",
     "Layer",
@@ -75,6 +77,8 @@ __all__ = [
     "YoloOptions",
     "decode_delete",
     "decode_deploy",
+    "decode_group_delete",
+    "decode_group_deploy",
     "decode_manifest",
     "decode_objects",
     "encode_json",
@@ -99,6 +103,9 @@ Label = Annotated[str, Meta(max_length=256)]
 RequestId = Annotated[str, Meta(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9._:-]+$")]
 Sha256Hex = Annotated[str, Meta(pattern=r"^[0-9a-fA-F]{64}$")]
 Threads = Annotated[int, Meta(ge=0, le=2, description="0 lets the device choose")]
+CameraRef = Annotated[str, Meta(min_length=1, max_length=256, description="`*`, mxid or name")]
+Stream = Annotated[str, Meta(pattern=f"^(?:{STREAM_RE.pattern})$")]
+MAX_TARGET_CAMERAS: Final = 1000
 
 
 # --- NNConfig: the REST API's config, one Struct per `type` ------------------------------
@@ -208,6 +215,26 @@ class DeleteCommand(msgspec.Struct, frozen=True):
     expires_at: UnixSeconds | None = None
 
 
+class GroupTarget(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """Which cameras of each agent in the group a group command is for, and which stream."""
+
+    # ["*"] for every camera that has `stream`, or mxids and camera names
+    cameras: Annotated[tuple[CameraRef, ...], Meta(min_length=1, max_length=MAX_TARGET_CAMERAS)]
+    stream: Stream
+
+    @property
+    def everything(self) -> bool:
+        return self.cameras == ("*",)
+
+
+class GroupDeployCommand(DeployCommand, frozen=True, kw_only=True):
+    target: GroupTarget
+
+
+class GroupDeleteCommand(DeleteCommand, frozen=True, kw_only=True):
+    target: GroupTarget
+
+
 class _RequestIdOnly(msgspec.Struct, frozen=True):
     request_id: Annotated[str, Meta(min_length=1, max_length=128)] | None = None
 
@@ -250,6 +277,10 @@ _json_deploy: Final = msgspec.json.Decoder(DeployCommand)
 _msgpack_deploy: Final = msgspec.msgpack.Decoder(DeployCommand)
 _json_delete: Final = msgspec.json.Decoder(DeleteCommand)
 _msgpack_delete: Final = msgspec.msgpack.Decoder(DeleteCommand)
+_json_group_deploy: Final = msgspec.json.Decoder(GroupDeployCommand)
+_msgpack_group_deploy: Final = msgspec.msgpack.Decoder(GroupDeployCommand)
+_json_group_delete: Final = msgspec.json.Decoder(GroupDeleteCommand)
+_msgpack_group_delete: Final = msgspec.msgpack.Decoder(GroupDeleteCommand)
 _json_nn_config: Final = msgspec.json.Decoder(NNConfig)
 _json_request_id: Final = msgspec.json.Decoder(_RequestIdOnly)
 _msgpack_request_id: Final = msgspec.msgpack.Decoder(_RequestIdOnly)
@@ -321,7 +352,10 @@ def _nn_config(text: str) -> NNConfig:
 
 def decode_deploy(payload: bytes) -> Deploy:
     """Decode a deploy command (JSON object or MessagePack map); raise InvalidPayload."""
-    command = _decode(payload, _json_deploy, _msgpack_deploy)
+    return _deploy(_decode(payload, _json_deploy, _msgpack_deploy))
+
+
+def _deploy(command: DeployCommand) -> Deploy:
     nn_config = command.nn_config
     if isinstance(nn_config, str):
         nn_config = _nn_config(nn_config)
@@ -363,6 +397,27 @@ def decode_delete(payload: bytes) -> DeleteCommand:
     if not payload.strip():
         return DeleteCommand()
     return _decode(payload, _json_delete, _msgpack_delete)
+
+
+def _target(target: GroupTarget) -> GroupTarget:
+    if "*" in target.cameras and not target.everything:
+        raise InvalidPayload('"*" stands alone: it means every camera', path="$.target.cameras")
+    return target
+
+
+def decode_group_deploy(payload: bytes) -> tuple[Deploy, GroupTarget]:
+    """Decode a group deploy: a deploy command plus its `target`; raise InvalidPayload."""
+    command = _decode(payload, _json_group_deploy, _msgpack_group_deploy)
+    return _deploy(command), _target(command.target)
+
+
+def decode_group_delete(payload: bytes) -> tuple[DeleteCommand, GroupTarget]:
+    """Decode a group delete: `target` and optionally request_id and expires_at."""
+    if not payload.strip():
+        raise InvalidPayload("a group command needs a target", path="$.target")
+    command = _decode(payload, _json_group_delete, _msgpack_group_delete)
+    delete = DeleteCommand(request_id=command.request_id, expires_at=command.expires_at)
+    return delete, _target(command.target)
 
 
 # --- chunked model uploads -----------------------------------------------------------------
@@ -429,6 +484,9 @@ class Event(msgspec.Struct, frozen=True, omit_defaults=True):
     error: ErrorInfo | None = None
     # on `superseded`: the request that replaced this one
     superseded_by: str | None = None
+    # the group the command was sent to; with camera "" an answer of the agent as a whole
+    # (`skipped`, or `rejected` before any camera was chosen)
+    group: str | None = None
     # on `transferring`: how far its model has come
     progress: Progress | None = None
 
@@ -548,6 +606,8 @@ class Info(msgspec.Struct, frozen=True):
     started_at: float
     # counted by the link; filled each time `info` is published (no publish of its own)
     link: LinkCounters = LinkCounters()
+    # the groups whose commands the agent takes (`agent.groups`)
+    groups: tuple[str, ...] = ()
 
 
 # --- detections ----------------------------------------------------------------------------

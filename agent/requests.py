@@ -83,6 +83,14 @@ class Request:
     authenticity: Authenticity | None = UNSIGNED
     # signed: its expires_at; its record is kept against replays at least until then
     keep_until: float | None = None
+    # sent to a group (`{prefix}/groups/{group}/...`): its events name the group too
+    group: str | None = None
+
+    @property
+    def key(self) -> tuple[str, str]:
+        """Its key in the `RequestLog`: a group command is one request per camera, under
+        the group's request_id, so the camera tells them apart."""
+        return (self.id, self.camera)
 
     @property
     def last(self) -> Event | None:
@@ -110,6 +118,7 @@ class Request:
             ts=time.time(),
             error=error,
             superseded_by=superseded_by,
+            group=self.group,
             progress=progress,
         )
 
@@ -136,7 +145,8 @@ class Request:
 
 
 class RequestLog:
-    """Recent requests by id, so a repeated request_id is answered from the record.
+    """Recent requests by request_id and camera, so a repeated request_id is answered from
+    the record (one group command is a request per camera, all under one request_id).
 
     The last `size` requests, and besides them every signed request until its `keep_until`
     (its expires_at) passes: a signed command replayed while it is valid is answered from
@@ -147,17 +157,18 @@ class RequestLog:
     def __init__(self, size: int = _SIZE, *, signed_limit: int = _SIGNED_LIMIT) -> None:
         self._size = size
         self._signed_limit = signed_limit
-        self._requests: OrderedDict[str, Request] = OrderedDict()
+        self._requests: OrderedDict[tuple[str, str], Request] = OrderedDict()
         # signed requests past the last `size`, kept until their `keep_until`
-        self._kept: dict[str, Request] = {}
+        self._kept: dict[tuple[str, str], Request] = {}
 
-    def get(self, request_id: str) -> Request | None:
-        return self._requests.get(request_id) or self._kept.get(request_id)
+    def get(self, request_id: str, camera: str) -> Request | None:
+        key = (request_id, camera)
+        return self._requests.get(key) or self._kept.get(key)
 
     def add(self, request: Request) -> None:
-        self._kept.pop(request.id, None)
-        self._requests[request.id] = request
-        self._requests.move_to_end(request.id)
+        self._kept.pop(request.key, None)
+        self._requests[request.key] = request
+        self._requests.move_to_end(request.key)
         now = time.time()
         while len(self._requests) > self._size:
             oldest = next(iter(self._requests.values()))
@@ -165,14 +176,14 @@ class RequestLog:
                 break
             self._requests.popitem(last=False)
             if oldest.keep_until is not None and oldest.keep_until >= now:
-                self._kept[oldest.id] = oldest
+                self._kept[oldest.key] = oldest
         self.expire(now)
 
     def expire(self, now: float) -> None:
         """Forget the signed requests kept past the last `size` whose time has passed."""
-        gone = [r.id for r in self._kept.values() if r.keep_until is None or r.keep_until < now]
-        for request_id in gone:
-            del self._kept[request_id]
+        gone = [r.key for r in self._kept.values() if r.keep_until is None or r.keep_until < now]
+        for key in gone:
+            del self._kept[key]
 
     def signed_room(self, now: float) -> float | None:
         """None when one more signed request may be taken; else the seconds until one of
@@ -189,8 +200,8 @@ class RequestLog:
 
     def discard(self, request: Request) -> None:
         """Forget a request that was refused after all: its id may be sent again."""
-        if self._requests.get(request.id) is request:
-            del self._requests[request.id]
+        if self._requests.get(request.key) is request:
+            del self._requests[request.key]
 
     def __iter__(self) -> Iterator[Request]:
         """Oldest first: the signed ones kept past the last `size`, then those."""

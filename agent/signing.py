@@ -256,6 +256,20 @@ def verify(
     `camera`, BadSignature for a signature that does not verify (checked first: a forged
     command learns nothing about which cameras a key may command).
     """
+    key = _verified_key(keys, topic, signature)
+    if camera is None:
+        if ANY_CAMERA not in key.cameras:
+            raise Unauthorized(
+                f"key {key.id} may command only some cameras; an upload manifest must be "
+                'signed by a key with cameras = ["*"]'
+            )
+    elif not key.allows(camera):
+        raise Unauthorized(f"key {key.id} may not command camera {echo(camera)}")
+    return Authenticity(signed=True, key_id=key.id)
+
+
+def _verified_key(keys: Mapping[str, TrustedKey], topic: str, signature: Signature) -> TrustedKey:
+    """The trusted key that made `signature` over `topic` and its payload."""
     key = keys.get(signature.key_id)
     if key is None:
         raise Unauthorized(
@@ -269,15 +283,7 @@ def verify(
             f"the signature ({signature.carrier}) does not verify with key {key.id} for this "
             "topic and payload"
         ) from None
-    if camera is None:
-        if ANY_CAMERA not in key.cameras:
-            raise Unauthorized(
-                f"key {key.id} may command only some cameras; an upload manifest must be "
-                'signed by a key with cameras = ["*"]'
-            )
-    elif not key.allows(camera):
-        raise Unauthorized(f"key {key.id} may not command camera {echo(camera)}")
-    return Authenticity(signed=True, key_id=key.id)
+    return key
 
 
 @dataclass(frozen=True, slots=True)
@@ -301,6 +307,20 @@ class Policy:
                 "[[security.keys]] ([security] require_signed)"
             )
         return UNSIGNED
+
+    def check_group(self, topic: str, signature: Signature | None) -> Authenticity:
+        """`check` for a group command, before its cameras are known: the signature (or its
+        absence) only; each camera is then checked with `check_camera`."""
+        if signature is not None:
+            key = _verified_key(self.keys, topic, signature)
+            return Authenticity(signed=True, key_id=key.id)
+        return self.check(topic, ANY_CAMERA, None)
+
+    def check_camera(self, authenticity: Authenticity, camera: str) -> None:
+        """Unauthorized when the key that signed a group command may not command `camera`."""
+        key = self.keys.get(authenticity.key_id or "")
+        if authenticity.signed and (key is None or not key.allows(camera)):
+            raise Unauthorized(f"key {authenticity.key_id} may not command camera {echo(camera)}")
 
     def check_fresh(self, request_id: str | None, expires_at: float | None, now: float) -> None:
         """A signed command names itself and its end, within `max_command_age`, so that it

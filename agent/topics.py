@@ -18,6 +18,8 @@ __all__ = [
     "STREAM_RE",
     "CommandTopic",
     "DiscoveryTopics",
+    "FleetTopics",
+    "GroupCommandTopic",
     "SimulatorTopic",
     "StatsRequest",
     "Topics",
@@ -42,6 +44,14 @@ def is_depth_stream(stream: str) -> bool:
 class CommandTopic:
     camera: str
     stream: str
+    action: Action
+
+
+@dataclass(frozen=True, slots=True)
+class GroupCommandTopic:
+    """A command to every agent of a group: `{prefix}/groups/{group}/nn/{action}`."""
+
+    group: str
     action: Action
 
 
@@ -75,10 +85,12 @@ class Topics:
     """Every topic of one agent, rooted at `{prefix}/{agent_id}`."""
 
     base: str
+    # the groups this agent belongs to: it acts on their group commands only
+    groups: tuple[str, ...] = ()
 
     @classmethod
-    def for_agent(cls, prefix: str, agent_id: str) -> Topics:
-        return cls(f"{prefix}/{agent_id}")
+    def for_agent(cls, prefix: str, agent_id: str, groups: tuple[str, ...] = ()) -> Topics:
+        return cls(f"{prefix}/{agent_id}", groups)
 
     @property
     def prefix(self) -> str:
@@ -119,6 +131,17 @@ class Topics:
             f"{self.base}/cameras/+/streams/+/nn/deploy",
             f"{self.base}/cameras/+/streams/+/nn/delete",
         )
+
+    @property
+    def group_command_filters(self) -> tuple[str, ...]:
+        return tuple(
+            self.group_command(group, action)
+            for group in self.groups
+            for action in ("deploy", "delete")
+        )
+
+    def group_command(self, group: str, action: Action) -> str:
+        return f"{self.prefix}/groups/{group}/nn/{action}"
 
     @property
     def upload_filters(self) -> tuple[str, str]:
@@ -187,15 +210,18 @@ class Topics:
     def simulator(self, camera: str, fault: Fault) -> str:
         return f"{self.base}/simulator/cameras/{camera}/{fault}"
 
-    def parse(self, topic: str) -> CommandTopic | SimulatorTopic | StatsRequest | None:
-        """Parse a topic under this base; None when it is not one the agent acts on.
+    def parse(
+        self, topic: str
+    ) -> CommandTopic | GroupCommandTopic | SimulatorTopic | StatsRequest | None:
+        """Parse a topic under this base, or a command to one of its groups; None when it is
+        not one the agent acts on.
 
         The camera and stream segments are returned as given, even when they are not
         valid ids: the caller answers those with a precise error instead of ignoring them.
         """
         prefix = self.base + "/"
         if not topic.startswith(prefix):
-            return None
+            return self._parse_group(topic)
         parts = topic[len(prefix) :].split("/")
         match parts:
             case ["cameras", camera, "streams", stream, "nn", ("deploy" | "delete") as action]:
@@ -211,6 +237,65 @@ class Topics:
                 return StatsRequest()
             case _:
                 return None
+
+    def _parse_group(self, topic: str) -> GroupCommandTopic | None:
+        prefix = f"{self.prefix}/groups/"
+        if not topic.startswith(prefix):
+            return None
+        match topic[len(prefix) :].split("/"):
+            case [group, "nn", ("deploy" | "delete") as action] if group in self.groups:
+                return GroupCommandTopic(group, action)
+            case _:
+                return None
+
+
+@dataclass(frozen=True, slots=True)
+class FleetTopics:
+    """What a fleet controller reads and writes across every agent under `prefix`."""
+
+    prefix: str
+
+    @property
+    def info_filter(self) -> str:
+        return f"{self.prefix}/+/info"
+
+    @property
+    def availability_filter(self) -> str:
+        return f"{self.prefix}/+/availability"
+
+    @property
+    def events_filter(self) -> str:
+        return f"{self.prefix}/+/events"
+
+    def nn_status_filter(self, stream: str) -> str:
+        return f"{self.prefix}/+/cameras/+/streams/{stream}/nn/status"
+
+    def agent(self, agent_id: str) -> Topics:
+        return Topics.for_agent(self.prefix, agent_id)
+
+    def agent_of(self, topic: str) -> str:
+        """The agent id of a topic under `{prefix}/{agent}/`; "" for any other topic."""
+        head, _, rest = topic.partition("/")
+        if head != self.prefix:
+            return ""
+        agent_id, _, _ = rest.partition("/")
+        return agent_id
+
+    def rollout(self, rollout_id: str) -> str:
+        """The rollout's record, retained."""
+        return f"{self.prefix}/rollouts/{rollout_id}"
+
+    def rollout_controller(self, rollout_id: str) -> str:
+        """`online` while a controller runs the rollout (retained; its will says `offline`)."""
+        return f"{self.prefix}/rollouts/{rollout_id}/controller"
+
+    def rollout_abort(self, rollout_id: str) -> str:
+        """Asks the controller running the rollout to abort it (never retained)."""
+        return f"{self.prefix}/rollouts/{rollout_id}/abort"
+
+    def rollout_sync(self, rollout_id: str) -> str:
+        """The controller's own marker: once it comes back, the retained state before it came."""
+        return f"{self.prefix}/rollouts/{rollout_id}/sync"
 
 
 @dataclass(frozen=True, slots=True)

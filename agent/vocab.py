@@ -17,11 +17,20 @@ Action = Literal["deploy", "delete"]
 """What a command asks for one stream: the last segment of its topic."""
 
 RequestState = Literal[
-    "accepted", "transferring", "applying", "succeeded", "failed", "superseded", "rejected"
+    "accepted",
+    "transferring",
+    "applying",
+    "succeeded",
+    "failed",
+    "superseded",
+    "rejected",
+    "skipped",
 ]
-"""The `state` of a request event."""
+"""The `state` of a request event. `transferring`: the deploy's model is on its way (an
+upload or a download), with progress. `skipped`: a group command selects none of the agent's
+cameras; said once, by the agent as a whole (no camera), and nothing follows it."""
 
-TERMINAL_STATES: Final = frozenset({"succeeded", "failed", "superseded", "rejected"})
+TERMINAL_STATES: Final = frozenset({"succeeded", "failed", "superseded", "rejected", "skipped"})
 
 CameraStateName = Literal["online", "restarting", "offline"]
 """The `state` of a camera status."""

@@ -32,26 +32,30 @@ def write_config(
     boot_seconds: float = 0.3,
     reconnect: tuple[float, float] = (0.1, 0.5),
     mqtt_extra: str = "",
+    groups: tuple[str, ...] = (),
+    cameras: tuple[tuple[str, str], ...] = ((CAM1, ""), (CAM2, "")),
     extra: str = "",
 ) -> Path:
-    """An agent config with two simulated cameras; `mqtt_extra` adds lines to [mqtt],
-    `extra` adds sections at the end."""
-    cameras = "".join(
+    """An agent config with simulated cameras (mxid, name: two unnamed ones by default);
+    `mqtt_extra` adds lines to [mqtt], `extra` whole sections at the end."""
+    simulated = "".join(
         f"""
 [[simulator.cameras]]
 mxid = "{mxid}"
+name = "{name}"
 sensors = {{ CAM_A = "color", CAM_B = "mono", CAM_C = "mono" }}
 stereo = [["CAM_B", "CAM_C"]]
 boot_seconds = {boot_seconds}
 fps = 5
 """
-        for mxid in (CAM1, CAM2)
+        for mxid, name in cameras
     )
     path.write_text(
         f"""
 [agent]
 id = "{agent_id}"
 state_dir = "{state_dir}"
+groups = [{", ".join(f'"{g}"' for g in groups)}]
 
 [mqtt]
 host = "{broker.host}"
@@ -61,7 +65,7 @@ protocol = "{protocol or broker.protocol}"
 reconnect_min = {reconnect[0]}
 reconnect_max = {reconnect[1]}
 {mqtt_extra}
-{cameras}
+{simulated}
 {extra}"""
     )
     return path

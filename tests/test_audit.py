@@ -544,3 +544,52 @@ async def test_signed_commands_carry_their_key_in_the_log(mqtt5: Broker, tmp_pat
     assert knobs == [(False, None, "ignored"), (True, "ops", "executed")]
     received = next(x for x in lines if x["request_id"] == "good")
     assert (received["payload_sha256"], received["payload_bytes"]) == (_sha(good[0]), len(good[0]))
+
+
+async def test_a_group_command_is_one_received_line_and_an_outcome_per_camera(
+    broker: Broker, tmp_path: Path, own_blobs: dict[str, Path]
+) -> None:
+    blob = own_blobs["ssd_tiny"].read_bytes()
+    state = tmp_path / "state"
+    group = "hall"
+    config = make_config(broker, state, groups=(group,))
+    topic = Topics.for_agent("oaktest", "any", (group,)).group_command(group, "deploy")
+    every: dict[str, Any] = {
+        "request_id": "g-all",
+        "nn_config": {"type": "MobileNet"},
+        "model": blob,
+        "target": {"cameras": ["*"], "stream": "CAM_A"},
+    }
+    none = {
+        **every,
+        "request_id": "g-none",
+        "target": {"cameras": ["NOSUCHNAME"], "stream": "CAM_A"},
+    }
+    bad = {"request_id": "g-bad", "nn_config": {"type": "MobileNet"}, "model": blob}
+    async with agent_and_observer(broker, config) as (_, obs):
+        await obs.send(topic, msgspec.msgpack.encode(every))
+        await obs.wait_for(
+            lambda: {e.camera for e in obs.events("g-all") if e.terminal} >= {CAM1, CAM2},
+            what="g-all answered by both cameras",
+        )
+        await obs.send(topic, msgspec.msgpack.encode(none))
+        await obs.wait_for(lambda: "skipped" in obs.states("g-none"), what="g-none skipped")
+        await obs.send(topic, msgspec.msgpack.encode(bad))  # no target
+        await obs.wait_for(lambda: "rejected" in obs.states("g-bad"), what="g-bad rejected")
+    lines = _lines(state / "audit")
+    assert all(set(line) == FIELDS for line in lines), lines[0]
+    received = next(x for x in lines if x["request_id"] == "g-all" and x["kind"] == "received")
+    assert (received["topic"], received["camera"], received["state"]) == (topic, "", "submitted")
+    assert received["stream"] == "CAM_A"
+    assert received["model_sha256"] == _sha(blob)
+    assert received["payload_sha256"] == _sha(msgspec.msgpack.encode(every))
+    outcomes = {
+        x["camera"]: x["state"]
+        for x in lines
+        if x["request_id"] == "g-all" and x["kind"] == "outcome"
+    }
+    assert outcomes == {CAM1: "succeeded", CAM2: "succeeded"}
+    assert _of(lines, "g-none") == [("received", "skipped")]
+    assert _of(lines, "g-bad") == [("received", "rejected")]
+    refused = next(x for x in lines if x["request_id"] == "g-bad")
+    assert refused["error"]["code"] == "invalid_payload"

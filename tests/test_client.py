@@ -488,9 +488,19 @@ def test_every_option_has_help() -> None:
         "models",
         "keygen",
         "audit",
+        "fleet",
     }
-    for name, sub in [("oak-agent", parser), *subparsers.choices.items()]:
-        if name in ("deploy", "delete", "watch", "status", "upload", "models", "audit"):
+    fleet = subparsers.choices["fleet"]
+    actions = next(a for a in fleet._actions if isinstance(a, argparse._SubParsersAction))
+    assert set(actions.choices) == {"deploy", "delete", "status", "abort"}
+    parsers = [
+        ("oak-agent", parser),
+        *subparsers.choices.items(),
+        *((f"fleet {name}", sub) for name, sub in actions.choices.items()),
+    ]
+    with_exit_codes = ("deploy", "delete", "watch", "status", "upload", "models", "audit", "fleet")
+    for name, sub in parsers:
+        if name in with_exit_codes or name.startswith("fleet "):
             assert "exit codes:" in sub.format_help()
         for action in sub._actions:
             assert action.help, f"{name} {action.option_strings or action.dest} has no help"

@@ -146,7 +146,7 @@ async def test_signed_unsigned_wrong_key_and_moved_commands(mqtt5: Broker, tmp_p
         rid = _rid()
         event = await answer(obs, topic, *signed(topic, deploy_body(rid)))
         assert (event.request_id, event.state, event.error) == (rid, "succeeded", None)
-        request = app.coordinator.requests.get(rid)
+        request = app.coordinator.requests.get(rid, CAM1)
         assert request is not None
         assert request.authenticity == Authenticity(signed=True, key_id="ops")
 
@@ -232,7 +232,7 @@ async def test_a_replay_never_runs_again_after_300_requests_nor_after_a_restart(
         for i in range(300):  # deletes of nothing: answered without a restart
             await publish(obs, delete, signed(delete, delete_body(f"other-{i}")))
         await obs.wait_for(lambda: obs.terminal("other-299"), what="300 answers")
-        assert app.coordinator.requests.get("other-0") is not None  # signed: still kept
+        assert app.coordinator.requests.get("other-0", CAM2) is not None  # signed: still kept
         replayed = await answer(obs, topic, *original)
         assert (replayed.request_id, replayed.state) == (rid, "succeeded")
         assert obs.states(rid).count("accepted") == 1
@@ -271,7 +271,7 @@ async def test_a_signed_request_cut_off_by_a_crash_stays_kept(
     async with agent_and_observer(mqtt5, config) as (app, obs):
         first = await obs.outcome("cut")
         assert (first.state, code(first)) == ("failed", "interrupted")
-        request = app.coordinator.requests.get("cut")
+        request = app.coordinator.requests.get("cut", CAM1)
         assert request is not None
         assert request.keep_until == until
         topic = obs.topics.command(CAM1, "CAM_A", "delete")
@@ -334,7 +334,7 @@ async def test_signing_off_old_senders_work_and_a_bad_signature_is_still_refused
         topic = obs.topics.command(CAM1, "CAM_A", "deploy")
         plain = await answer(obs, topic, msgspec.json.encode({"request_id": "p1", **deploy_body()}))
         assert (plain.state, plain.error) == ("succeeded", None)
-        request = app.coordinator.requests.get("p1")
+        request = app.coordinator.requests.get("p1", CAM1)
         assert request is not None
         assert request.authenticity == Authenticity(signed=False)
         good = await answer(obs, topic, *signed(topic, deploy_body("g1")))
@@ -432,7 +432,7 @@ async def test_the_envelope_through_amqtt(amqtt: Broker, tmp_path: Path) -> None
         message = signed(topic, deploy_body(rid), as_envelope=True)
         event = await answer(obs, topic, *message)
         assert (event.request_id, event.state) == (rid, "succeeded")
-        request = app.coordinator.requests.get(rid)
+        request = app.coordinator.requests.get(rid, CAM1)
         assert request is not None
         assert request.authenticity == Authenticity(True, "ops")
         replayed = await answer(obs, topic, *message)

@@ -422,10 +422,10 @@ def test_signed_requests_outlive_the_last_256_until_they_expire() -> None:
     log.add(_done("past", now - 1))
     for i in range(300):
         log.add(_done(f"r{i}"))
-    assert log.get("signed") is not None
-    assert log.get("past") is None
-    assert log.get("r0") is None
-    assert log.get("r299") is not None
+    assert log.get("signed", CAM) is not None
+    assert log.get("past", CAM) is None
+    assert log.get("r0", CAM) is None
+    assert log.get("r299", CAM) is not None
     assert next(r.id for r in log) == "signed"  # oldest first, for the state file
     assert log.signed_room(now) is None
     log.add(_done("s2", now + 50))
@@ -434,7 +434,7 @@ def test_signed_requests_outlive_the_last_256_until_they_expire() -> None:
     assert wait is not None
     assert 49 < wait <= 50
     log.expire(now + 101)
-    assert log.get("signed") is None
+    assert log.get("signed", CAM) is None
 
 
 def test_user_properties_from_what_paho_hands_over() -> None:

@@ -9,6 +9,7 @@ import msgspec
 import pytest
 
 from agent.config import DownloadSettings
+from agent.topics import Topics
 from tests.harness import CAM1, CAM2, agent_and_observer, make_config
 from tests.httpserver import file_server
 from tests.uploader import padded_model
@@ -155,5 +156,45 @@ async def test_deploys_of_one_model_at_once_share_one_download(
             for request_id in ("a", "b", "c"):
                 assert (await obs.outcome(request_id)).state == "succeeded"
                 assert "transferring" in obs.states(request_id)
+        assert len(files.requests) == 1
+        assert files.served == SIZE
+
+
+async def test_group_deploy_by_url_downloads_once_for_every_camera(
+    broker: Broker, tmp_path: Path, model: bytes
+) -> None:
+    """A group deploy with `model_url`: each selected camera's request goes `transferring`
+    (it does not fail with model_not_found), they share one download, and both apply it."""
+    group = "yard"
+    config = _config(broker, tmp_path / "state")
+    config = msgspec.structs.replace(
+        config, agent=msgspec.structs.replace(config.agent, groups=(group,))
+    )
+    topic = Topics.for_agent("oaktest", "any", (group,)).group_command(group, "deploy")
+    with file_server(model, plan=[("stall", 1.0)]) as files:
+        async with agent_and_observer(broker, config) as (app, obs):
+            command = {
+                **_deploy("g1", files.url, model),
+                "target": {"cameras": ["*"], "stream": "CAM_B"},
+            }
+            await obs.send(topic, msgspec.json.encode(command))
+
+            def finals() -> dict[str, str] | None:
+                found: dict[str, str] = {e.camera: e.state for e in obs.events("g1") if e.terminal}
+                return found if set(found) >= {CAM1, CAM2} else None
+
+            assert await obs.wait_for(finals, what="g1 answered for both cameras") == {
+                CAM1: "succeeded",
+                CAM2: "succeeded",
+            }
+            for camera in (CAM1, CAM2):
+                states = [e.state for e in obs.events("g1") if e.camera == camera]
+                assert states[0] == "accepted", states
+                assert "transferring" in states, states
+                assert states[-2:] == ["applying", "succeeded"], states
+                assert all(e.group == group for e in obs.events("g1") if e.camera == camera)
+            sha = hashlib.sha256(model).hexdigest()
+            for camera in (CAM1, CAM2):
+                assert app.coordinator.workers[camera].running["CAM_B"].model.sha256 == sha
         assert len(files.requests) == 1
         assert files.served == SIZE
