@@ -270,6 +270,40 @@ async def _until_succeeded(obs: Observer, rollout_id: str, count: int) -> Rollou
     return await obs.wait_for(found, timeout=60, what=f"{count} cameras succeeded")
 
 
+def _one_at_a_time(config: Path, group: str, blob: Path, rollout_id: str) -> list[str]:
+    """`fleet deploy` of `blob` onto CAM_A of `group`, one camera per wave."""
+    return fleet_command(
+        config,
+        "deploy",
+        "--group",
+        group,
+        "--stream",
+        "CAM_A",
+        "--model",
+        str(blob),
+        "--nn-config",
+        MOBILENET,
+        "--max-parallel",
+        "1",
+        "--rollout-id",
+        rollout_id,
+    )
+
+
+async def _killed_after_one_succeeded(
+    config: Path, group: str, blob: Path, rollout_id: str, records: Observer
+) -> None:
+    """Start that rollout and SIGKILL its controller once one camera has succeeded."""
+    process = await anyio.open_process(_one_at_a_time(config, group, blob, rollout_id))
+    try:
+        await _until_succeeded(records, rollout_id, 1)
+    finally:
+        process.send_signal(signal.SIGKILL)
+        with anyio.fail_after(10):
+            await process.wait()
+        await process.aclose()
+
+
 async def test_resume_after_the_controller_is_killed(
     broker: Broker, tmp_path: Path, own_blobs: dict[str, Path]
 ) -> None:
@@ -281,30 +315,7 @@ async def test_resume_after_the_controller_is_killed(
         fleet_of(broker, tmp_path, group, 2, boot_seconds=1.0) as agents,
         observe(broker, Topics(f"{PREFIX}/rollouts/{rollout_id}")) as records,
     ):
-        command = fleet_command(
-            config,
-            "deploy",
-            "--group",
-            group,
-            "--stream",
-            "CAM_A",
-            "--model",
-            str(blob),
-            "--nn-config",
-            MOBILENET,
-            "--max-parallel",
-            "1",
-            "--rollout-id",
-            rollout_id,
-        )
-        process = await anyio.open_process(command)
-        try:
-            await _until_succeeded(records, rollout_id, 1)
-        finally:
-            process.send_signal(signal.SIGKILL)
-            with anyio.fail_after(10):
-                await process.wait()
-            await process.aclose()
+        await _killed_after_one_succeeded(config, group, blob, rollout_id, records)
         # its will tells that nobody runs the rollout any more
         controller = f"{PREFIX}/rollouts/{rollout_id}/controller"
         await records.wait_for(lambda: records.latest(controller) == b"offline", what="will")
@@ -341,30 +352,7 @@ async def test_fleet_abort_from_another_process_when_no_controller_runs(
         observe(broker, Topics(f"{PREFIX}/rollouts/{rollout_id}")) as records,
     ):
         (obs,) = agents.values()
-        command = fleet_command(
-            config,
-            "deploy",
-            "--group",
-            group,
-            "--stream",
-            "CAM_A",
-            "--model",
-            str(own_blobs["ssd_tiny"]),
-            "--nn-config",
-            MOBILENET,
-            "--max-parallel",
-            "1",
-            "--rollout-id",
-            rollout_id,
-        )
-        process = await anyio.open_process(command)
-        try:
-            await _until_succeeded(records, rollout_id, 1)
-        finally:
-            process.send_signal(signal.SIGKILL)
-            with anyio.fail_after(10):
-                await process.wait()
-            await process.aclose()
+        await _killed_after_one_succeeded(config, group, own_blobs["ssd_tiny"], rollout_id, records)
         controller = f"{PREFIX}/rollouts/{rollout_id}/controller"
         await records.wait_for(lambda: records.latest(controller) == b"offline", what="will")
         aborted = await run_fleet(config, "abort", rollout_id, "--timeout", "30")
@@ -426,22 +414,7 @@ async def test_fleet_abort_asks_the_running_controller(
         fleet_of(broker, tmp_path, group, 2, boot_seconds=1.0) as agents,
         observe(broker, Topics(f"{PREFIX}/rollouts/{rollout_id}")) as records,
     ):
-        command = fleet_command(
-            config,
-            "deploy",
-            "--group",
-            group,
-            "--stream",
-            "CAM_A",
-            "--model",
-            str(own_blobs["ssd_tiny"]),
-            "--nn-config",
-            MOBILENET,
-            "--max-parallel",
-            "1",
-            "--rollout-id",
-            rollout_id,
-        )
+        command = _one_at_a_time(config, group, own_blobs["ssd_tiny"], rollout_id)
         async with await anyio.open_process(command) as process:
             await _until_succeeded(records, rollout_id, 1)
             aborted = await run_fleet(config, "abort", rollout_id, "--timeout", "30")
