@@ -254,7 +254,7 @@ def _transfers(
         max_chunk_bytes=config.agent.max_payload_bytes,
         policy=_policy(config),
     )
-    uploads.models_in_use(coordinator.models_in_use)
+    uploads.models_in_use(coordinator.models_in_use, coordinator.models_kept)
     uploads.load()
     transfers = Transfers(
         config.state_path / "downloads",

@@ -1032,7 +1032,7 @@ async def _models(target: _Target, args: argparse.Namespace) -> int:
     )
 
 
-_MODEL_COLUMNS = ("sha256", "size", "name", "stored", "last used", "in use by")
+_MODEL_COLUMNS = ("sha256", "size", "name", "stored", "last used", "in use by", "previous for")
 
 
 def _print_models(entries: tuple[ModelEntry, ...]) -> None:
@@ -1045,6 +1045,7 @@ def _print_models(entries: tuple[ModelEntry, ...]) -> None:
             _when(e.stored_at),
             _when(e.last_used),
             ", ".join(e.in_use_by) or "-",
+            ", ".join(e.previous_for) or "-",
         )
         for e in entries
     ]

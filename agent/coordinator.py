@@ -170,8 +170,9 @@ class Coordinator:
             camera=worker.mxid,
             running=sorted(running),
             converging=[c.stream for c in changes],
+            previous=sorted(saved.previous),
         )
-        worker.restore(running, changes)
+        worker.restore(running, changes, saved.previous)
         del self._saved[worker.mxid]  # only now: until here the snapshot keeps the saved copy
 
     async def _resolve(
@@ -337,7 +338,8 @@ class Coordinator:
         for mxid, worker in self.workers.items():
             if mxid in self._saved:  # not restored yet
                 continue
-            cameras[mxid] = CameraState.of(worker.slots.desired(), worker.slots.last_good())
+            slots = worker.slots
+            cameras[mxid] = CameraState.of(slots.desired(), slots.last_good(), slots.previous())
             in_flight.extend(worker.slots.in_flight())
         outcomes: list[Request] = []
         for request in self.requests:
@@ -362,9 +364,11 @@ class Coordinator:
         )
 
     def referenced_models(self) -> set[str]:
-        """Models the state file names or a request holds: the store keeps them."""
+        """Models the state file names, a request holds or a stream ran before its current
+        one: the store keeps them."""
         held = (d for worker in self.workers.values() for d in worker.slots.deployments())
-        return self._recorded.models() | {d.model.sha256 for d in held}
+        before = (s for worker in self.workers.values() for s in worker.slots.previous().values())
+        return self._recorded.models() | {d.model.sha256 for d in held} | set(before)
 
     def models_in_use(self) -> dict[str, list[str]]:
         """sha256 -> the "mxid/stream" that run the model or are to run it."""
@@ -377,6 +381,14 @@ class Coordinator:
                 if where not in names:
                     names.append(where)
         return used
+
+    def models_kept(self) -> dict[str, list[str]]:
+        """sha256 -> the "mxid/stream" that ran the model before their current one."""
+        kept: dict[str, list[str]] = {}
+        for mxid, worker in self.workers.items():
+            for stream, sha256 in worker.slots.previous().items():
+                kept.setdefault(sha256, []).append(f"{mxid}/{stream}")
+        return kept
 
     async def persist(self) -> None:
         """Have the state written; return once a write that starts after this call is done.

@@ -55,6 +55,9 @@ class Slot:
     queued: Request | None = None
     applying: Request | None = None
     failure: Failure | None = None
+    # the sha256 of the model the stream ran before the one it runs (or ran last): kept in
+    # the store, so a rollback by sha256 works however long ago the model was replaced
+    previous: str | None = None
     # when each began: slots are listed in that order, so the camera applies in queue order
     running_since: int = 0
     queued_since: int = 0
@@ -116,12 +119,23 @@ class Slots:
         slot.queued, slot.queued_since, request.phase = request, self._tick(), Phase.QUEUED
 
     def _run(self, slot: Slot, request: Request) -> None:
-        if slot.running is None:
+        replaced = slot.running
+        if replaced is None:
             slot.running_since = self._tick()
+        elif request.deployment is None or request.deployment.model.sha256 != replaced.model.sha256:
+            slot.previous = replaced.model.sha256  # a same-model change keeps the one before
         slot.running, slot.failure = request.deployment, None
 
-    def restore(self, running: Mapping[str, Deployment], changes: Iterable[Request]) -> None:
-        """Start from what ran last, with the changes to converge to queued (silent ones)."""
+    def restore(
+        self,
+        running: Mapping[str, Deployment],
+        changes: Iterable[Request],
+        previous: Mapping[str, str] | None = None,
+    ) -> None:
+        """Start from what ran last (and the model each stream ran before it), with the
+        changes to converge to queued (silent ones)."""
+        for stream, sha256 in (previous or {}).items():
+            self._at(stream).previous = sha256
         for stream, deployment in running.items():
             slot = self._at(stream)
             slot.running, slot.running_since = deployment, self._tick()
@@ -384,6 +398,10 @@ class Slots:
         target = self.running
         _merge(target, (entry.request for entry in self._writing if entry.settles))
         return target
+
+    def previous(self) -> dict[str, str]:
+        """stream -> sha256 of the model it ran before its current one (see `Slot.previous`)."""
+        return {s.stream: s.previous for s in self._slots.values() if s.previous is not None}
 
     def in_flight(self) -> list[Request]:
         """Requests the state file records as unfinished.

@@ -533,6 +533,9 @@ class ModelEntry(msgspec.Struct, frozen=True):
     stored_at: float
     last_used: float
     in_use_by: tuple[str, ...]  # "mxid/stream" of the NNs that run it or will
+    # "mxid/stream" that ran it before their current model: kept for a rollback
+    # (absent from agents before it was kept)
+    previous_for: tuple[str, ...] = ()
 
 
 class NNStatus(msgspec.Struct, frozen=True):

@@ -1,4 +1,5 @@
-"""Desired state on disk: what each camera should run, what last ran, and recent outcomes.
+"""Desired state on disk: what each camera should run, what last ran (and ran before that,
+for a rollback), and recent outcomes.
 
 One JSON document, replaced atomically (temp file, fsync, rename, fsync of the folder), so a
 power cut leaves either the old or the new document. A document that cannot be read is
@@ -144,14 +145,21 @@ class CameraState(msgspec.Struct, frozen=True):
     desired: dict[str, StoredDeployment] = {}
     # what the camera last ran successfully: the fallback when applying `desired` fails
     last_good: dict[str, StoredDeployment] = {}
+    # stream -> sha256 of the model it ran before its current one, kept for a rollback
+    # (absent in files written before it was kept: nothing is kept then)
+    previous: dict[str, str] = {}
 
     @classmethod
     def of(
-        cls, desired: Mapping[str, Deployment], last_good: Mapping[str, Deployment]
+        cls,
+        desired: Mapping[str, Deployment],
+        last_good: Mapping[str, Deployment],
+        previous: Mapping[str, str] | None = None,
     ) -> CameraState:
         return cls(
             desired={s: StoredDeployment.of(d) for s, d in desired.items()},
             last_good={s: StoredDeployment.of(d) for s, d in last_good.items()},
+            previous=dict(previous or {}),
         )
 
 
@@ -167,13 +175,15 @@ class StateDocument(msgspec.Struct, frozen=True):
     signed_until: dict[str, float] = {}
 
     def models(self) -> set[str]:
-        """The sha256 of every model a camera's desired or last-good set names."""
-        return {
+        """The sha256 of every model a camera's desired or last-good set names, and of the
+        model each stream ran before its current one."""
+        named = {
             item.sha256
             for camera in self.cameras.values()
             for items in (camera.desired, camera.last_good)
             for item in items.values()
         }
+        return named.union(*(camera.previous.values() for camera in self.cameras.values()))
 
 
 _encoder: Final = msgspec.json.Encoder()

@@ -269,17 +269,23 @@ class Uploads:
         self._task_group: TaskGroup | None = None
         self._stopping = False
         self._in_use: Callable[[], dict[str, list[str]]] = dict
+        self._kept: Callable[[], dict[str, list[str]]] = dict
         self._models_changed = True
         self._models_published: tuple[ModelEntry, ...] | None = None
         self._models_at = 0.0
-        self._last_in_use: dict[str, list[str]] = {}
+        self._last_use: tuple[dict[str, list[str]], dict[str, list[str]]] = ({}, {})
         store.on_change(self._store_changed)
 
     # --- for the rest of the agent ---------------------------------------------------------
 
-    def models_in_use(self, in_use: Callable[[], dict[str, list[str]]]) -> None:
-        """Name what runs each model (sha256 -> ["mxid/stream"]), for the `{base}/models` list."""
-        self._in_use = in_use
+    def models_in_use(
+        self,
+        in_use: Callable[[], dict[str, list[str]]],
+        kept: Callable[[], dict[str, list[str]]] = dict,
+    ) -> None:
+        """Name what runs each model and what ran it before its current one (each sha256 ->
+        ["mxid/stream"]), for the `{base}/models` list."""
+        self._in_use, self._kept = in_use, kept
 
     def in_progress(self, sha256: str) -> bool:
         return sha256 in self._uploads
@@ -816,11 +822,11 @@ class Uploads:
         self._models_changed = True
 
     async def _publish_models(self) -> None:
-        in_use = self._in_use()
-        if not self._models_changed and in_use == self._last_in_use:
+        in_use, kept = use = self._in_use(), self._kept()
+        if not self._models_changed and use == self._last_use:
             return
         self._models_changed = False
-        self._last_in_use = in_use
+        self._last_use = use
         self._models_at = time.monotonic()
         files = await self._store.files()
         entries = tuple(
@@ -831,6 +837,7 @@ class Uploads:
                 stored_at=f.stored_at,
                 last_used=f.last_used,
                 in_use_by=tuple(sorted(in_use.get(f.sha256, ()))),
+                previous_for=tuple(sorted(kept.get(f.sha256, ()))),
             )
             for f in files
         )

@@ -70,9 +70,12 @@ class CameraWorker:
     def running(self) -> dict[str, Deployment]:
         return self.slots.running
 
-    def restore(self, running: dict[str, Deployment], changes: list[Request]) -> None:
-        """Start from the last good set, with interrupted changes queued to converge."""
-        self.slots.restore(running, changes)
+    def restore(
+        self, running: dict[str, Deployment], changes: list[Request], previous: dict[str, str]
+    ) -> None:
+        """Start from the last good set (and the model each stream ran before it), with
+        interrupted changes queued to converge."""
+        self.slots.restore(running, changes, previous)
         self._wake.set()
 
     def commit(self) -> None:

@@ -228,6 +228,24 @@ _steps = st.lists(
 )
 
 
+def _models(slots: Slots) -> dict[str, str]:
+    return {stream: d.model.sha256 for stream, d in slots.running.items()}
+
+
+def _check_step(
+    slots: Slots, requests: list[Request], before: dict[str, str], previous: dict[str, str]
+) -> None:
+    """After each step: every request accepted at most once and ended at most once; a stream
+    whose model was replaced or removed since `before` remembers it, no other stream's
+    previous model changed."""
+    for request in requests:
+        assert len([e for e in request.events if e.terminal]) <= 1, request.events
+        assert [e.state for e in request.events].count("accepted") <= 1, request.events
+    after = _models(slots)
+    replaced = {stream: sha for stream, sha in before.items() if after.get(stream) != sha}
+    assert slots.previous() == previous | replaced
+
+
 @settings(max_examples=300, deadline=None)
 @given(_steps)
 def test_every_request_ends_once(steps: list[tuple[str, ...]]) -> None:
@@ -245,6 +263,7 @@ def test_every_request_ends_once(steps: list[tuple[str, ...]]) -> None:
             slots.commit()
 
     for n, (step, *args) in enumerate(steps):
+        before, previous = _models(slots), slots.previous()
         match step:
             case "deploy" | "delete":
                 stream, name = args
@@ -264,8 +283,7 @@ def test_every_request_ends_once(steps: list[tuple[str, ...]]) -> None:
                 slots.apply_failed(FAILED)
             case "offline":
                 slots.fail_queued(FAILED)
-        for request in requests:
-            assert len([e for e in request.events if e.terminal]) <= 1, request.events
+        _check_step(slots, requests, before, previous)
     write()
     slots.booted = True
     slots.start_apply()
@@ -280,6 +298,42 @@ def test_every_request_ends_once(steps: list[tuple[str, ...]]) -> None:
             assert request.phase is Phase.DONE
     assert slots.in_flight() == []
     assert not slots.has_staged()
+
+
+def test_each_stream_remembers_the_model_it_ran_before() -> None:
+    slots = running()  # model a on CAM_A
+    a, b = model("a").sha256, model("b").sha256
+
+    def applied(*requests: Request, fail: bool = False) -> None:
+        written(slots, *requests)
+        slots.start_apply()
+        if fail:
+            slots.apply_failed(FAILED)
+        else:
+            slots.apply_succeeded()
+        slots.booted = True
+
+    assert slots.previous() == {}
+    written(slots, deploy("relabel", labels=("person",)))  # no restart, the same model
+    yolo = deploy("yolo")
+    yolo.deployment = deployment(
+        "yolo", nn_config=YoloConfig(nn_config=YoloOptions(num_classes=80))
+    )
+    applied(yolo)  # another network on the same model
+    assert slots.previous() == {}
+    applied(deploy("b", name="b"))
+    assert slots.previous() == {"CAM_A": a}
+    applied(deploy("c", name="c"), fail=True)  # still runs b
+    assert slots.previous() == {"CAM_A": a}
+    applied(delete("gone"))
+    assert slots.previous() == {"CAM_A": b}
+    applied(deploy("d", name="d"), deploy("e", stream="CAM_B", name="e"))  # onto nothing
+    assert slots.previous() == {"CAM_A": b}
+    applied(deploy("back", name="b"))  # a rollback: b runs, d is the one before
+    assert slots.previous() == {"CAM_A": model("d").sha256}
+    again = Slots()
+    again.restore(slots.running, [], slots.previous())
+    assert (again.running, again.previous()) == (slots.running, slots.previous())
 
 
 def test_yolo_and_mobilenet_are_different_networks() -> None:
@@ -477,6 +531,7 @@ def test_every_request_ends_once_with_deploys_waiting_for_their_model(
             transferring.extend(slots.transfers())
 
     for n, (step, *args) in enumerate(steps):
+        before, previous = _models(slots), slots.previous()
         match step:
             case "deploy" | "delete" | "wait":
                 stream, name = args
@@ -500,9 +555,7 @@ def test_every_request_ends_once_with_deploys_waiting_for_their_model(
                 slots.apply_failed(FAILED)
             case "offline":
                 slots.fail_queued(FAILED)
-        for request in requests:
-            assert len([e for e in request.events if e.terminal]) <= 1, request.events
-            assert [e.state for e in request.events].count("accepted") <= 1, request.events
+        _check_step(slots, requests, before, previous)
     write()
     while transferring:  # every model arrives in the end
         request = transferring.pop()
