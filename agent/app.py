@@ -345,6 +345,7 @@ async def serve(
         on_write_error=lambda problem: reporter.agent_error(ModelWriteFailed(problem)),
         # models uploaded but not (yet) referenced: a few of the largest commands
         unreferenced_bytes=4 * config.agent.max_payload_bytes,
+        keep_unreferenced=config.models.keep_unreferenced,
     )
     audit = AuditLog(
         config.state_path / "audit",

@@ -87,6 +87,11 @@ class ModelsSection(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     max_partial_bytes: Annotated[int, Meta(ge=4096)] = 256 * 1024 * 1024
     # a stored / failed upload's retained status is cleared (empty retained message) after this
     status_retention: Annotated[float, Meta(ge=0.0, le=30 * 86_400.0)] = 600.0
+    # a stored model no camera refers to (not run, to run, nor run before a stream's current
+    # one) is removed once unused this long: a deploy naming it by sha256 must come sooner.
+    # At least 1 s: a model that comes with its deploy is stored (and the store pruned)
+    # just before the deploy refers to it
+    keep_unreferenced: Annotated[float, Meta(ge=1.0, le=30 * 86_400.0)] = 300.0
 
 
 class TlsSection(msgspec.Struct, frozen=True, forbid_unknown_fields=True):

@@ -54,7 +54,6 @@ log = structlog.get_logger(__name__)
 
 _RETRY_WRITE_SECONDS: Final = 5.0
 _FINAL_WRITE_SECONDS: Final = 3.0
-_PRUNE_EVERY_SECONDS: Final = 60.0
 _PROGRESS_SECONDS: Final = 1.0  # a `transferring` event at most this often ...
 _PROGRESS_SHARE: Final = 10  # ... unless a tenth more of the model came
 
@@ -571,7 +570,7 @@ class Coordinator:
 
     async def _prune_regularly(self) -> None:
         while True:
-            await anyio.sleep(_PRUNE_EVERY_SECONDS)  # models past the grace period
+            await anyio.sleep(self._store.prune_every)  # models past `keep_unreferenced`
             await self._store.prune()
 
     async def run(self, *, task_status: TaskStatus[None]) -> None:

@@ -31,7 +31,12 @@ __all__ = ["BlobInfo", "ModelStore", "StoredFile", "StoredModel", "TensorInfo", 
 log = structlog.get_logger(__name__)
 
 # a model between upload and acceptance is referenced by nothing yet: spared this long
+# (`[models] keep_unreferenced`)
 _PRUNE_GRACE_SECONDS: Final = 300.0
+# how often models past that time are looked for: every minute, more often for a short
+# time (half of it), never more often than this
+_PRUNE_EVERY_SECONDS: Final = 60.0
+_PRUNE_EVERY_MIN_SECONDS: Final = 0.5
 # unreferenced models kept within the grace period, newest first, at most this many bytes
 _UNREFERENCED_BYTES: Final = 256 * 1024 * 1024
 _TMP_PREFIX: Final = ".incoming-"
@@ -171,10 +176,16 @@ class ModelStore:
         *,
         on_write_error: Callable[[str], None],
         unreferenced_bytes: int = _UNREFERENCED_BYTES,
+        keep_unreferenced: float = _PRUNE_GRACE_SECONDS,
     ) -> None:
         self.root = root
         self._on_write_error = on_write_error
         self._unreferenced_bytes = unreferenced_bytes
+        self._keep_unreferenced = keep_unreferenced
+        # seconds between two looks for models past `keep_unreferenced` (see `prune`)
+        self.prune_every = max(
+            _PRUNE_EVERY_MIN_SECONDS, min(_PRUNE_EVERY_SECONDS, keep_unreferenced / 2)
+        )
         self._known: dict[str, StoredModel] = {}
         # held to look up, install, load and prune; hashing, writing and parsing an upload
         # run beside it, so that one large upload holds up no other command
@@ -187,7 +198,8 @@ class ModelStore:
         self._changed = changed
 
     def keep_referenced(self, referenced: Callable[[], set[str]]) -> None:
-        """Name the models pruning must keep (those the desired and last-good sets use)."""
+        """Name the models pruning must keep (those the desired and last-good sets use, and
+        the one each stream ran before its current one)."""
         self._referenced = referenced
 
     def path(self, sha256: str) -> Path:
@@ -285,7 +297,7 @@ class ModelStore:
         return self.root / f"{sha256}{_META_SUFFIX}"
 
     def _prune(self, keep: set[str]) -> list[str]:
-        recent = time.time() - _PRUNE_GRACE_SECONDS
+        recent = time.time() - self._keep_unreferenced
         unreferenced: list[tuple[float, int, Path]] = []
         for path in self.root.glob("*.blob"):
             with contextlib.suppress(OSError):
@@ -340,6 +352,7 @@ class ModelStore:
         spare.replace(meta)
         tmp.replace(final)
         _fsync_dir(self.root)
+        _touch(final)  # used now: its grace counts from here, not from when it was written
         model = StoredModel(sha256=sha256, size=size, path=final, info=info)
         self._known[sha256] = model
         return model

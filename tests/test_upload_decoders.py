@@ -10,10 +10,11 @@ from pathlib import Path
 from typing import Any
 
 import msgspec
+import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from agent.config import ModelsSection, load_config
+from agent.config import ConfigError, ModelsSection, load_config
 from agent.errors import InvalidPayload
 from agent.messages import MIN_CHUNK_SIZE, UploadManifest, decode_manifest
 from agent.topics import Topics
@@ -155,6 +156,18 @@ def test_the_example_config_documents_every_models_key(tmp_path: Path) -> None:
     assert config.models == ModelsSection()  # the example shows the defaults
     readme = (example.parent.parent / "README.md").read_text()
     assert all(f"`models.{key}`" in readme for key in documented)
+
+
+def test_keep_unreferenced_is_at_least_a_second(tmp_path: Path) -> None:
+    """Shorter, a model that comes with its deploy could be pruned before the deploy
+    refers to it (the store is pruned as soon as a model is added)."""
+    path = tmp_path / "agent.toml"
+    for bad in ("0", "0.5", "-1", '"5"'):
+        path.write_text(f"[models]\nkeep_unreferenced = {bad}\n")
+        with pytest.raises(ConfigError, match=r"models\.keep_unreferenced"):
+            load_config(path)
+    path.write_text("[models]\nkeep_unreferenced = 1\n")
+    assert load_config(path).models.keep_unreferenced == 1.0
 
 
 @given(
