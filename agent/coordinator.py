@@ -136,6 +136,7 @@ class Coordinator:
             phase=Phase.DONE,
             keep_until=keep_until,
             authenticity=None,  # not kept in the state file: unknown to the audit log
+            group=stored.group,
         )
         error = Interrupted(
             "the agent stopped before this request finished; the camera "

@@ -128,6 +128,9 @@ class StoredRequest(msgspec.Struct, frozen=True):
     camera: str
     stream: str
     replies: tuple[ReplyTo, ...] = ()
+    # the group a group command was sent to (absent in files written before it was kept):
+    # its `interrupted` answer names it like the request's other events
+    group: str | None = None
 
     @classmethod
     def of(cls, request: Request) -> StoredRequest:
@@ -137,6 +140,7 @@ class StoredRequest(msgspec.Struct, frozen=True):
             camera=request.camera,
             stream=request.stream,
             replies=tuple(request.replies),
+            group=request.group,
         )
 
 

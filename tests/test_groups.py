@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import os
+import signal
 import uuid
 from functools import partial
 from typing import TYPE_CHECKING, Any
@@ -287,3 +289,44 @@ async def test_group_command_keeps_each_cameras_order(
             assert accepted == [first, middle, last]
             assert obs.latest_json(obs.topics.nn_status(CAM1, "CAM_A"))["state"] == "none"
             assert obs.latest_json(obs.topics.nn_status(CAM2, "CAM_A"))["request_id"] == middle
+
+
+async def test_a_group_command_interrupted_by_a_crash_is_answered_with_its_group(
+    broker: Broker, tmp_path: Path, own_blobs: dict[str, Path]
+) -> None:
+    """Killed mid-apply, the agent answers the group command `interrupted` after its
+    restart; that answer names the group like the command's other events."""
+    ssd = own_blobs["ssd_tiny"].read_bytes()
+    group = f"k-{uuid.uuid4().hex[:8]}"
+    agent_id = f"gkill-{uuid.uuid4().hex[:8]}"
+    config = write_config(
+        tmp_path / "agent.toml", broker, tmp_path / "state", agent_id, groups=(group,),
+        boot_seconds=2.0,
+    )  # fmt: skip
+    body = {
+        "request_id": "cut",
+        "nn_config": {"type": "MobileNet"},
+        "model": ssd,
+        "target": {"cameras": [CAM1], "stream": "CAM_A"},
+    }
+    topics = Topics.for_agent(PREFIX, agent_id)
+    async with observe(broker, topics) as obs:
+        with agent_process(config, tmp_path / "agent.log") as first:
+            await obs.wait_for(partial(_online, obs, topics), what="online")
+            await obs.send(_group_topic(group, "deploy"), msgspec.msgpack.encode(body))
+            await obs.wait_for(lambda: "applying" in obs.states("cut"), what="applying")
+            os.kill(first.pid, signal.SIGKILL)
+            first.wait(timeout=10)
+        await obs.wait_for(lambda: obs.latest(topics.availability) == b"offline", what="will")
+        with agent_process(config, tmp_path / "agent.log"):
+            cut = (await _outcomes(obs, "cut", {CAM1}))[CAM1]
+            assert (cut.state, cut.error and cut.error.code) == ("failed", "interrupted")
+            assert [e.group for e in obs.events("cut")] == [group] * len(obs.events("cut"))
+            # and the camera converges to the accepted set, as for any command
+            await obs.wait_for(
+                lambda: (
+                    (obs.latest_json(topics.nn_status(CAM1, "CAM_A")) or {}).get("state")
+                    == "running"
+                ),
+                what="converged",
+            )

@@ -113,11 +113,15 @@ def test_a_stored_deployment_is_the_deployment_again() -> None:
 
 def test_the_document_names_its_models_and_keeps_its_format() -> None:
     a, b = deployment("a"), deployment("b", name="b")
+    before = model("z").sha256  # what CAM_A ran before `a`: kept for a rollback
+    grouped = deploy("g", stream="CAM_B")
+    grouped.group = "site"
     document = StateDocument(
-        cameras={"C": CameraState.of({"CAM_A": b}, {"CAM_A": a})},
-        in_flight=(StoredRequest.of(deploy("r")),),
+        cameras={"C": CameraState.of({"CAM_A": b}, {"CAM_A": a}, {"CAM_A": before})},
+        in_flight=(StoredRequest.of(deploy("r")), StoredRequest.of(grouped)),
     )
-    assert document.models() == {model("a").sha256, model("b").sha256}
+    assert document.models() == {model("a").sha256, model("b").sha256, before}
+    assert CameraState.of({"CAM_A": b}, {}).previous == {}
     raw = msgspec.json.decode(msgspec.json.encode(document))
     assert raw["cameras"]["C"]["desired"]["CAM_A"] == {
         "sha256": model("b").sha256,
@@ -138,6 +142,35 @@ def test_the_document_names_its_models_and_keeps_its_format() -> None:
             "off_seconds": 3.0,
         },
     }
+    assert raw["cameras"]["C"]["previous"] == {"CAM_A": before}
     assert raw["in_flight"] == [
-        {"request_id": "r", "action": "deploy", "camera": "C", "stream": "CAM_A", "replies": []}
+        {
+            "request_id": "r",
+            "action": "deploy",
+            "camera": "C",
+            "stream": "CAM_A",
+            "replies": [],
+            "group": None,
+        },
+        {
+            "request_id": "g",
+            "action": "deploy",
+            "camera": "C",
+            "stream": "CAM_B",
+            "replies": [],
+            "group": "site",
+        },
     ]
+
+
+def test_a_state_file_from_before_previous_models_and_groups_loads() -> None:
+    """`previous` and a stored request's `group` are new defaulted fields."""
+    old = {
+        "version": 1,
+        "cameras": {"C": {"desired": {}, "last_good": {}}},
+        "in_flight": [{"request_id": "r", "action": "delete", "camera": "C", "stream": "CAM_A"}],
+    }
+    document = msgspec.json.decode(msgspec.json.encode(old), type=StateDocument)
+    assert document.cameras["C"].previous == {}
+    assert document.in_flight[0].group is None
+    assert document.models() == set()
