@@ -361,6 +361,51 @@ def test_state_file_loads_or_is_kept_aside(tmp_path_factory: Any, raw: bytes) ->
         assert not (folder / "state.json").exists()
 
 
+_previous_values = st.dictionaries(st.text(max_size=8), st.text(max_size=70), max_size=3)
+
+
+@given(
+    previous=_previous_values | json_values,
+    group=st.none() | st.text(max_size=12) | json_values,
+    omit=st.sets(st.sampled_from(["previous", "group"])),
+)
+@settings(max_examples=200, suppress_health_check=[HealthCheck.function_scoped_fixture])
+def test_state_file_with_previous_models_and_groups_loads_or_names_the_field(
+    tmp_path_factory: Any, previous: Any, group: Any, omit: set[str]
+) -> None:
+    """The fields added later (`cameras.*.previous`, `in_flight[].group`): absent, they
+    take their defaults; well typed, they load as written; else the file is kept aside
+    and the reason names the field."""
+    camera: dict[str, Any] = {"desired": {}, "last_good": {}, "previous": previous}
+    request: dict[str, Any] = {
+        "request_id": "r",
+        "action": "deploy",
+        "camera": "C",
+        "stream": "CAM_A",
+        "group": group,
+    }
+    for key in omit:
+        (camera if key == "previous" else request).pop(key)
+    raw = {"version": 1, "cameras": {"C": camera}, "in_flight": [request]}
+    folder = tmp_path_factory.mktemp("state")
+    (folder / "state.json").write_bytes(msgspec.json.encode(raw))
+    document, problem = StateFile(folder).load()
+    good_previous = isinstance(previous, dict) and all(
+        isinstance(v, str) for v in previous.values()
+    )
+    good_group = group is None or isinstance(group, str)
+    if (good_previous or "previous" in omit) and (good_group or "group" in omit):
+        assert problem is None
+        loaded = document.cameras["C"].previous
+        assert loaded == ({} if "previous" in omit else previous)
+        assert document.in_flight[0].group == (None if "group" in omit else group)
+        assert document.models() == set(loaded.values())
+    else:
+        assert problem is not None
+        assert document == StateDocument()
+        assert "$.cameras[...].previous" in problem or "$.in_flight[0].group" in problem, problem
+
+
 @given(st.binary(max_size=64) | hostile_payloads)
 def test_payload_format_names_what_the_first_byte_opens(payload: bytes) -> None:
     kind = payload_format(payload)
