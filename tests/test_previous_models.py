@@ -23,6 +23,7 @@ from agent.config import ModelsSection
 from agent.topics import Topics
 from tests.agent_process import agent_process, write_config
 from tests.harness import CAM1, CAM2, YOLO, agent_and_observer, make_config, observe, yolo
+from tests.test_client import oak
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -156,3 +157,14 @@ async def test_the_model_before_survives_a_sigkill_and_restart(
                 if line["camera"] == CAM1
             ]
             assert restored == [["CAM_A"]]
+            # as a user sees it
+            listed = await oak("models", "--config", str(config))
+            listed_json = await oak("models", "--config", str(config), "--json")
+    assert listed.code == 0, listed
+    header, *rows = listed.out.splitlines()
+    assert header.split()[-5:] == ["in", "use", "by", "previous", "for"], header
+    row = next(r for r in rows if r.startswith(b))
+    assert row.split()[-2:] == ["-", WHERE], row  # b: no longer run, the one before
+    entries = {e["sha256"]: e for e in json.loads(listed_json.out)}
+    assert (entries[b]["in_use_by"], entries[b]["previous_for"]) == ([], [WHERE])
+    assert (entries[a]["in_use_by"], entries[a]["previous_for"]) == ([WHERE], [])
