@@ -21,7 +21,8 @@ from agent.fleet.plan import decode_rollout
 from agent.topics import Topics
 from tests.agent_process import agent_process, write_config
 from tests.brokers import run_broker
-from tests.harness import CAM1, CAM2, observe
+from tests.harness import CAM1, CAM2, YOLO, observe, yolo
+from tests.test_previous_models import _pruned_past_the_grace
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator
@@ -60,9 +61,15 @@ def _online(obs: Observer) -> bool:
 
 @contextlib.asynccontextmanager
 async def fleet_of(
-    broker: Broker, tmp_path: Path, group: str, count: int, boot_seconds: float = 0.3
+    broker: Broker,
+    tmp_path: Path,
+    group: str,
+    count: int,
+    boot_seconds: float = 0.3,
+    extra: str = "",
 ) -> AsyncIterator[dict[str, Observer]]:
-    """`count` agent processes in `group`, two cameras each, each watched by an observer."""
+    """`count` agent processes in `group`, two cameras each, each watched by an observer;
+    `extra`: config sections they all have."""
     tag = uuid.uuid4().hex[:6]
     async with contextlib.AsyncExitStack() as stack:
         observers = {}
@@ -80,6 +87,7 @@ async def fleet_of(
                 groups=(group,),
                 cameras=((CAM1, f"door{n}"), (CAM2, f"yard{n}")),
                 boot_seconds=boot_seconds,
+                extra=extra,
             )
             stack.enter_context(agent_process(config, tmp_path / f"{agent_id}.log"))
         for agent_id, obs in observers.items():
@@ -496,3 +504,44 @@ async def test_rollout_on_the_embedded_broker(tmp_path: Path, own_blobs: dict[st
                     assert status["request_id"] == rollout_id
             status = await run_fleet(config, "status", rollout_id, "--json")
             assert json.loads(status.stdout)["state"] == "succeeded"
+
+
+async def test_an_abort_long_after_the_models_were_replaced_still_rolls_back(
+    broker: Broker, tmp_path: Path, own_blobs: dict[str, Path]
+) -> None:
+    """The agent keeps each stream's model before its current one past
+    `models.keep_unreferenced` (1 s here): the rollback by sha256 finds it."""
+    group = f"fleet-{uuid.uuid4().hex[:8]}"
+    rollout_id = f"fl-{uuid.uuid4().hex[:8]}"
+    config = controller_config(tmp_path / "controller.toml", broker)
+    # a model of its own on each camera: nothing but the rollback keeps it
+    before = {
+        CAM1: (own_blobs["yolo_tiny"].read_bytes(), YOLO),
+        CAM2: (own_blobs["yolo_tiny_c2"].read_bytes(), yolo(num_classes=2)),
+    }
+    keep = "[models]\nkeep_unreferenced = 1\n"
+    async with (
+        fleet_of(broker, tmp_path, group, 1, boot_seconds=0.5, extra=keep) as agents,
+        observe(broker, Topics(f"{PREFIX}/rollouts/{rollout_id}")) as records,
+    ):
+        ((agent_id, obs),) = agents.items()
+        for camera, (blob, nn_config) in before.items():
+            body = {"request_id": f"before-{camera}", "nn_config": nn_config, "model": blob}
+            await obs.deploy(camera, "CAM_A", body, encoding="msgpack")
+            assert (await obs.outcome(f"before-{camera}")).state == "succeeded"
+        await _killed_after_one_succeeded(config, group, own_blobs["ssd_tiny"], rollout_id, records)
+        controller = f"{PREFIX}/rollouts/{rollout_id}/controller"
+        await records.wait_for(lambda: records.latest(controller) == b"offline", what="will")
+        await _pruned_past_the_grace(obs, tmp_path / agent_id / "models", before[CAM1][0], "probe")
+        aborted = await run_fleet(config, "abort", rollout_id, "--timeout", "30")
+        assert aborted.returncode == 1, aborted.stderr.decode()
+        final = _record(records, rollout_id)
+        assert final is not None
+        assert final.state == "aborted"
+        states = sorted(t.state for t in final.targets)
+        assert "rolled_back" in states
+        assert set(states) <= {"rolled_back", "pending"}, final.targets
+        for target in final.targets:
+            if target.state == "rolled_back":
+                blob = before[target.camera][0]
+                assert _sha(obs, target.camera) == hashlib.sha256(blob).hexdigest()
