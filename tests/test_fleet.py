@@ -396,7 +396,23 @@ def test_fleet_help_and_bad_arguments(tmp_path: Path) -> None:
         fleet_command(config, "deploy", "--stream", "CAM_A"), check=False, capture_output=True
     )
     assert no_model.returncode == 2
-    assert b"--model or --model-sha256" in no_model.stderr
+    assert b"--model, --model-url or --model-sha256 is required" in no_model.stderr
+    sha = "ab" * 32
+    for wrong, said in (
+        (["--model", str(config), "--model-sha256", sha], b"--model goes alone"),
+        (["--model-url", "http://127.0.0.1:1/m.blob"], b"--model-url needs --model-sha256"),
+        (["--model-sha256", sha, "--model-size", "10"], b"--model-size goes with --model-url"),
+        (["--model-sha256", "xyz"], b"'xyz' is not a sha256"),
+        (["--model", str(tmp_path / "missing.blob")], b"cannot read"),
+        (["--model-sha256", sha, "--max-packet", "100"], b"--max-packet"),
+    ):
+        refused = subprocess.run(
+            fleet_command(config, "deploy", "--stream", "CAM_A", *wrong),
+            check=False,
+            capture_output=True,
+        )
+        assert refused.returncode == 2, (wrong, refused.stderr)
+        assert said in refused.stderr, (wrong, refused.stderr)
     typo = tmp_path / "typo.toml"
     typo.write_text("[mqtt]\nhots = 'x'\n")
     unknown = subprocess.run(fleet_command(typo, "status", "r1"), check=False, capture_output=True)
