@@ -143,9 +143,13 @@ async def test_a_311_controller_needs_max_packet_then_resumes(
             config, *_deploy(group, big_model, rollout_id, "--report", str(report))
         )
         assert cut.returncode == 3, cut.stdout.decode() + cut.stderr.decode()  # incomplete
-        targets = json.loads(report.read_text())["rollout"]["targets"]
+        rollout = json.loads(report.read_text())["rollout"]
+        assert rollout["reason"].startswith("the model did not reach the agent of 2 camera(s)")
+        targets = rollout["targets"]
         assert [t["state"] for t in targets] == ["unknown", "unknown"]
         assert {t["error"]["code"] for t in targets} == {"upload_unanswered"}
+        assert "give --max-packet" in targets[0]["error"]["message"]
+        assert b"ERROR" not in cut.stderr  # paho's own log of the drop is not shown
         assert _runs(obs, CAM1) is None  # nothing was deployed
         resumed = await run_fleet(
             config,
