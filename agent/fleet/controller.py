@@ -19,7 +19,6 @@ from typing import TYPE_CHECKING, Any, Final, Protocol
 import aiomqtt
 import anyio
 import msgspec
-import structlog
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
@@ -49,8 +48,6 @@ if TYPE_CHECKING:
     from agent.topics import FleetTopics
 
 __all__ = ["Controller", "FleetView", "Progress", "Signer", "connect", "sync"]
-
-log = structlog.get_logger(__name__)
 
 _SYNC_SECONDS: Final = 10.0
 _PUBLISH_SECONDS: Final = 10.0
@@ -327,7 +324,6 @@ class Controller:
         )
 
     async def _abort(self, reason: str) -> None:
-        log.warning("rollout aborting", rollout=self._rollout.id, reason=reason)
         self._rollout.state = "aborting"
         self._rollout.reason = reason
         await self.save()
