@@ -5,7 +5,8 @@ controller decides how many change at once. Each camera's request carries the ro
 as request_id (the agent tells a camera's requests apart by camera), the rollback
 `{id}.rollback`; sending one again after a crash is answered from the agent's record
 instead of running twice. The record is kept retained on `{prefix}/rollouts/{id}` after
-every change.
+every change. A camera whose agent does not store the model waits (`uploading`) for its
+agent's upload (agent/fleet/delivery.py); its command then names the model by sha256.
 """
 
 from __future__ import annotations
