@@ -267,6 +267,10 @@ class FleetTopics:
     def events_filter(self) -> str:
         return f"{self.prefix}/+/events"
 
+    @property
+    def models_filter(self) -> str:
+        return f"{self.prefix}/+/models"
+
     def nn_status_filter(self, stream: str) -> str:
         return f"{self.prefix}/+/cameras/+/streams/{stream}/nn/status"
 

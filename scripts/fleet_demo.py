@@ -24,6 +24,8 @@ from typing import TYPE_CHECKING
 import aiomqtt
 import anyio
 
+from agent.fleet.bridge import bridge_topics
+
 if TYPE_CHECKING:
     from collections.abc import Iterator
 
@@ -60,16 +62,12 @@ def _broker_config(path: Path, port: int, bridge_to: int | None, name: str) -> P
     if os.geteuid() == 0:
         lines.append("user root")
     if bridge_to is not None:
-        # the agents' topics go out; only commands (and the simulator's knobs) come in
+        # the agents' topics go out; only commands, uploads and the simulator's knobs come in
         lines += [
             f"connection {name}",
             f"address 127.0.0.1:{bridge_to}",
             f"remote_clientid bridge-{name}",
-            f"topic {PREFIX}/# out 1",
-            f"topic {PREFIX}/+/cameras/+/streams/+/nn/deploy in 1",
-            f"topic {PREFIX}/+/cameras/+/streams/+/nn/delete in 1",
-            f"topic {PREFIX}/groups/# in 1",
-            f"topic {PREFIX}/+/simulator/# in 1",
+            *bridge_topics(PREFIX),
             "cleansession false",
             "restart_timeout 1 5",
             "notifications false",

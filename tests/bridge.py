@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING
 
 import anyio
 
+from agent.fleet.bridge import bridge_topics
 from tests.brokers import free_port, run_broker
 
 if TYPE_CHECKING:
@@ -17,21 +18,7 @@ if TYPE_CHECKING:
 
     from tests.brokers import Broker
 
-__all__ = ["CutLink", "bridge_settings", "bridge_topics", "bridged", "cut_link"]
-
-
-def bridge_topics(prefix: str) -> tuple[str, ...]:
-    """What crosses, as the README recommends: everything the site's agents say goes out;
-    only commands (and the simulator's knobs) come in. The controller's own retained topics
-    (`{prefix}/rollouts/...`) stay central: a site copy of them would be pushed back, stale,
-    whenever the bridge reconnects (mosquitto sends its retained messages on connect)."""
-    return (
-        f"topic {prefix}/# out 1",
-        f"topic {prefix}/+/cameras/+/streams/+/nn/deploy in 1",
-        f"topic {prefix}/+/cameras/+/streams/+/nn/delete in 1",
-        f"topic {prefix}/groups/# in 1",
-        f"topic {prefix}/+/simulator/# in 1",
-    )
+__all__ = ["CutLink", "bridge_settings", "bridged", "cut_link"]
 
 
 def bridge_settings(name: str, central_port: int, prefix: str) -> tuple[str, ...]:
@@ -52,13 +39,14 @@ def bridge_settings(name: str, central_port: int, prefix: str) -> tuple[str, ...
 
 @contextlib.contextmanager
 def bridged(
-    workdir: Path, prefix: str, *, central_port: int | None = None
+    workdir: Path, prefix: str, *, central_port: int | None = None, site: tuple[str, ...] = ()
 ) -> Iterator[tuple[Broker, Broker]]:
-    """A central mosquitto and a site mosquitto bridged straight to it."""
+    """A central mosquitto and a site mosquitto bridged straight to it; `site`: more lines
+    for the site broker (e.g. its `max_packet_size`)."""
     with run_broker("mosquitto", workdir / "central", port=central_port) as central:
-        settings = bridge_settings("site", central.port, prefix)
-        with run_broker("mosquitto", workdir / "site", settings=settings) as site:
-            yield central, site
+        settings = (*site, *bridge_settings("site", central.port, prefix))
+        with run_broker("mosquitto", workdir / "site", settings=settings) as site_broker:
+            yield central, site_broker
 
 
 class CutLink:

@@ -6,11 +6,13 @@ from __future__ import annotations
 import json
 import uuid
 from functools import partial
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import anyio
 import pytest
 
+from agent.fleet.bridge import bridge_topics
 from agent.topics import Topics
 from tests.bridge import cut_link
 from tests.harness import CAM1, CAM2, observe
@@ -26,8 +28,6 @@ from tests.test_fleet import (
 )
 
 if TYPE_CHECKING:
-    from pathlib import Path
-
     from tests.brokers import Broker
 
 pytestmark = pytest.mark.anyio
@@ -147,3 +147,12 @@ async def test_bridge_outage_mid_rollout_then_resume(
                     # each ran it once, whether the command crossed before the cut or after
                     assert obs.latest_json(obs.topics.camera_status(camera))["restarts"] == 1
             assert link.connections >= 2  # the bridge came back through the link
+
+
+def test_the_readme_bridge_lines_are_the_ones_tested() -> None:
+    """The README's site bridge block names exactly the topics the tests and the demo use."""
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    section = readme.split("### Bridging a site broker to a central one", 1)[1]
+    block = section.split("```", 2)[1]
+    lines = tuple(line for line in block.splitlines() if line.startswith("topic "))
+    assert lines == bridge_topics("oak")

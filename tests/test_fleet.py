@@ -3,12 +3,18 @@
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import json
+import os
+import re
 import signal
+import struct
 import subprocess
 import sys
+import termios
 import uuid
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -404,7 +410,23 @@ def test_fleet_help_and_bad_arguments(tmp_path: Path) -> None:
         fleet_command(config, "deploy", "--stream", "CAM_A"), check=False, capture_output=True
     )
     assert no_model.returncode == 2
-    assert b"--model or --model-sha256" in no_model.stderr
+    assert b"--model, --model-url or --model-sha256 is required" in no_model.stderr
+    sha = "ab" * 32
+    for wrong, said in (
+        (["--model", str(config), "--model-sha256", sha], b"--model goes alone"),
+        (["--model-url", "http://127.0.0.1:1/m.blob"], b"--model-url needs --model-sha256"),
+        (["--model-sha256", sha, "--model-size", "10"], b"--model-size goes with --model-url"),
+        (["--model-sha256", "xyz"], b"'xyz' is not a sha256"),
+        (["--model", str(tmp_path / "missing.blob")], b"cannot read"),
+        (["--model-sha256", sha, "--max-packet", "100"], b"--max-packet"),
+    ):
+        refused = subprocess.run(
+            fleet_command(config, "deploy", "--stream", "CAM_A", *wrong),
+            check=False,
+            capture_output=True,
+        )
+        assert refused.returncode == 2, (wrong, refused.stderr)
+        assert said in refused.stderr, (wrong, refused.stderr)
     typo = tmp_path / "typo.toml"
     typo.write_text("[mqtt]\nhots = 'x'\n")
     unknown = subprocess.run(fleet_command(typo, "status", "r1"), check=False, capture_output=True)
@@ -545,3 +567,77 @@ async def test_an_abort_long_after_the_models_were_replaced_still_rolls_back(
             if target.state == "rolled_back":
                 blob = before[target.camera][0]
                 assert _sha(obs, target.camera) == hashlib.sha256(blob).hexdigest()
+
+
+async def test_the_live_table_on_a_terminal(
+    broker: Broker, tmp_path: Path, own_blobs: dict[str, Path]
+) -> None:
+    """On a terminal (a pty, 120 columns) the rollout is a rich table redrawn in place, then its summary;
+    `fleet status` on a terminal draws the same table."""
+    group = f"fleet-{uuid.uuid4().hex[:8]}"
+    rollout_id = f"tty-{uuid.uuid4().hex[:8]}"
+    config = controller_config(tmp_path / "controller.toml", broker)
+    async with fleet_of(broker, tmp_path, group, 1):
+        deploy = _one_at_a_time(config, group, own_blobs["ssd_tiny"], rollout_id)
+        shown = await _on_a_terminal(deploy)
+        status = await _on_a_terminal(fleet_command(config, "status", rollout_id))
+    assert shown.code == 0, shown.text
+    # redrawn in place: the cursor goes back up over the table for each change
+    assert shown.text.count("\x1b[1A") > 2 * len(("door", "yard"))
+    plain = _without_escapes(shown.text)
+    for header in ("wave", "agent", "camera", "name", "state", "error"):
+        assert header in plain
+    assert "┃" in plain or "│" in plain  # a drawn table, not plain lines
+    assert "door0" in plain
+    assert "yard0" in plain
+    assert plain.rstrip().splitlines()[-1].startswith(f"rollout {rollout_id}: succeeded")
+    assert status.code == 0, status.text
+    table = _without_escapes(status.text)
+    assert f"rollout {rollout_id}: succeeded; 2 cameras: 2 succeeded" in table
+    assert table.count("succeeded") >= 3  # the title and both rows
+    assert "controller: not running" in table
+
+
+@dataclass(frozen=True)
+class _Terminal:
+    code: int
+    text: str
+
+
+async def _on_a_terminal(command: list[str]) -> _Terminal:
+    """Run `command` with a pty as its stdout and stderr; what it wrote."""
+    leader, follower = os.openpty()
+    fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 120, 0, 0))
+    env = {**os.environ, "TERM": "xterm-256color", "COLUMNS": "120"}
+    env.pop("NO_COLOR", None)
+    try:
+        process = await anyio.open_process(command, stdout=follower, stderr=follower, env=env)
+        os.close(follower)
+        follower = -1
+        async with process:
+            with anyio.fail_after(120):
+                text = await anyio.to_thread.run_sync(_read_until_closed, leader)
+                code = await process.wait()
+    finally:
+        os.close(leader)
+        if follower >= 0:
+            os.close(follower)
+    return _Terminal(code, text.decode(errors="replace").replace("\r\n", "\n"))
+
+
+def _read_until_closed(fd: int) -> bytes:
+    """Read a pty leader until every writer closed it (Linux: EIO)."""
+    chunks = []
+    for _ in range(100_000):
+        try:
+            chunk = os.read(fd, 65536)
+        except OSError:
+            break
+        if not chunk:
+            break
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _without_escapes(text: str) -> str:
+    return re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", text)

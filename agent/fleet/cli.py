@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import hashlib
 import json
+import logging
 import signal
 import sys
 import time
@@ -21,6 +21,7 @@ from agent.config import ConfigError
 from agent.connect import broker_options, connect_problem
 from agent.fleet.config import load_controller_config
 from agent.fleet.controller import Controller, FleetView, Signer, connect, read_into, sync
+from agent.fleet.delivery import Uploads
 from agent.fleet.plan import (
     ROLLOUT_ID_RE,
     Options,
@@ -33,7 +34,8 @@ from agent.fleet.plan import (
 from agent.fleet.progress import PlainLines, progress_for, summary, table
 from agent.keyfiles import key_id_of, read_signing_key
 from agent.messages import NNConfig
-from agent.topics import STREAM_RE, FleetTopics
+from agent.sender import ModelFile, sha256_of
+from agent.topics import SHA256_RE, STREAM_RE, FleetTopics
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Awaitable, Callable
@@ -70,6 +72,9 @@ _EXIT_OF_STATE: Final = {
     "incomplete": EXIT_INCOMPLETE,
 }
 _nn_config_decoder: Final = msgspec.json.Decoder(NNConfig)
+# an upload's connection that a broker drops is reported in its cameras' errors, not by paho
+_UPLOAD_LOG: Final = logging.getLogger("agent.fleet.upload")
+_UPLOAD_LOG.setLevel(logging.CRITICAL)
 
 
 class FleetExit(Exception):
@@ -96,6 +101,12 @@ def _stream(value: str) -> str:
     if not STREAM_RE.fullmatch(value):
         raise argparse.ArgumentTypeError(f"{value!r}: CAM_A..CAM_H or DEPTH_X_Y")
     return value
+
+
+def _sha256(value: str) -> str:
+    if not SHA256_RE.fullmatch(value.lower()):
+        raise argparse.ArgumentTypeError(f"{value!r} is not a sha256 (64 hex digits)")
+    return value.lower()
 
 
 def _nn_config(value: str) -> NNConfig:
@@ -220,9 +231,34 @@ def add_fleet_commands(sub: Any) -> None:
         "deploy", help="deploy a model", epilog=EXIT_CODES, formatter_class=_raw()
     )
     _rollout_options(deploy)
-    source = deploy.add_mutually_exclusive_group()
-    source.add_argument("--model", type=Path, metavar="BLOB", help="a MyriadX .blob file")
-    source.add_argument("--model-sha256", metavar="SHA256", help="a model the agents store")
+    source = deploy.add_argument_group("the model: --model, --model-url, or --model-sha256 alone")
+    source.add_argument(
+        "--model",
+        type=Path,
+        metavar="BLOB",
+        help="a MyriadX .blob file, uploaded in chunks to each agent that does not store it",
+    )
+    source.add_argument(
+        "--model-url",
+        metavar="URL",
+        help="an http(s) URL each agent downloads the model from (with --model-sha256)",
+    )
+    source.add_argument(
+        "--model-sha256",
+        type=_sha256,
+        metavar="SHA256",
+        help="the model's sha256: alone, a model every agent stores already",
+    )
+    source.add_argument(
+        "--model-size", type=_number(int, 1), metavar="BYTES", help="with --model-url: its size"
+    )
+    deploy.add_argument(
+        "--max-packet",
+        type=_number(int, 4096),
+        metavar="BYTES",
+        help="the smallest packet limit between here and the agents (a capped site broker "
+        "behind the central one): upload chunks fit it (default: the broker's own limit)",
+    )
     deploy.add_argument(
         "--nn-config",
         type=_nn_config,
@@ -339,7 +375,7 @@ class _Plan(msgspec.Struct, frozen=True):
     spec: Spec | None = None
     selection: Selection = Selection()
     options: Options = Options()
-    model: bytes | None = None
+    model: ModelFile | None = None  # uploaded to the agents that lack it
 
 
 def _plan(args: argparse.Namespace) -> _Plan:
@@ -350,12 +386,7 @@ def _plan(args: argparse.Namespace) -> _Plan:
         min_executed=args.min_executed,
         timeout=args.timeout,
     )
-    model = None
-    if getattr(args, "model", None) is not None:
-        try:
-            model = args.model.read_bytes()
-        except OSError as exc:
-            raise FleetExit(EXIT_USAGE, f"cannot read {args.model}: {exc.strerror}") from None
+    model = _model_file(args)
     if args.resume:
         return _Plan(rollout_id=args.resume, resume=True, options=options, model=model)
     if args.stream is None:
@@ -363,21 +394,45 @@ def _plan(args: argparse.Namespace) -> _Plan:
     spec = Spec(action=args.fleet_command, stream=args.stream)
     if args.fleet_command == "deploy":
         if model is None and args.model_sha256 is None:
-            raise FleetExit(EXIT_USAGE, "--model or --model-sha256 is required")
-        sha256 = hashlib.sha256(model).hexdigest() if model else args.model_sha256.lower()
+            raise FleetExit(EXIT_USAGE, "--model, --model-url or --model-sha256 is required")
         spec = Spec(
             action="deploy",
             stream=args.stream,
             nn_config=args.nn_config or _nn_config('{"type": "Generic"}'),
-            model_sha256=sha256,
-            model_name=args.model_name or (args.model.name if args.model else None),
+            model_sha256=model.sha256 if model else args.model_sha256,
+            model_name=args.model_name or (model.path.name if model else None),
             labels=tuple(args.labels.split(",")) if args.labels else None,
+            model_url=args.model_url,
+            model_size=args.model_size,
         )
     selection = Selection(
         groups=tuple(args.group), agents=tuple(args.agent), cameras=tuple(args.camera)
     )
     rollout_id = args.rollout_id or f"r-{uuid.uuid4().hex[:12]}"
     return _Plan(rollout_id, False, spec, selection, options, model)
+
+
+def _model_file(args: argparse.Namespace) -> ModelFile | None:
+    """--model, hashed; the model options checked against each other."""
+    path: Path | None = getattr(args, "model", None)
+    url: str | None = getattr(args, "model_url", None)
+    if path is not None and (url is not None or getattr(args, "model_sha256", None)):
+        raise FleetExit(EXIT_USAGE, "--model goes alone: not with --model-url or --model-sha256")
+    if url is not None and (args.resume or args.model_sha256 is None):
+        raise FleetExit(
+            EXIT_USAGE,
+            "--model-url needs --model-sha256 (the agents check it)"
+            if not args.resume
+            else "--model-url is kept in the rollout's record: not with --resume",
+        )
+    if getattr(args, "model_size", None) is not None and url is None:
+        raise FleetExit(EXIT_USAGE, "--model-size goes with --model-url")
+    if path is None:
+        return None
+    try:
+        return sha256_of(path)
+    except OSError as exc:
+        raise FleetExit(EXIT_USAGE, f"cannot read {path}: {exc.strerror}") from None
 
 
 @contextlib.asynccontextmanager
@@ -429,6 +484,7 @@ async def _discover(client: aiomqtt.Client, view: FleetView, rollout_id: str, st
         topics.info_filter,
         topics.availability_filter,
         topics.events_filter,
+        topics.models_filter,
         topics.nn_status_filter(stream),
     ):
         await client.subscribe(topic, qos=1)
@@ -477,7 +533,51 @@ async def _rollout(
                     f"no online camera with {rollout.spec.stream} matches the selection "
                     f"({len(view.online)} agents online)",
                 )
-        return await _drive(client, view, rollout, plan.model, args, signer=signer)
+        uploads = _uploads(
+            config, broker, args, rollout, model=plan.model, signer=signer, view=view
+        )
+        return await _drive(client, view, rollout, args, uploads=uploads, signer=signer)
+
+
+def _uploads(
+    config: ControllerConfig,
+    broker: BrokerOptions,
+    args: argparse.Namespace,
+    rollout: Rollout,
+    *,
+    model: ModelFile | None,
+    signer: Signer | None,
+    view: FleetView,
+) -> Uploads | None:
+    """How the model reaches the agents that lack it; FleetExit when it cannot."""
+    spec = rollout.spec
+    if spec.action != "deploy" or spec.model_url is not None or spec.model_sha256 is None:
+        return None  # nothing to send, or each agent downloads it
+    if model is None:
+        waiting = {t.agent for t in rollout.targets if t.state in {"pending", "uploading"}}
+        lacking = sorted(a for a in waiting if not view.stores(a, spec.model_sha256))
+        if lacking:
+            raise FleetExit(
+                EXIT_USAGE,
+                f"agent(s) {', '.join(lacking)} do not store model {spec.model_sha256}: "
+                "give --model FILE to upload it (or --model-url to have them download it)",
+            )
+        return None
+    protocol = config.mqtt.protocol
+
+    def open_client() -> aiomqtt.Client:
+        client_id = f"oak-fleet-up-{uuid.uuid4().hex[:12]}"
+        return connect(broker, protocol=protocol, client_id=client_id, logger=_UPLOAD_LOG)
+
+    return Uploads(
+        model=model,
+        open_client=open_client,
+        mqtt5=protocol == "5",
+        max_packet=getattr(args, "max_packet", None),
+        timeout=rollout.options.timeout,
+        signer=signer,
+        model_name=spec.model_name,
+    )
 
 
 def _resumable(known: Rollout, view: FleetView, plan: _Plan) -> Rollout:
@@ -485,14 +585,14 @@ def _resumable(known: Rollout, view: FleetView, plan: _Plan) -> Rollout:
         raise FleetExit(EXIT_USAGE, f"a controller is running rollout {known.id}")
     spec = known.spec
     if spec.action == "deploy" and plan.model is not None:
-        sha256 = hashlib.sha256(plan.model).hexdigest()
+        sha256 = plan.model.sha256
         if sha256 != spec.model_sha256:
             raise FleetExit(
                 EXIT_USAGE, f"--model has sha256 {sha256}, the rollout deploys {spec.model_sha256}"
             )
     if known.state in {"running", "incomplete"}:
         for target in known.targets:
-            if target.state in {"sent", "unknown"}:  # asked again under the same request_id
+            if target.state in {"uploading", "sent", "unknown"}:  # again, under the same id
                 target.state = "pending"
         known.state, known.reason = "running", None
     return known
@@ -502,15 +602,15 @@ async def _drive(
     client: aiomqtt.Client,
     view: FleetView,
     rollout: Rollout,
-    model: bytes | None,
     args: argparse.Namespace,
     *,
+    uploads: Uploads | None = None,
     signer: Signer | None,
 ) -> int:
     progress = progress_for()
     try:
         controller = Controller(
-            client, view, rollout, model=model, progress=progress, signer=signer
+            client, view, rollout, progress=progress, uploads=uploads, signer=signer
         )
         try:
             done = await controller.run()
@@ -591,4 +691,4 @@ async def _abort(
         rollout.state, rollout.reason = "aborting", "aborted by `fleet abort`"
         rollout.options = msgspec.structs.replace(rollout.options, timeout=args.timeout)
         await _discover(client, view, args.id, rollout.spec.stream)
-        return await _drive(client, view, rollout, None, args, signer=signer)
+        return await _drive(client, view, rollout, args, signer=signer)

@@ -5,7 +5,8 @@ controller decides how many change at once. Each camera's request carries the ro
 as request_id (the agent tells a camera's requests apart by camera), the rollback
 `{id}.rollback`; sending one again after a crash is answered from the agent's record
 instead of running twice. The record is kept retained on `{prefix}/rollouts/{id}` after
-every change.
+every change. A camera whose agent does not store the model waits (`uploading`) for its
+agent's upload (agent/fleet/delivery.py); its command then names the model by sha256.
 """
 
 from __future__ import annotations
@@ -19,7 +20,6 @@ from typing import TYPE_CHECKING, Any, Final, Protocol
 import aiomqtt
 import anyio
 import msgspec
-import structlog
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
@@ -34,20 +34,21 @@ from agent.fleet.plan import (
     next_wave,
     previous_of,
 )
-from agent.messages import Event, Info, NNStatus
+from agent.messages import Event, Info, ModelEntry, NNStatus
 from agent.mqtt import payload_bytes
 from agent.signing import KEY_ID_PROPERTY, SIGNATURE_PROPERTY, envelope, sign
 
 if TYPE_CHECKING:
+    import logging
+
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
     from agent.connect import BrokerOptions
+    from agent.fleet.delivery import Uploads
     from agent.fleet.plan import Target, TargetState
     from agent.topics import FleetTopics
 
 __all__ = ["Controller", "FleetView", "Progress", "Signer", "connect", "sync"]
-
-log = structlog.get_logger(__name__)
 
 _SYNC_SECONDS: Final = 10.0
 _PUBLISH_SECONDS: Final = 10.0
@@ -55,6 +56,7 @@ _PUBLISH_SECONDS: Final = 10.0
 _event_decoder: Final = msgspec.json.Decoder(Event)
 _info_decoder: Final = msgspec.json.Decoder(Info)
 _status_decoder: Final = msgspec.json.Decoder(NNStatus)
+_models_decoder: Final = msgspec.json.Decoder(tuple[ModelEntry, ...])
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,6 +108,7 @@ class FleetView:
     infos: dict[str, Info] = field(default_factory=dict)
     online: set[str] = field(default_factory=set)
     statuses: dict[tuple[str, str], NNStatus] = field(default_factory=dict)
+    models: dict[str, frozenset[str]] = field(default_factory=dict)  # agent -> stored sha256s
     records: dict[str, Rollout] = field(default_factory=dict)
     controllers: dict[str, str] = field(default_factory=dict)  # rollout id -> online/offline
     abort_requested: set[str] = field(default_factory=set)
@@ -132,6 +135,10 @@ class FleetView:
             info = _decode(_info_decoder, payload)
             if info is not None:
                 self.infos[agent_id] = info
+        elif topic == base.models:
+            entries = _decode(_models_decoder, payload)
+            if entries is not None:
+                self.models[agent_id] = frozenset(entry.sha256 for entry in entries)
         elif topic == base.availability:
             if payload == b"online":
                 self.online.add(agent_id)
@@ -172,6 +179,10 @@ class FleetView:
         if event.terminal:
             waiter.done.set()
 
+    def stores(self, agent_id: str, sha256: str) -> bool:
+        """Whether the agent's retained model list names the model."""
+        return sha256 in self.models.get(agent_id, ())
+
     def wait_for(self, agent_id: str, camera: str, request_id: str) -> _Waiter:
         """Start waiting for a request's final answer (before the command is sent)."""
         waiter = _Waiter()
@@ -185,7 +196,12 @@ class FleetView:
 
 
 def connect(
-    broker: BrokerOptions, *, protocol: str, client_id: str, will: aiomqtt.Will | None = None
+    broker: BrokerOptions,
+    *,
+    protocol: str,
+    client_id: str,
+    will: aiomqtt.Will | None = None,
+    logger: logging.Logger | None = None,
 ) -> aiomqtt.Client:
     return aiomqtt.Client(
         **broker.client_kwargs(),
@@ -193,6 +209,7 @@ def connect(
         protocol=aiomqtt.ProtocolVersion.V5 if protocol == "5" else aiomqtt.ProtocolVersion.V311,
         will=will,
         timeout=_SYNC_SECONDS,
+        logger=logger,
     )
 
 
@@ -225,6 +242,18 @@ def _state_of(event: Event | None) -> tuple[TargetState, ErrorInfo | None]:
             return "failed", event.error
 
 
+def _incomplete(wave: list[Target], timeout: float) -> str:
+    """Why a wave left outcomes unknown."""
+    unknown = [t for t in wave if t.state == "unknown"]
+    undelivered = sum(t.error is not None and t.error.code == "upload_unanswered" for t in unknown)
+    why = []
+    if undelivered:
+        why.append(f"the model did not reach the agent of {undelivered} camera(s)")
+    if unanswered := len(unknown) - undelivered:
+        why.append(f"no final answer from {unanswered} camera(s) within {timeout:g} s")
+    return "; ".join(why) + "; resume to learn their outcome"
+
+
 class Controller:
     """Runs one rollout to its end (or until its outcomes are unknown), keeping its record."""
 
@@ -234,18 +263,16 @@ class Controller:
         view: FleetView,
         rollout: Rollout,
         *,
-        model: bytes | None,
         progress: Progress,
+        uploads: Uploads | None = None,
         signer: Signer | None = None,
     ) -> None:
         self._signer = signer
         self._client = client
         self._view = view
         self._rollout = rollout
-        self._model = model
+        self._uploads = uploads  # the model, for agents that lack it
         self._progress = progress
-        # agents known to store the model: they took a command that carried it
-        self._model_held: set[str] = set()
 
     @property
     def rollout(self) -> Rollout:
@@ -276,10 +303,7 @@ class Controller:
                 await self._abort(reason)
             elif any(t.state == "unknown" for t in wave):
                 rollout.state = "incomplete"
-                rollout.reason = (
-                    f"no final answer from {sum(t.state == 'unknown' for t in wave)} camera(s) "
-                    f"within {rollout.options.timeout:g} s; resume to learn their outcome"
-                )
+                rollout.reason = _incomplete(wave, rollout.options.timeout)
         if rollout.state == "aborting":  # resumed while rolling back
             await self._rollback()
         await self.save()
@@ -301,7 +325,6 @@ class Controller:
         )
 
     async def _abort(self, reason: str) -> None:
-        log.warning("rollout aborting", rollout=self._rollout.id, reason=reason)
         self._rollout.state = "aborting"
         self._rollout.reason = reason
         await self.save()
@@ -315,12 +338,18 @@ class Controller:
                 target.previous = previous_of(
                     self._view.statuses.get((target.agent, target.camera))
                 )
-            target.state = "sent"
+            target.state = "uploading" if self._must_upload(target.agent) else "sent"
             target.wave = number
         await self.save()  # sent before it is: a resume sends it again, under the same id
         async with anyio.create_task_group() as tg:
             for target in wave:
                 tg.start_soon(self._change, target)
+
+    def _must_upload(self, agent_id: str) -> bool:
+        uploads = self._uploads
+        if uploads is None or agent_id in uploads.held:
+            return False
+        return not self._view.stores(agent_id, uploads.model.sha256)
 
     async def _change(self, target: Target) -> None:
         rollout = self._rollout
@@ -329,38 +358,45 @@ class Controller:
         if spec.action == "deploy":
             body |= {"nn_config": spec.nn_config, "model_sha256": spec.model_sha256}
             body |= {"model_name": spec.model_name, "labels": spec.labels}
-        event = await self._request(target, spec.action, body, carry_model=True)
-        target.state, target.error = _state_of(event)
-        await self.save()
-
-    async def _request(
-        self, target: Target, action: str, body: dict[str, Any], *, carry_model: bool
-    ) -> Event | None:
-        """Send one command and wait for its final answer; None when none came in time."""
-        body = {k: v for k, v in body.items() if v is not None}
-        with_model = (
-            carry_model
-            and action == "deploy"
-            and self._model is not None
-            and target.agent not in self._model_held
-        )
-        event = await self._send(target, action, body, with_model=with_model)
+            body |= {"model_url": spec.model_url, "model_size": spec.model_size}
+            if target.state == "uploading":
+                if not await self._deliver(target):
+                    return
+                target.state = "sent"
+                await self.save()
+        event = await self._request(target, spec.action, body)
         if (
             event is not None
             and event.error is not None
             and event.error.code == "model_not_found"
-            and carry_model
-            and self._model is not None
-            and not with_model
-        ):  # the agent no longer holds it: send it along
-            event = await self._send(target, action, body, with_model=True)
-        return event
+            and self._uploads is not None
+        ):  # its list said it held the model, or it pruned it meanwhile: upload, then again
+            self._uploads.forget(target.agent)
+            if not await self._deliver(target):
+                return
+            event = await self._request(target, spec.action, body)
+        target.state, target.error = _state_of(event)
+        await self.save()
 
-    async def _send(
-        self, target: Target, action: str, body: dict[str, Any], *, with_model: bool
-    ) -> Event | None:
-        if with_model:
-            body = body | {"model": self._model}
+    async def _deliver(self, target: Target) -> bool:
+        """Upload the model to the target's agent unless it holds it; False (and the
+        target's outcome saved) when that failed."""
+        uploads = self._uploads
+        if uploads is None:
+            return True
+        agent_id = target.agent
+        delivered = await uploads.ensure(agent_id, self._view.topics.agent(agent_id))
+        if delivered.ok:
+            if agent_id in uploads.sent and agent_id not in self._rollout.uploaded:
+                self._rollout.uploaded.append(agent_id)
+            return True
+        target.state, target.error = delivered.state, delivered.error
+        await self.save()
+        return False
+
+    async def _request(self, target: Target, action: str, body: dict[str, Any]) -> Event | None:
+        """Send one command and wait for its final answer; None when none came in time."""
+        body = {k: v for k, v in body.items() if v is not None}
         topic = self._view.topics.agent(target.agent).command(
             target.camera,
             self._rollout.spec.stream,
@@ -369,7 +405,7 @@ class Controller:
         if self._signer is not None:  # signed commands name their end
             body = body | {"expires_at": time.time() + self._signer.expires_in}
         waiter = self._view.wait_for(target.agent, target.camera, body["request_id"])
-        payload = msgspec.msgpack.encode(body) if with_model else msgspec.json.encode(body)
+        payload = msgspec.json.encode(body)
         properties = None
         if self._signer is not None:
             payload, properties = self._signer.signed(topic, payload)
@@ -378,11 +414,7 @@ class Controller:
         )
         with anyio.move_on_after(self._rollout.options.timeout):
             await waiter.done.wait()
-        if not waiter.done.is_set():
-            return None
-        if with_model and waiter.last is not None and waiter.last.state != "rejected":
-            self._model_held.add(target.agent)
-        return waiter.last
+        return waiter.last if waiter.done.is_set() else None
 
     # --- rollback -------------------------------------------------------------------------
 
@@ -407,7 +439,7 @@ class Controller:
             action = "deploy"
             body |= {"nn_config": previous.nn_config, "model_sha256": previous.model_sha256}
             body |= {"labels": previous.labels, "model_name": previous.model_name}
-        event = await self._request(target, action, body, carry_model=False)
+        event = await self._request(target, action, body)
         state, error = _state_of(event)
         if state == "succeeded":
             target.state = "rolled_back"

@@ -44,6 +44,7 @@ ROLLOUT_ID_RE: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,59}")
 
 TargetState = Literal[
     "pending",  # not sent yet
+    "uploading",  # its agent is being sent the model (a chunked upload); nothing sent yet
     "sent",  # sent; no final answer yet
     "succeeded",
     "failed",  # the agent applied it and it failed (the camera runs its previous set again)
@@ -121,6 +122,8 @@ class Spec(msgspec.Struct, frozen=True, omit_defaults=True):
     model_sha256: str | None = None
     model_name: str | None = None
     labels: tuple[str, ...] | None = None
+    model_url: str | None = None  # the agents download the model from here
+    model_size: int | None = None  # (with model_url, when known)
 
 
 class Rollout(msgspec.Struct, kw_only=True):
@@ -134,6 +137,7 @@ class Rollout(msgspec.Struct, kw_only=True):
     created_at: float = 0.0
     updated_at: float = 0.0
     reason: str | None = None  # why it was aborted or stopped
+    uploaded: list[str] = []  # agents this rollout uploaded the model to
 
     @property
     def request_id(self) -> str:

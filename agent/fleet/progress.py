@@ -25,6 +25,7 @@ _COLOURS = {
     "unknown": "yellow",
     "rollback_unknown": "yellow",
     "sent": "blue",
+    "uploading": "magenta",
 }
 
 
