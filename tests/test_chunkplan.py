@@ -124,6 +124,13 @@ def test_a_real_status_and_model_list_decode() -> None:
     )
     assert models is not None
     assert models[0].in_use_by == ("X/CAM_A",)
+    assert models[0].previous_for == ()  # from an agent before it was listed
+    kept = decode_models(
+        b'[{"sha256":"ab","size":3,"name":null,"stored_at":1,"last_used":2,"in_use_by":[],'
+        b'"previous_for":["X/CAM_A"]}]'
+    )
+    assert kept is not None
+    assert (kept[0].in_use_by, kept[0].previous_for) == ((), ("X/CAM_A",))
 
 
 def test_has_range() -> None:
