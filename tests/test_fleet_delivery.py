@@ -88,6 +88,14 @@ def _stored(obs: Observer) -> set[str]:
     return {entry["sha256"] for entry in obs.latest_json(obs.topics.models) or []}
 
 
+def _entry(obs: Observer, sha: str) -> dict[str, list[str]] | None:
+    """Who runs, and who ran before, the model `sha` as the agent's latest list says."""
+    for entry in obs.latest_json(obs.topics.models) or []:
+        if entry["sha256"] == sha:
+            return {key: entry[key] for key in ("in_use_by", "previous_for")}
+    return None
+
+
 async def test_rollout_uploads_in_chunks_through_a_capped_broker(
     capped: Broker, tmp_path: Path, big_model: Path
 ) -> None:
@@ -265,7 +273,13 @@ async def test_a_model_the_agent_lost_is_uploaded_again(
         assert first.returncode == 0, first.stdout.decode() + first.stderr.decode()
         deleted = await run_fleet(config, "delete", "--group", group, "--stream", "CAM_A")
         assert deleted.returncode == 0, deleted.stderr.decode()
-        assert sha in _stored(obs)
+        # the list as it stays: no camera runs the model, both ran it before (it is kept);
+        # removed only then, so that no later publication of the list drops it
+        both = [f"{CAM1}/CAM_A", f"{CAM2}/CAM_A"]
+        await obs.wait_for(
+            lambda: _entry(obs, sha) == {"in_use_by": [], "previous_for": both},
+            what="the list after the delete",
+        )
         _remove(tmp_path / agent_id / "models" / f"{sha}.blob")
         rollout_id = f"l2-{uuid.uuid4().hex[:6]}"
         again = await run_fleet(config, *_deploy(group, blob, rollout_id, "--report", str(report)))
