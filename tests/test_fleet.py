@@ -532,7 +532,7 @@ async def test_an_abort_long_after_the_models_were_replaced_still_rolls_back(
     broker: Broker, tmp_path: Path, own_blobs: dict[str, Path]
 ) -> None:
     """The agent keeps each stream's model before its current one past
-    `models.keep_unreferenced` (1 s here): the rollback by sha256 finds it."""
+    `models.keep_unreferenced` (2 s here): the rollback by sha256 finds it."""
     group = f"fleet-{uuid.uuid4().hex[:8]}"
     rollout_id = f"fl-{uuid.uuid4().hex[:8]}"
     config = controller_config(tmp_path / "controller.toml", broker)
@@ -541,7 +541,7 @@ async def test_an_abort_long_after_the_models_were_replaced_still_rolls_back(
         CAM1: (own_blobs["yolo_tiny"].read_bytes(), YOLO),
         CAM2: (own_blobs["yolo_tiny_c2"].read_bytes(), yolo(num_classes=2)),
     }
-    keep = "[models]\nkeep_unreferenced = 1\n"
+    keep = "[models]\nkeep_unreferenced = 2\n"
     async with (
         fleet_of(broker, tmp_path, group, 1, boot_seconds=0.5, extra=keep) as agents,
         observe(broker, Topics(f"{PREFIX}/rollouts/{rollout_id}")) as records,

@@ -1,7 +1,7 @@
 """Each stream's model before its current one stays in the store, so a rollback by sha256
 works however long ago it was replaced; any other model nothing refers to is still pruned.
 
-`[models] keep_unreferenced` is 1 s here. That a prune ran past the grace of the models
+`[models] keep_unreferenced` is 2 s here. That a prune ran past the grace of the models
 checked is shown by a probe: a model stored after them that nothing refers to (its deploy
 is refused by pre-flight) is removed from the store; that prune would have removed the
 older ones too, were they not kept. A Generic network on CAM2 publishes all along, so the
@@ -80,7 +80,7 @@ async def _pruned_past_the_grace(obs: Observer, store: Path, blob: bytes, reques
     assert refused.error is not None
     assert refused.error.code == "incompatible_model"
     path = store / f"{_sha(probe)}.blob"
-    assert path.exists()  # stored before pre-flight refused its deploy
+    assert path.exists()  # stored before pre-flight refused its deploy (and within 2 s)
     await obs.wait_for(lambda: not path.exists(), what="probe pruned")
 
 
@@ -91,7 +91,7 @@ async def test_the_model_before_the_current_one_is_kept_and_no_other(
     a, b, c = (_sha(blob) for blob, _ in models.values())
     store = tmp_path / "state" / "models"
     config = make_config(broker, tmp_path / "state")
-    config = msgspec.structs.replace(config, models=ModelsSection(keep_unreferenced=1.0))
+    config = msgspec.structs.replace(config, models=ModelsSection(keep_unreferenced=2.0))
     async with agent_and_observer(broker, config) as (_, obs):
         ticker = await _ticking(obs, own_blobs)
         for name in ("a", "b"):
@@ -129,7 +129,7 @@ async def test_the_model_before_survives_a_sigkill_and_restart(
     agent_id = f"prev-{os.getpid()}-{tmp_path.name[-6:]}"
     state = tmp_path / "state"
     config = write_config(
-        tmp_path / "agent.toml", broker, state, agent_id, extra="[models]\nkeep_unreferenced = 1\n"
+        tmp_path / "agent.toml", broker, state, agent_id, extra="[models]\nkeep_unreferenced = 2\n"
     )
     topics = Topics.for_agent("oaktest", agent_id)
     async with observe(broker, topics) as obs:
