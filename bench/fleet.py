@@ -402,7 +402,7 @@ def _delivery_rows(delivery: _Delivery, total: int, options: Options) -> list[Ro
             Row(
                 "  delivery cost (the difference)",
                 f"{cost:.1f} s for {sent / 1e6:.0f} MB = {sent / 1e6 / cost:.1f} MB/s, "
-                f"{cost / upload.uploaded * 1000:.0f} ms per agent"
+                f"{cost / upload.uploaded * 1000:.0f} ms per agent, all at once"
                 if cost > 0
                 else f"{cost:.1f} s (within the noise)",
             )
