@@ -143,9 +143,13 @@ async def test_a_311_controller_needs_max_packet_then_resumes(
             config, *_deploy(group, big_model, rollout_id, "--report", str(report))
         )
         assert cut.returncode == 3, cut.stdout.decode() + cut.stderr.decode()  # incomplete
-        targets = json.loads(report.read_text())["rollout"]["targets"]
+        rollout = json.loads(report.read_text())["rollout"]
+        assert rollout["reason"].startswith("the model did not reach the agent of 2 camera(s)")
+        targets = rollout["targets"]
         assert [t["state"] for t in targets] == ["unknown", "unknown"]
         assert {t["error"]["code"] for t in targets} == {"upload_unanswered"}
+        assert "give --max-packet" in targets[0]["error"]["message"]
+        assert b"ERROR" not in cut.stderr  # paho's own log of the drop is not shown
         assert _runs(obs, CAM1) is None  # nothing was deployed
         resumed = await run_fleet(
             config,
@@ -242,3 +246,36 @@ async def test_rollout_by_url_and_by_a_stored_sha256(
             for camera in (CAM1, CAM2):
                 status = obs.latest_json(obs.topics.nn_status(camera, "CAM_B"))
                 assert status["model"]["sha256"] == sha
+
+
+async def test_a_model_the_agent_lost_is_uploaded_again(
+    broker: Broker, tmp_path: Path, own_blobs: dict[str, Path]
+) -> None:
+    """The agent's retained list still names the model, but its file is gone (cleaned up by
+    hand): the deploy is refused `model_not_found`, the controller uploads it and sends the
+    command again."""
+    group = f"lost-{uuid.uuid4().hex[:8]}"
+    config = controller_config(tmp_path / "controller.toml", broker)
+    blob = own_blobs["ssd_tiny"]
+    sha = _sha(blob)
+    report = tmp_path / "report.json"
+    async with fleet_of(broker, tmp_path, group, 1) as agents:
+        ((agent_id, obs),) = agents.items()
+        first = await run_fleet(config, *_deploy(group, blob, f"l1-{uuid.uuid4().hex[:6]}"))
+        assert first.returncode == 0, first.stdout.decode() + first.stderr.decode()
+        deleted = await run_fleet(config, "delete", "--group", group, "--stream", "CAM_A")
+        assert deleted.returncode == 0, deleted.stderr.decode()
+        assert sha in _stored(obs)
+        _remove(tmp_path / agent_id / "models" / f"{sha}.blob")
+        rollout_id = f"l2-{uuid.uuid4().hex[:6]}"
+        again = await run_fleet(config, *_deploy(group, blob, rollout_id, "--report", str(report)))
+        assert again.returncode == 0, again.stdout.decode() + again.stderr.decode()
+        assert json.loads(report.read_text())["rollout"]["uploaded"] == [agent_id]
+        refused = [e for e in obs.events(rollout_id) if e.state == "rejected"]
+        assert refused, "the first command named a model the agent no longer had"
+        assert {e.error.code for e in refused if e.error} == {"model_not_found"}
+        assert [_runs(obs, CAM1), _runs(obs, CAM2)] == [sha, sha]
+
+
+def _remove(path: Path) -> None:
+    path.unlink()

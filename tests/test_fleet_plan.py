@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 from rich.console import Console
 
 from agent.errors import ErrorInfo
+from agent.fleet.controller import FleetView
 from agent.fleet.plan import (
     Options,
     Rollout,
@@ -26,6 +27,7 @@ from agent.fleet.plan import (
 )
 from agent.fleet.progress import PlainLines, table
 from agent.messages import Info, InfoCamera, MobileNetConfig
+from agent.topics import FleetTopics
 from tests.strategies import hostile_payloads
 
 states = st.sampled_from(["pending", "sent", "succeeded", "failed", "rejected", "unknown"])
@@ -140,3 +142,38 @@ def test_the_live_table_and_the_plain_lines_show_every_camera() -> None:
         "wave 1: a1/C1 failed (deploy_failed: no boot)",
         "rollout r1: running; 3 cameras: 1 failed, 1 pending, 1 succeeded",
     ]
+
+
+_VIEW_TOPICS = (
+    "oak/a1/info",
+    "oak/a1/availability",
+    "oak/a1/events",
+    "oak/a1/models",
+    "oak/a1/cameras/C1/streams/CAM_A/nn/status",
+    "oak/rollouts/r1",
+    "oak/rollouts/r1/controller",
+    "oak/rollouts/r1/sync",
+    "oak/elsewhere",
+    "other/a1/models",
+)
+
+
+@given(st.sampled_from(_VIEW_TOPICS), st.binary(max_size=400) | hostile_payloads)
+def test_the_fleet_view_takes_any_payload(topic: str, payload: bytes) -> None:
+    """What other clients retain is untrusted: anything that does not decode is skipped."""
+    view = FleetView(FleetTopics("oak"))
+    view.take(topic, payload)
+    assert all(isinstance(sha, str) for shas in view.models.values() for sha in shas)
+
+
+def test_the_fleet_view_reads_an_agents_model_list() -> None:
+    view = FleetView(FleetTopics("oak"))
+    entry = {"sha256": "b" * 64, "size": 10, "name": "m", "stored_at": 1.0, "last_used": 2.0}
+    view.take("oak/a1/models", msgspec.json.encode([{**entry, "in_use_by": ["C1/CAM_A"]}]))
+    assert view.stores("a1", "b" * 64)
+    assert not view.stores("a1", "c" * 64)
+    assert not view.stores("a2", "b" * 64)
+    view.take("oak/a1/models", b"[]")  # it pruned the model
+    assert not view.stores("a1", "b" * 64)
+    view.take("oak/a1/models", b"not json")  # skipped: the last list stands
+    assert view.models["a1"] == frozenset()

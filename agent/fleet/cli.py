@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import logging
 import signal
 import sys
 import time
@@ -71,6 +72,9 @@ _EXIT_OF_STATE: Final = {
     "incomplete": EXIT_INCOMPLETE,
 }
 _nn_config_decoder: Final = msgspec.json.Decoder(NNConfig)
+# an upload's connection that a broker drops is reported in its cameras' errors, not by paho
+_UPLOAD_LOG: Final = logging.getLogger("agent.fleet.upload")
+_UPLOAD_LOG.setLevel(logging.CRITICAL)
 
 
 class FleetExit(Exception):
@@ -562,7 +566,8 @@ def _uploads(
     protocol = config.mqtt.protocol
 
     def open_client() -> aiomqtt.Client:
-        return connect(broker, protocol=protocol, client_id=f"oak-fleet-up-{uuid.uuid4().hex[:12]}")
+        client_id = f"oak-fleet-up-{uuid.uuid4().hex[:12]}"
+        return connect(broker, protocol=protocol, client_id=client_id, logger=_UPLOAD_LOG)
 
     return Uploads(
         model=model,

@@ -5,7 +5,8 @@ controller decides how many change at once. Each camera's request carries the ro
 as request_id (the agent tells a camera's requests apart by camera), the rollback
 `{id}.rollback`; sending one again after a crash is answered from the agent's record
 instead of running twice. The record is kept retained on `{prefix}/rollouts/{id}` after
-every change.
+every change. A camera whose agent does not store the model waits (`uploading`) for its
+agent's upload (agent/fleet/delivery.py); its command then names the model by sha256.
 """
 
 from __future__ import annotations
@@ -19,7 +20,6 @@ from typing import TYPE_CHECKING, Any, Final, Protocol
 import aiomqtt
 import anyio
 import msgspec
-import structlog
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
@@ -39,6 +39,8 @@ from agent.mqtt import payload_bytes
 from agent.signing import KEY_ID_PROPERTY, SIGNATURE_PROPERTY, envelope, sign
 
 if TYPE_CHECKING:
+    import logging
+
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
     from agent.connect import BrokerOptions
@@ -47,8 +49,6 @@ if TYPE_CHECKING:
     from agent.topics import FleetTopics
 
 __all__ = ["Controller", "FleetView", "Progress", "Signer", "connect", "sync"]
-
-log = structlog.get_logger(__name__)
 
 _SYNC_SECONDS: Final = 10.0
 _PUBLISH_SECONDS: Final = 10.0
@@ -196,7 +196,12 @@ class FleetView:
 
 
 def connect(
-    broker: BrokerOptions, *, protocol: str, client_id: str, will: aiomqtt.Will | None = None
+    broker: BrokerOptions,
+    *,
+    protocol: str,
+    client_id: str,
+    will: aiomqtt.Will | None = None,
+    logger: logging.Logger | None = None,
 ) -> aiomqtt.Client:
     return aiomqtt.Client(
         **broker.client_kwargs(),
@@ -204,6 +209,7 @@ def connect(
         protocol=aiomqtt.ProtocolVersion.V5 if protocol == "5" else aiomqtt.ProtocolVersion.V311,
         will=will,
         timeout=_SYNC_SECONDS,
+        logger=logger,
     )
 
 
@@ -234,6 +240,18 @@ def _state_of(event: Event | None) -> tuple[TargetState, ErrorInfo | None]:
             return "failed", ErrorInfo("superseded", f"superseded by {event.superseded_by}")
         case _:
             return "failed", event.error
+
+
+def _incomplete(wave: list[Target], timeout: float) -> str:
+    """Why a wave left outcomes unknown."""
+    unknown = [t for t in wave if t.state == "unknown"]
+    undelivered = sum(t.error is not None and t.error.code == "upload_unanswered" for t in unknown)
+    why = []
+    if undelivered:
+        why.append(f"the model did not reach the agent of {undelivered} camera(s)")
+    if unanswered := len(unknown) - undelivered:
+        why.append(f"no final answer from {unanswered} camera(s) within {timeout:g} s")
+    return "; ".join(why) + "; resume to learn their outcome"
 
 
 class Controller:
@@ -285,10 +303,7 @@ class Controller:
                 await self._abort(reason)
             elif any(t.state == "unknown" for t in wave):
                 rollout.state = "incomplete"
-                rollout.reason = (
-                    f"no final answer from {sum(t.state == 'unknown' for t in wave)} camera(s) "
-                    f"within {rollout.options.timeout:g} s; resume to learn their outcome"
-                )
+                rollout.reason = _incomplete(wave, rollout.options.timeout)
         if rollout.state == "aborting":  # resumed while rolling back
             await self._rollback()
         await self.save()
@@ -310,7 +325,6 @@ class Controller:
         )
 
     async def _abort(self, reason: str) -> None:
-        log.warning("rollout aborting", rollout=self._rollout.id, reason=reason)
         self._rollout.state = "aborting"
         self._rollout.reason = reason
         await self.save()

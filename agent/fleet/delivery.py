@@ -108,9 +108,8 @@ class Uploads:
                 raise
             return _unanswered(
                 agent_id,
-                f"the upload's connection was lost ({lost}); a broker drops a client that "
-                "sends a packet above its limit: give --max-packet when a broker on the way "
-                "has one the controller's broker does not announce",
+                f"the broker dropped the upload's connection ({lost}): a chunk above a packet "
+                "limit on the way? give --max-packet",
             )
         except ValueError as exc:  # the packet limit leaves no room for a chunk
             return Delivered(ok=False, error=ErrorInfo("invalid_chunk", str(exc)))
