@@ -1,7 +1,8 @@
 """Gets a rollout's model to every agent that lacks it: a chunked upload, once per agent.
 
 Each upload runs on a connection of its own (the sender reads the agent's upload status
-from its client's messages, which the rollout's connection hands to its view), in chunks
+from its client's messages, which the rollout's connection hands to its view; a connection
+that is lost is opened again twice, and only the chunks still missing are sent), in chunks
 that fit the broker's packet limit: the smaller of the broker's CONNACK Maximum Packet Size
 (MQTT 5) and `--max-packet` (a capped site broker behind an uncapped central one names no
 limit to the controller). The cameras of one agent share its upload.
@@ -32,6 +33,12 @@ if TYPE_CHECKING:
 __all__ = ["Delivered", "Uploads", "chunk_size"]
 
 _CLOSE_SECONDS: Final = 2.0
+# an upload connection that is lost is opened again, this many connections in all, after 0,
+# 0.5 and 1 s: amqtt 0.12.1 drops a client whose connection it is still setting up when
+# another client subscribes to a new filter meanwhile ("dictionary changed size during
+# iteration" in its _handle_client_session), which two uploads at once make likely
+_ATTEMPTS: Final = 3
+_RETRY_SECONDS: Final = 0.5
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,31 +93,29 @@ class Uploads:
             return delivered
 
     async def _upload(self, agent_id: str, topics: Topics) -> Delivered:
-        client = self.open_client()
-        limits: list[int | None] = []
-        on_connack(client, limits.append)
+        """Upload on a new connection; when that connection is lost, again on another (the
+        agent keeps what arrived: only the missing chunks go), at most `_ATTEMPTS` times."""
+        lost: aiomqtt.MqttError | None = None
         try:
             with anyio.fail_after(self.timeout):
-                await client.__aenter__()
-                try:
-                    sent = await self._send(client, topics, _smallest(*limits, self.max_packet))
-                finally:
-                    with (
-                        anyio.move_on_after(_CLOSE_SECONDS, shield=True),
-                        contextlib.suppress(aiomqtt.MqttError),
-                    ):
-                        await client.__aexit__(None, None, None)
+                for attempt in range(_ATTEMPTS):
+                    await anyio.sleep(_RETRY_SECONDS * attempt)
+                    try:
+                        sent = await self._attempt(topics)
+                    except (aiomqtt.MqttError, BaseExceptionGroup) as exc:
+                        lost = _lost(exc)
+                        if lost is None:
+                            raise
+                        continue
+                    break
+                else:
+                    return _unanswered(
+                        agent_id,
+                        f"the broker dropped the upload's connection {_ATTEMPTS} times ({lost}): "
+                        "a chunk above a packet limit on the way? give --max-packet",
+                    )
         except TimeoutError:
             return _unanswered(agent_id, f"the model was not stored within {self.timeout:g} s")
-        except (aiomqtt.MqttError, BaseExceptionGroup) as exc:
-            lost = _lost(exc)
-            if lost is None:
-                raise
-            return _unanswered(
-                agent_id,
-                f"the broker dropped the upload's connection ({lost}): a chunk above a packet "
-                "limit on the way? give --max-packet",
-            )
         except ValueError as exc:  # the packet limit leaves no room for a chunk
             return Delivered(ok=False, error=ErrorInfo("invalid_chunk", str(exc)))
         self.sent[agent_id] = sent
@@ -121,6 +126,20 @@ class Uploads:
             return _HELD
         error = status.error or ErrorInfo("upload_failed", f"the upload ended {status.state}")
         return Delivered(ok=False, state="rejected", error=error)
+
+    async def _attempt(self, topics: Topics) -> Sent:
+        client = self.open_client()
+        limits: list[int | None] = []
+        on_connack(client, limits.append)
+        await client.__aenter__()
+        try:
+            return await self._send(client, topics, _smallest(*limits, self.max_packet))
+        finally:
+            with (
+                anyio.move_on_after(_CLOSE_SECONDS, shield=True),
+                contextlib.suppress(aiomqtt.MqttError),
+            ):
+                await client.__aexit__(None, None, None)
 
     async def _send(self, client: aiomqtt.Client, topics: Topics, limit: int | None) -> Sent:
         signer = self.signer
