@@ -67,6 +67,7 @@ __all__ = [
     "decode_event",
     "decode_models",
     "run_client_command",
+    "sha256_argument",
 ]
 
 EXIT_OK = 0
@@ -207,7 +208,8 @@ def _chunk_bytes(value: str) -> int:
     return int(value)
 
 
-def _sha256(value: str) -> str:
+def sha256_argument(value: str) -> str:
+    """argparse type: a sha256 in hex (64 digits, either case), lower-cased."""
     if not SHA256_RE.fullmatch(value.lower()):
         raise argparse.ArgumentTypeError(f"{value!r} is not a sha256 (64 hex digits)")
     return value.lower()
@@ -343,7 +345,7 @@ def add_client_commands(sub: Any) -> None:
     )
     source.add_argument(
         "--model-sha256",
-        type=_sha256,
+        type=sha256_argument,
         metavar="SHA256",
         help="the model's sha256: alone, a model the agent already stores",
     )

@@ -17,6 +17,7 @@ import aiomqtt
 import anyio
 import msgspec
 
+from agent.client import sha256_argument
 from agent.config import ConfigError
 from agent.connect import broker_options, connect_problem
 from agent.fleet.config import load_controller_config
@@ -35,7 +36,7 @@ from agent.fleet.progress import PlainLines, progress_for, summary, table
 from agent.keyfiles import key_id_of, read_signing_key
 from agent.messages import NNConfig
 from agent.sender import ModelFile, sha256_of
-from agent.topics import SHA256_RE, STREAM_RE, FleetTopics
+from agent.topics import STREAM_RE, FleetTopics
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Awaitable, Callable
@@ -101,12 +102,6 @@ def _stream(value: str) -> str:
     if not STREAM_RE.fullmatch(value):
         raise argparse.ArgumentTypeError(f"{value!r}: CAM_A..CAM_H or DEPTH_X_Y")
     return value
-
-
-def _sha256(value: str) -> str:
-    if not SHA256_RE.fullmatch(value.lower()):
-        raise argparse.ArgumentTypeError(f"{value!r} is not a sha256 (64 hex digits)")
-    return value.lower()
 
 
 def _nn_config(value: str) -> NNConfig:
@@ -245,7 +240,7 @@ def add_fleet_commands(sub: Any) -> None:
     )
     source.add_argument(
         "--model-sha256",
-        type=_sha256,
+        type=sha256_argument,
         metavar="SHA256",
         help="the model's sha256: alone, a model every agent stores already",
     )
