@@ -17,11 +17,11 @@ from agent.topics import Topics
 from tests.bridge import cut_link
 from tests.harness import CAM1, CAM2, observe
 from tests.test_fleet import (
-    MOBILENET,
     PREFIX,
     _record,
     _until_succeeded,
     controller_config,
+    deploy_args,
     fleet_command,
     fleet_of,
     run_fleet,
@@ -55,23 +55,9 @@ async def test_rollout_through_a_bridge(tmp_path: Path, own_blobs: dict[str, Pat
                     status = partial(far.latest, topics.camera_status(CAM2))
                     await far.wait_for(status, what="status across the bridge")
             report = tmp_path / "report.json"
+            more = ("--max-parallel", "2", "--report", str(report))
             done = await run_fleet(
-                config,
-                "deploy",
-                "--group",
-                group,
-                "--stream",
-                "CAM_A",
-                "--model",
-                str(own_blobs["ssd_tiny"]),
-                "--nn-config",
-                MOBILENET,
-                "--max-parallel",
-                "2",
-                "--rollout-id",
-                rollout_id,
-                "--report",
-                str(report),
+                config, *deploy_args(group, own_blobs["ssd_tiny"], rollout_id, *more)
             )
             assert done.returncode == 0, done.stderr.decode()
             assert json.loads(report.read_text())["counts"] == {"succeeded": 4}
@@ -95,26 +81,8 @@ async def test_bridge_outage_mid_rollout_then_resume(
             observe(central, Topics(f"{PREFIX}/rollouts/{rollout_id}")) as records,
         ):
             report = tmp_path / "report.json"
-            command = fleet_command(
-                config,
-                "deploy",
-                "--group",
-                group,
-                "--stream",
-                "CAM_A",
-                "--model",
-                str(blob),
-                "--nn-config",
-                MOBILENET,
-                "--max-parallel",
-                "1",
-                "--timeout",
-                "4",
-                "--rollout-id",
-                rollout_id,
-                "--report",
-                str(report),
-            )
+            more = ("--max-parallel", "1", "--timeout", "4", "--report", str(report))
+            command = fleet_command(config, *deploy_args(group, blob, rollout_id, *more))
             async with await anyio.open_process(command) as process:
                 await _until_succeeded(records, rollout_id, 1)
                 link.cut()

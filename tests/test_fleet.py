@@ -106,11 +106,11 @@ def _record(obs: Observer, rollout_id: str) -> Rollout | None:
     return decode_rollout(payload) if payload else None
 
 
-async def _deploy_everywhere(
-    config: Path, group: str, blob: Path, rollout_id: str, nn_config: str = MOBILENET
-) -> subprocess.CompletedProcess[bytes]:
-    return await run_fleet(
-        config,
+def deploy_args(
+    group: str, blob: Path, rollout_id: str, *more: str, nn_config: str = MOBILENET
+) -> list[str]:
+    """`fleet deploy` arguments: `blob` onto CAM_A of every camera in `group`, then `more`."""
+    return [
         "deploy",
         "--group",
         group,
@@ -122,9 +122,14 @@ async def _deploy_everywhere(
         nn_config,
         "--rollout-id",
         rollout_id,
-        "--timeout",
-        "30",
-    )
+        *more,
+    ]
+
+
+async def _deploy_everywhere(
+    config: Path, group: str, blob: Path, rollout_id: str
+) -> subprocess.CompletedProcess[bytes]:
+    return await run_fleet(config, *deploy_args(group, blob, rollout_id, "--timeout", "30"))
 
 
 def _sha(obs: Observer, camera: str) -> str | None:
@@ -143,25 +148,9 @@ async def test_rollout_in_waves_then_status_from_another_process(
     config = controller_config(tmp_path / "controller.toml", broker)
     report = tmp_path / "report.json"
     async with fleet_of(broker, tmp_path, group, 2) as agents:
+        waves = ("--max-parallel", "3", "--batch-percent", "50", "--report", str(report))
         done = await run_fleet(
-            config,
-            "deploy",
-            "--group",
-            group,
-            "--stream",
-            "CAM_A",
-            "--model",
-            str(own_blobs["ssd_tiny"]),
-            "--nn-config",
-            MOBILENET,
-            "--max-parallel",
-            "3",
-            "--batch-percent",
-            "50",
-            "--rollout-id",
-            rollout_id,
-            "--report",
-            str(report),
+            config, *deploy_args(group, own_blobs["ssd_tiny"], rollout_id, *waves)
         )
         assert done.returncode == 0, done.stderr.decode()
         lines = done.stdout.decode().splitlines()
@@ -202,57 +191,34 @@ async def test_forced_failure_aborts_and_rolls_back(
     async with fleet_of(broker, tmp_path, group, 2) as agents:
         first, second = agents.values()
         # before: CAM1 everywhere runs the SSD; CAM2 runs nothing
-        before = await run_fleet(
-            config,
-            "deploy",
-            "--group",
-            group,
-            "--camera",
-            CAM1,
-            "--stream",
-            "CAM_A",
-            "--model",
-            str(own_blobs["ssd_tiny"]),
-            "--nn-config",
-            MOBILENET,
-            "--rollout-id",
-            f"before-{uuid.uuid4().hex[:8]}",
-        )
+        before_id = f"before-{uuid.uuid4().hex[:8]}"
+        only_cam1 = deploy_args(group, own_blobs["ssd_tiny"], before_id, "--camera", CAM1)
+        before = await run_fleet(config, *only_cam1)
         assert before.returncode == 0, before.stderr.decode()
         # the second agent's CAM1 fails its next boot: wave 2 has a failure
         await second.send(second.topics.simulator(CAM1, "fail_next_boot"), b"")
         rollout_id = f"ab-{uuid.uuid4().hex[:8]}"
         report = tmp_path / "report.json"
+        yolo = {
+            "type": "YOLO",
+            "nn_config": {
+                "num_classes": 80,
+                "anchors": [10, 14, 23, 27, 37, 58, 81, 82, 135, 169, 344, 319],
+                "anchor_masks": {"side26": [0, 1, 2], "side13": [3, 4, 5]},
+            },
+        }
+        abort = ("--max-parallel", "2", "--abort-percent", "20", "--min-executed", "2")
         done = await run_fleet(
             config,
-            "deploy",
-            "--group",
-            group,
-            "--stream",
-            "CAM_A",
-            "--model",
-            str(own_blobs["yolo_tiny"]),
-            "--nn-config",
-            json.dumps(
-                {
-                    "type": "YOLO",
-                    "nn_config": {
-                        "num_classes": 80,
-                        "anchors": [10, 14, 23, 27, 37, 58, 81, 82, 135, 169, 344, 319],
-                        "anchor_masks": {"side26": [0, 1, 2], "side13": [3, 4, 5]},
-                    },
-                }
+            *deploy_args(
+                group,
+                own_blobs["yolo_tiny"],
+                rollout_id,
+                *abort,
+                "--report",
+                str(report),
+                nn_config=json.dumps(yolo),
             ),
-            "--max-parallel",
-            "2",
-            "--abort-percent",
-            "20",
-            "--min-executed",
-            "2",
-            "--rollout-id",
-            rollout_id,
-            "--report",
-            str(report),
         )
         assert done.returncode == 1, done.stderr.decode()
         document = json.loads(report.read_text())
@@ -286,22 +252,7 @@ async def _until_succeeded(obs: Observer, rollout_id: str, count: int) -> Rollou
 
 def _one_at_a_time(config: Path, group: str, blob: Path, rollout_id: str) -> list[str]:
     """`fleet deploy` of `blob` onto CAM_A of `group`, one camera per wave."""
-    return fleet_command(
-        config,
-        "deploy",
-        "--group",
-        group,
-        "--stream",
-        "CAM_A",
-        "--model",
-        str(blob),
-        "--nn-config",
-        MOBILENET,
-        "--max-parallel",
-        "1",
-        "--rollout-id",
-        rollout_id,
-    )
+    return fleet_command(config, *deploy_args(group, blob, rollout_id, "--max-parallel", "1"))
 
 
 async def _killed_after_one_succeeded(

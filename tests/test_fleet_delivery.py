@@ -15,7 +15,7 @@ from tests.bridge import bridged
 from tests.brokers import BrokerUnavailable, mosquitto_path, run_broker
 from tests.harness import CAM1, CAM2
 from tests.httpserver import file_server
-from tests.test_fleet import PREFIX, controller_config, fleet_of, run_fleet
+from tests.test_fleet import PREFIX, controller_config, deploy_args, fleet_of, run_fleet
 from tests.uploader import padded_model
 
 if TYPE_CHECKING:
@@ -29,6 +29,7 @@ pytestmark = pytest.mark.anyio
 
 CAP = 131072  # the capped brokers' max_packet_size
 MODEL_SIZE = 1_500_000  # far above the cap: it crosses only in chunks
+GENERIC = '{"type": "Generic"}'
 
 
 @pytest.fixture(scope="module")
@@ -53,22 +54,7 @@ def capped(tmp_path: Path) -> Iterator[Broker]:
 
 
 def _deploy(group: str, model: Path, rollout_id: str, *more: str) -> list[str]:
-    return [
-        "deploy",
-        "--group",
-        group,
-        "--stream",
-        "CAM_A",
-        "--model",
-        str(model),
-        "--nn-config",
-        '{"type": "Generic"}',
-        "--rollout-id",
-        rollout_id,
-        "--timeout",
-        "30",
-        *more,
-    ]
+    return deploy_args(group, model, rollout_id, "--timeout", "30", *more, nn_config=GENERIC)
 
 
 def _content(path: Path) -> bytes:
@@ -211,7 +197,7 @@ async def test_rollout_by_url_and_by_a_stored_sha256(
     sha = hashlib.sha256(data).hexdigest()
     report = tmp_path / "report.json"
     async with fleet_of(broker, tmp_path, group, 2) as agents:
-        by_sha = ("--model-sha256", sha, "--nn-config", '{"type": "Generic"}')
+        by_sha = ("--model-sha256", sha, "--nn-config", GENERIC)
         pick = ("deploy", "--group", group, "--stream", "CAM_B", "--timeout", "30")
         refused = await run_fleet(config, *pick, *by_sha)
         assert refused.returncode == 2
@@ -234,7 +220,7 @@ async def test_rollout_by_url_and_by_a_stored_sha256(
                 "--model-size",
                 str(len(data)),
                 "--nn-config",
-                '{"type": "Generic"}',
+                GENERIC,
                 "--report",
                 str(report),
             )
