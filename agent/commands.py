@@ -358,7 +358,8 @@ class CommandHandler:
         return acquire
 
     async def _deployment(self, command: Deploy, request_id: str) -> Deployment:
-        return self._deployment_of(command, request_id, await self._model(command.model))
+        model = await self._model(command.model, name=command.model_name)
+        return self._deployment_of(command, request_id, model)
 
     def _deployment_of(self, command: Deploy, request_id: str, model: StoredModel) -> Deployment:
         return Deployment(
@@ -370,11 +371,14 @@ class CommandHandler:
             output=self._output if command.output is None else command.output.over(self._output),
         )
 
-    async def _model(self, source: ModelUpload | ModelByHash | ModelUrl) -> StoredModel:
-        """Hash, store and parse an uploaded model, or find a stored one."""
+    async def _model(
+        self, source: ModelUpload | ModelByHash | ModelUrl, *, name: str | None
+    ) -> StoredModel:
+        """Hash, store and parse an uploaded model (named `name` in the store's list), or
+        find a stored one."""
         match source:
             case ModelUpload(data=data, sha256=expected):
-                return await self._store.put(data, expected_sha256=expected)
+                return await self._store.put(data, expected_sha256=expected, name=name)
             case ModelByHash(sha256=sha256) | ModelUrl(sha256=sha256):
                 return await self._store.get(sha256)
 

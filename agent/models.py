@@ -216,11 +216,14 @@ class ModelStore:
         except OSError as exc:
             log.warning("model store not usable", path=str(self.root), error=str(exc))
 
-    async def put(self, data: bytes, *, expected_sha256: str | None = None) -> StoredModel:
-        """Verify, parse and store a blob; raise ChecksumMismatch, InvalidModel or
-        StateWriteFailed (the store cannot be written: the command is refused)."""
+    async def put(
+        self, data: bytes, *, expected_sha256: str | None = None, name: str | None = None
+    ) -> StoredModel:
+        """Verify, parse and store a blob (`name`: for the `{base}/models` list); raise
+        ChecksumMismatch, InvalidModel or StateWriteFailed (the store cannot be written: the
+        command is refused)."""
         try:
-            model, added = await self._put(data, expected_sha256)
+            model, added = await self._put(data, expected_sha256, name)
         except OSError as exc:
             problem = f"cannot store model in {self.root}: {exc.strerror or exc}"
             self._on_write_error(problem)  # reported here, on the event loop
@@ -320,7 +323,9 @@ class ModelStore:
             log.info("unreferenced models removed", models=removed)
         return removed
 
-    async def _put(self, data: bytes, expected: str | None) -> tuple[StoredModel, bool]:
+    async def _put(
+        self, data: bytes, expected: str | None, name: str | None
+    ) -> tuple[StoredModel, bool]:
         """The stored model, and whether it was added now."""
         # in threads of their own (the caller bounds how many): no lock of the store
         sha256 = await anyio.to_thread.run_sync(_sha256, data)
@@ -332,7 +337,7 @@ class ModelStore:
         tmp, info = await anyio.to_thread.run_sync(_write_parsed, self.root, data)
         try:
             model = await anyio.to_thread.run_sync(
-                self._install, tmp, sha256, len(data), info, limiter=self._limiter
+                self._install, tmp, sha256, len(data), info, name, limiter=self._limiter
             )
         except BaseException:
             _remove(tmp)

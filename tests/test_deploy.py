@@ -54,6 +54,13 @@ async def test_deploy_follow_detect_delete(
         await obs.deploy(CAM1, stream, body, encoding=encoding)
         assert (await obs.outcome("r1")).state == "succeeded"
         assert obs.states("r1") == ["accepted", "applying", "succeeded"]
+        # the store's list names the model as the deploy did
+        listed = await obs.wait_for(
+            lambda: next(
+                (m for m in obs.latest_json(obs.topics.models) or [] if m["sha256"] == sha), None
+            )
+        )
+        assert listed["name"] == "tiny"
 
         found = await obs.wait_for(lambda: obs.detections(CAM1, stream)[:3] or None)
         first = found[0]
